@@ -1,0 +1,67 @@
+"""The ``[context_parallel]`` section this plugin adds to TorchTitan's JobConfig.
+
+TorchTitan merges it in through ``--job.custom_config_module torchtitan_upipe.config`` (or
+``[job] custom_config_module`` in TOML), so every field is set from TOML or the command line
+like any TorchTitan option, e.g. ``--context_parallel.style upipe``::
+
+    [parallelism]
+    context_parallel_degree = 2     # TorchTitan's own option: C, the CP degree
+    [context_parallel]
+    style = "upipe"                 # "none" | "ulysses" | "upipe" | "ring" | "usp"
+    upipe_chunk_heads = 0           # U for "upipe": query heads per stage across all C ranks (0 = C)
+    ulysses_degree = 0              # hybrids: size of the all-to-all group (0 = C); ring = C / this
+    kernel = "auto"                 # "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"
+
+Only choices are checked here; everything that depends on the model, the world size or the
+device is checked by :func:`torchtitan_upipe.validation.validate_job_config` before training
+starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kernels import KERNEL_CHOICES
+
+STYLES = ("none", "ulysses", "upipe", "ring", "usp")
+ULYSSES_FAMILY = ("ulysses", "upipe", "usp")
+
+
+@dataclass
+class ContextParallel:
+    style: str = "none"
+    """Context-parallel attention: "none" | "ulysses" | "upipe" | "ring" (TorchTitan's built-in
+    ring attention, CUDA only) | "usp" (Ulysses x ring hybrid)."""
+
+    upipe_chunk_heads: int = 0
+    """U for style "upipe": query heads processed per stage across all C ranks. A multiple of
+    C that divides n_heads; 0 means C (the smallest, most memory-saving choice)."""
+
+    ulysses_degree: int = 0
+    """For hybrid styles: size of the all-to-all group (0 = C). Ring degree = C / this."""
+
+    kernel: str = "auto"
+    """Attention kernel: "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"."""
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(
+                f"context_parallel.style={self.style!r} is not one of {list(STYLES)}"
+            )
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(
+                f"context_parallel.kernel={self.kernel!r} is not one of {list(KERNEL_CHOICES)}"
+            )
+        for name in ("upipe_chunk_heads", "ulysses_degree"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"context_parallel.{name}={value!r} must be an integer >= 0 (0 = default)"
+                )
+
+
+@dataclass
+class JobConfig:
+    """Merged into TorchTitan's JobConfig by its ConfigManager."""
+
+    context_parallel: ContextParallel = field(default_factory=ContextParallel)

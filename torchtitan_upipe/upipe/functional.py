@@ -1,0 +1,219 @@
+"""UPipe forward and backward as pure functions (no autograd): the math of the fused op.
+
+Sharding contract.  ``x`` is ``(B, s, dim)``, rank ``r``'s contiguous sequence shard
+(``s = S/C``, tokens ``[r*s, (r+1)*s)``); ``wq (H*D, dim)``, ``wk/wv (H_kv*D, dim)`` are the
+full canonical ``nn.Linear`` weights (identical on every rank, as FSDP2 presents them inside
+forward and backward); ``freqs_cis`` is TorchTitan's complex RoPE table for this rank's
+positions, ``(s, D/2)``.  The output is ``(B, s, H*D)`` in canonical head order, ready for
+``wo``.  ``lse`` is ``(n_stages, B, m, S)`` (``m = U/C``): the per-stage log-sum-exp of this
+rank's heads over the whole sequence, float32 (float64 for float64 inputs).
+
+Forward, per KV chunk ``c`` and per stage of it (see :mod:`.schedule` for the head maps)::
+
+    k, v  = rope(x @ Wk[chunk]^T), x @ Wv[chunk]^T     (B, s, C*kappa, D)   once per chunk
+    kh,vh = all-to-all seq->head (one fused buffer)    (B, S, kappa, D)
+    for each of the tau stages of the chunk:
+        q  = rope(x @ Wq[stage]^T)                     (B, s, U, D)
+        qh = all-to-all seq->head                      (B, S, m, D)
+        oh, lse[stage] = kernel(qh, kh, vh, causal)
+        out[:, :, stage heads] = all-to-all head->seq(oh)      (B, s, U, D)
+
+Each stage's buffers are released before the next (Python references dropped, so the caching
+allocator reuses the same blocks), so the transient memory is O(U) heads, not O(H).
+Nothing here synchronizes with the host.
+
+Backward recomputes instead of saving Q/K/V: per chunk it re-projects K/V, per stage it
+re-projects Q, all-to-alls the saved output and incoming gradient of the stage (one fused
+buffer) to head-sharded layout, runs the kernel backward with the saved LSE, sends dQ back,
+accumulates dK/dV over the chunk's stages and sends them back once per chunk, undoes RoPE
+(multiplication by the conjugate), accumulates ``dx`` and writes the weight-gradient row
+blocks.  With replicated KV heads, the replicas' gradients are summed before the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm import ProcessGroup, group_size, head_to_seq, seq_to_head
+from ..kernels import AttentionKernel
+from .schedule import UPipeSchedule
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # accumulate gradients over stages in at least float32
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def apply_rope(t: torch.Tensor, freqs_cis: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """TorchTitan's complex RoPE on ``t (B, s, h, D)`` with ``freqs_cis (s, D/2)``.
+
+    Computed as TorchTitan does (float32 complex, cast back), or in float64 for float64 input.
+    ``inverse`` multiplies by the conjugate: RoPE is unitary, so that is the gradient map.
+    """
+    ct = torch.float64 if t.dtype == torch.float64 else torch.float32
+    tc = torch.view_as_complex(t.to(ct).reshape(*t.shape[:-1], -1, 2))
+    f = freqs_cis.to(tc.dtype)
+    if inverse:
+        f = f.conj()
+    return torch.view_as_real(tc * f[None, :, None, :]).flatten(3).to(t.dtype)
+
+
+def _views(sched: UPipeSchedule, wq, head_dim):
+    hv, g = sched.virtual_kv_heads, sched.group_size
+    return wq.view(hv, g, head_dim, wq.shape[-1])
+
+
+def _stage_rows(sched: UPipeSchedule, stage: int) -> tuple[slice, slice]:
+    chunk = stage // sched.stages_per_chunk
+    r = sched.kv_range(chunk)
+    return slice(r.start, r.stop), sched.query_slot(stage)
+
+
+def _kv_weights(w: torch.Tensor, sched: UPipeSchedule, chunk: int, head_dim: int) -> torch.Tensor:
+    """Rows of ``wk``/``wv`` for the *real* KV heads behind ``chunk``'s virtual heads."""
+    r = sched.kv_range(chunk)  # with rho > 1 this is the single chunk of all KV heads
+    return w[r.start // sched.rho * head_dim : r.stop // sched.rho * head_dim]
+
+
+def _project_kv(x, wk, wv, freqs_cis, sched, chunk, head_dim):
+    """K (rotated) and V of ``chunk``'s virtual KV heads: ``(B, s, C*kappa, D)`` each."""
+    b, s, _ = x.shape
+    k = torch.nn.functional.linear(x, _kv_weights(wk, sched, chunk, head_dim))
+    v = torch.nn.functional.linear(x, _kv_weights(wv, sched, chunk, head_dim))
+    k = apply_rope(k.view(b, s, -1, head_dim), freqs_cis)
+    v = v.view(b, s, -1, head_dim)
+    if sched.rho > 1:
+        # H_kv < C: one chunk holds all C virtual heads; replicate in the computation only
+        k = k.repeat_interleave(sched.rho, dim=2)
+        v = v.repeat_interleave(sched.rho, dim=2)
+    return k, v
+
+
+def _send_pair(a: torch.Tensor, b_: torch.Tensor, group, to_head: bool):
+    """All-to-all two equally shaped tensors in one collective (interleaved per head)."""
+    bsz, s, h, d = a.shape
+    pair = torch.stack((a, b_), dim=3).reshape(bsz, s, 2 * h, d)
+    moved = seq_to_head(pair, group) if to_head else head_to_seq(pair, group)
+    moved = moved.unflatten(2, (-1, 2))
+    return moved[:, :, :, 0], moved[:, :, :, 1]
+
+
+def upipe_forward(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    sched: UPipeSchedule,
+    group: ProcessGroup | None,
+    kernel: AttentionKernel,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s, dim = x.shape
+    c = group_size(group)
+    h = sched.n_heads
+    d = wq.shape[0] // h
+    seq = s * c
+    out = x.new_empty(b, s, h, d)
+    out_v = out.view(b, s, sched.virtual_kv_heads, sched.group_size, d)
+    lse = torch.empty(sched.n_stages, b, sched.heads_per_rank, seq, dtype=lse_dtype(x.dtype), device=x.device)
+    wq_v = _views(sched, wq, d)
+    tau = sched.stages_per_chunk
+    for chunk in range(sched.n_chunks):
+        k, v = _project_kv(x, wk, wv, freqs_cis, sched, chunk, d)
+        kh, vh = _send_pair(k, v, group, to_head=True)
+        del k, v
+        for stage in range(chunk * tau, (chunk + 1) * tau):
+            kv_sl, q_sl = _stage_rows(sched, stage)
+            w_stage = wq_v[kv_sl, q_sl].reshape(-1, dim)
+            q = apply_rope(torch.nn.functional.linear(x, w_stage).view(b, s, -1, d), freqs_cis)
+            del w_stage
+            qh = seq_to_head(q, group)
+            del q
+            oh, stage_lse = kernel.forward(qh, kh, vh, causal=causal, scale=scale)
+            del qh
+            lse[stage].copy_(stage_lse)
+            del stage_lse
+            o = head_to_seq(oh, group)
+            del oh
+            out_v[:, :, kv_sl, q_sl] = o.view(b, s, -1, q_sl.stop - q_sl.start, d)
+            del o
+        del kh, vh
+    return out.view(b, s, h * d), lse
+
+
+def upipe_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sched: UPipeSchedule,
+    group: ProcessGroup | None,
+    kernel: AttentionKernel,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, s, dim = x.shape
+    h = sched.n_heads
+    d = wq.shape[0] // h
+    acc = _acc_dtype(x.dtype)
+    x_flat = x.reshape(b * s, dim)
+    dx = torch.zeros(b * s, dim, dtype=acc, device=x.device)
+    dwq, dwk, dwv = torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
+    wq_v, dwq_v = _views(sched, wq, d), _views(sched, dwq, d)
+    shape5 = (b, s, sched.virtual_kv_heads, sched.group_size, d)
+    out_v, dout_v = out.reshape(shape5), dout.reshape(shape5)
+    tau = sched.stages_per_chunk
+    for chunk in range(sched.n_chunks):
+        k, v = _project_kv(x, wk, wv, freqs_cis, sched, chunk, d)
+        kh, vh = _send_pair(k, v, group, to_head=True)
+        del k, v
+        dkh = torch.zeros(kh.shape, dtype=acc, device=x.device)
+        dvh = torch.zeros(vh.shape, dtype=acc, device=x.device)
+        for stage in range(chunk * tau, (chunk + 1) * tau):
+            kv_sl, q_sl = _stage_rows(sched, stage)
+            w_stage = wq_v[kv_sl, q_sl].reshape(-1, dim)
+            q = apply_rope(torch.nn.functional.linear(x, w_stage).view(b, s, -1, d), freqs_cis)
+            qh = seq_to_head(q, group)
+            del q
+            o_stage = out_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
+            do_stage = dout_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
+            oh, doh = _send_pair(o_stage, do_stage, group, to_head=True)
+            del o_stage, do_stage
+            dqh, dk_s, dv_s = kernel.backward(doh, qh, kh, vh, oh, lse[stage], causal=causal, scale=scale)
+            del qh, oh, doh
+            dkh += dk_s
+            dvh += dv_s
+            del dk_s, dv_s
+            dq = apply_rope(head_to_seq(dqh, group), freqs_cis, inverse=True)
+            del dqh
+            dq_flat = dq.reshape(b * s, -1)
+            dx.addmm_(dq_flat.to(acc), w_stage.to(acc))
+            dwq_v[kv_sl, q_sl] = (dq_flat.t() @ x_flat).view(-1, q_sl.stop - q_sl.start, d, dim)
+            del dq, dq_flat, w_stage
+        del kh, vh
+        dk, dv = _send_pair(dkh.to(x.dtype), dvh.to(x.dtype), group, to_head=False)
+        del dkh, dvh
+        if sched.rho > 1:  # gradient of the replication: sum each real head's replicas
+            dk = dk.unflatten(2, (-1, sched.rho)).sum(dim=3)
+            dv = dv.unflatten(2, (-1, sched.rho)).sum(dim=3)
+        dk = apply_rope(dk, freqs_cis, inverse=True)
+        dk_flat, dv_flat = dk.reshape(b * s, -1), dv.reshape(b * s, -1)
+        wk_c = _kv_weights(wk, sched, chunk, d)
+        wv_c = _kv_weights(wv, sched, chunk, d)
+        dx.addmm_(dk_flat.to(acc), wk_c.to(acc))
+        dx.addmm_(dv_flat.to(acc), wv_c.to(acc))
+        _kv_weights(dwk, sched, chunk, d).copy_(dk_flat.t() @ x_flat)
+        _kv_weights(dwv, sched, chunk, d).copy_(dv_flat.t() @ x_flat)
+        del dk, dv, dk_flat, dv_flat
+    return dx.view(b, s, dim).to(x.dtype), dwq, dwk, dwv
+

@@ -1,0 +1,183 @@
+"""UPipe as ``torch.library`` custom ops with a registered autograd formula.
+
+``upipe::attention_forward`` and ``upipe::attention_backward`` are opaque to ``torch.compile``
+and to DTensor, and selective activation checkpointing can treat the whole staged attention
+as one op (save its outputs, never re-run its stages).  The process group crosses the op
+boundary by name (``ProcessGroup.group_name``; ``""`` means no group) and the kernel by its
+``[context_parallel] kernel`` name.
+
+Saved for backward: ``x``, the three weights, ``freqs_cis``, the output and the per-stage LSE.
+No Q, K or V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from ..comm import ProcessGroup, group_size
+from ..kernels import AttentionKernel, get_kernel
+from .functional import lse_dtype, upipe_backward, upipe_forward
+from .schedule import UPipeSchedule
+
+
+def _group(name: str) -> ProcessGroup | None:
+    if not name:
+        return None
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, device_type: str) -> AttentionKernel:
+    return get_kernel(name, torch.device(device_type))
+
+
+def _schedule(n_heads, n_kv_heads, chunk_heads, group) -> UPipeSchedule:
+    return UPipeSchedule(n_heads, n_kv_heads, group_size(group), chunk_heads)
+
+
+@torch.library.custom_op("upipe::attention_forward", mutates_args=())
+def attention_forward(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    chunk_heads: int,
+    group_name: str,
+    causal: bool,
+    scale: float,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    group = _group(group_name)
+    return upipe_forward(
+        x, wq, wk, wv, freqs_cis,
+        _schedule(n_heads, n_kv_heads, chunk_heads, group),
+        group, _kernel(kernel, x.device.type), causal, scale,
+    )
+
+
+@attention_forward.register_fake
+def _(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name, causal, scale, kernel):
+    b, s, _ = x.shape
+    c = group_size(_group(group_name))
+    out = x.new_empty(b, s, wq.shape[0])
+    lse = x.new_empty(n_heads // chunk_heads, b, chunk_heads // c, s * c, dtype=lse_dtype(x.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("upipe::attention_backward", mutates_args=())
+def attention_backward(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    chunk_heads: int,
+    group_name: str,
+    causal: bool,
+    scale: float,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    group = _group(group_name)
+    return upipe_backward(
+        dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
+        _schedule(n_heads, n_kv_heads, chunk_heads, group),
+        group, _kernel(kernel, x.device.type), causal, scale,
+    )
+
+
+@attention_backward.register_fake
+def _(dout, x, wq, wk, wv, freqs_cis, out, lse, *args):
+    return torch.empty_like(x), torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
+
+
+_ARGS = ("n_heads", "n_kv_heads", "chunk_heads", "group_name", "causal", "scale", "kernel")
+
+
+def _setup_context(ctx, inputs, output):
+    x, wq, wk, wv, freqs_cis, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(x, wq, wk, wv, freqs_cis, out, lse)
+    ctx.static = dict(zip(_ARGS, rest))
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    x, wq, wk, wv, freqs_cis, out, lse = ctx.saved_tensors
+    a = ctx.static
+    dx, dwq, dwk, dwv = attention_backward(
+        dout, x, wq, wk, wv, freqs_cis, out, lse,
+        a["n_heads"], a["n_kv_heads"], a["chunk_heads"], a["group_name"],
+        a["causal"], a["scale"], a["kernel"],
+    )
+    return dx, dwq, dwk, dwv, None, None, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def upipe_attention(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    chunk_heads: int | None = None,
+    group: ProcessGroup | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Fused projection + RoPE + UPipe context-parallel attention.
+
+    Args:
+        x: ``(B, S/C, dim)``, this rank's contiguous sequence shard of the normed block input
+            (rank ``r`` holds tokens ``[r*S/C, (r+1)*S/C)``).
+        wq: ``(n_heads*D, dim)``; wk, wv: ``(n_kv_heads*D, dim)``: canonical ``nn.Linear``
+            weights of TorchTitan's Llama3 attention, unsharded.
+        freqs_cis: TorchTitan's complex RoPE table ``(S/C, D/2)`` for this rank's positions.
+        n_heads, n_kv_heads: H and H_kv.
+        chunk_heads: U, query heads per stage across all C ranks: a multiple of C dividing
+            n_heads.  ``0``/``None`` = C (least memory).
+        group: the C context-parallel ranks ordered by sequence shard; ``None`` = no CP.
+        causal: causal mask over global positions.
+        scale: softmax scale, default ``D ** -0.5``.
+        kernel: ``[context_parallel] kernel`` name.
+
+    Returns:
+        ``(B, S/C, n_heads*D)`` in canonical head order (input of ``wo``).
+    """
+    c = group_size(group)
+    chunk_heads = chunk_heads or c
+    UPipeSchedule(n_heads, n_kv_heads, c, chunk_heads)  # validates U and the head counts
+    head_dim = wq.shape[0] // n_heads
+    if wq.shape[0] != n_heads * head_dim or wk.shape[0] != n_kv_heads * head_dim or wk.shape != wv.shape:
+        raise ValueError(
+            f"weights do not match n_heads={n_heads}, n_kv_heads={n_kv_heads}: "
+            f"wq{tuple(wq.shape)} wk{tuple(wk.shape)} wv{tuple(wv.shape)}"
+        )
+    if freqs_cis.shape != (x.shape[1], head_dim // 2):
+        raise ValueError(
+            f"freqs_cis must be this rank's RoPE rows (S/C, D/2) = {(x.shape[1], head_dim // 2)}, "
+            f"got {tuple(freqs_cis.shape)}"
+        )
+    get_kernel(kernel, x.device)  # fail early with a clear message
+    out, _ = attention_forward(
+        x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads,
+        "" if group is None else group.group_name,
+        causal, head_dim**-0.5 if scale is None else float(scale), kernel,
+    )
+    return out
