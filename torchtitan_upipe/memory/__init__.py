@@ -1,0 +1,55 @@
+"""Exact, sequence-tiled replacements for the memory-dominant pieces of a long-context step.
+
+* :func:`tiled_mlp` / :func:`apply_tiled_mlp` / :class:`TiledFeedForward`: the SwiGLU MLP
+  whose (tokens, hidden) intermediates exist for one sequence tile at a time.
+* :func:`tiled_rms_norm` / :func:`apply_tiled_rms_norm` / :class:`TiledRMSNorm`: RMSNorm
+  whose op-math (float32) temporaries exist for one tile at a time.
+* :func:`chunked_cross_entropy`: output projection + TorchTitan's sum-reduced cross entropy
+  without ever materializing the (B, S, vocab) logits.
+
+Each is a pure forward/backward pair (``*_forward`` / ``*_backward``) behind a thin
+``torch.autograd.Function``; the backward recomputes per tile instead of saving the large
+intermediate.
+"""
+
+from .chunked_loss import (
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    chunked_cross_entropy_backward,
+    chunked_cross_entropy_forward,
+)
+from .tiled_mlp import (
+    TiledFeedForward,
+    TiledMLPMixin,
+    apply_tiled_mlp,
+    auto_num_tiles,
+    tiled_mlp,
+    tiled_mlp_backward,
+    tiled_mlp_forward,
+)
+from .tiled_norm import (
+    TiledRMSNorm,
+    apply_tiled_rms_norm,
+    tiled_rms_norm,
+    tiled_rms_norm_backward,
+    tiled_rms_norm_forward,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "chunked_cross_entropy",
+    "chunked_cross_entropy_backward",
+    "chunked_cross_entropy_forward",
+    "TiledFeedForward",
+    "TiledMLPMixin",
+    "apply_tiled_mlp",
+    "auto_num_tiles",
+    "tiled_mlp",
+    "tiled_mlp_backward",
+    "tiled_mlp_forward",
+    "TiledRMSNorm",
+    "apply_tiled_rms_norm",
+    "tiled_rms_norm",
+    "tiled_rms_norm_backward",
+    "tiled_rms_norm_forward",
+]
