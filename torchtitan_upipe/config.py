@@ -17,7 +17,6 @@ device is checked by :func:`torchtitan_upipe.validation.validate_job_config` bef
 starts.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 

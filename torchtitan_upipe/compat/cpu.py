@@ -11,8 +11,8 @@ absent, :func:`install` patches exactly these, before ``torchtitan`` is imported
    ``DeviceMemoryMonitor`` and ``set_pg_timeouts`` use (``get_device_name``,
    ``get_device_properties``, ``memory_stats``, ``reset_peak_memory_stats``, ``empty_cache``,
    and an integer ``current_device``).  We add CPU versions: the device name is the host's
-   processor, the capacity is the host's RAM, memory stats are empty (TorchTitan then logs
-   ``-1`` for peaks: there is no caching allocator to read on CPU).
+   processor, the capacity is the host's RAM, and the "peak" memory TorchTitan logs is the
+   process's peak resident set size (``ru_maxrss``; it cannot be reset between steps).
 3. **Barriers.** ``torch.distributed.barrier(device_ids=[...])`` is NCCL-only; gloo rejects
    ``device_ids``.  The CPU barrier drops that argument.
 
@@ -70,6 +70,13 @@ def _host_ram_bytes() -> int:
         return 0
 
 
+def _rss_stats() -> dict[str, int]:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak}
+
+
 def _patch_cpu_device_module() -> None:
     cpu = torch.cpu
     name = platform.processor() or platform.machine() or "cpu"
@@ -77,7 +84,7 @@ def _patch_cpu_device_module() -> None:
     defaults = {
         "get_device_name": lambda device=None: name,
         "get_device_properties": lambda device=None: props,
-        "memory_stats": lambda device=None: {},
+        "memory_stats": lambda device=None: _rss_stats(),
         "reset_peak_memory_stats": lambda device=None: None,
         "empty_cache": lambda: None,
     }

@@ -1,0 +1,103 @@
+"""Config validation: every bad option fails at config time with a message naming it."""
+
+import os
+
+import pytest
+
+import torchtitan_upipe.train_spec  # noqa: F401  (registers upipe_llama3)
+from torchtitan.config import ConfigManager
+from torchtitan_upipe.config import ContextParallel
+from torchtitan_upipe.validation import ConfigError, validate_job_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_configs")
+
+
+def _config(*args, config="llama3_debug_upipe.toml"):
+    return ConfigManager().parse_args(["--job.config_file", os.path.join(CONFIGS, config), *args])
+
+
+def _fails(match, *args, world=2, cuda=False, config="llama3_debug_upipe.toml"):
+    with pytest.raises(ConfigError, match=match):
+        validate_job_config(_config(*args, config=config), world_size=world, cuda=cuda)
+
+
+def test_shipped_debug_configs_validate():
+    validate_job_config(_config(), world_size=2, cuda=False)
+    validate_job_config(_config(config="llama3_debug_ulysses.toml"), world_size=2, cuda=False)
+    validate_job_config(_config(config="llama3_debug_none.toml"), world_size=1, cuda=False)
+
+
+def test_unknown_style_and_kernel_name_the_option_and_choices(capsys):
+    with pytest.raises(ValueError, match=r"context_parallel.style='ulyses' is not one of \['none', 'ulysses', 'upipe', 'ring', 'usp'\]"):
+        ContextParallel(style="ulyses")
+    with pytest.raises(ValueError, match=r"context_parallel.kernel='fa3' is not one of"):
+        ContextParallel(kernel="fa3")
+    with pytest.raises(ValueError, match="context_parallel.upipe_chunk_heads=-1"):
+        ContextParallel(upipe_chunk_heads=-1)
+    # from the command line, tyro reports our message and exits with status 2
+    with pytest.raises(SystemExit):
+        _config("--context_parallel.style", "ulyses")
+    assert "context_parallel.style='ulyses' is not one" in capsys.readouterr().err.replace("\n", "").replace("│", "").replace("  ", " ")
+
+
+def test_seq_len_not_divisible_by_degree():
+    _fails(r"training.seq_len=511 is not divisible by parallelism.context_parallel_degree=2", "--training.seq_len=511")
+
+
+def test_heads_not_divisible_by_degree():
+    # debugmodel has 16 heads: 3 ranks cannot split them
+    _fails(r"context_parallel_degree=3.*n_heads=16 is not divisible", "--parallelism.context_parallel_degree=3",
+           "--training.seq_len=510", world=3)
+
+
+def test_kv_heads_incompatible_with_degree():
+    # Llama3-8B: 32 heads, 8 KV heads; degree 16 replicates (ok), 32 heads / degree 32 ok; use 3B-like mismatch
+    from torchtitan_upipe import validation
+
+    class Args:
+        n_heads, n_kv_heads, attn_type = 24, 6, "sdpa"
+
+    orig = validation.model_args
+    validation.model_args = lambda job_config: Args
+    try:
+        _fails(r"n_kv_heads=6 and the all-to-all degree 4 are incompatible",
+               "--parallelism.context_parallel_degree=4", world=4)
+    finally:
+        validation.model_args = orig
+
+
+def test_upipe_chunk_heads_rules():
+    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the context-parallel degree 2.*valid: \[2, 4, 8, 16\]",
+           "--context_parallel.upipe_chunk_heads=3")
+    _fails(r"upipe_chunk_heads=6 must divide n_heads=16", "--context_parallel.upipe_chunk_heads=6")
+    _fails(r"upipe_chunk_heads=4 is only used by style='upipe'", "--context_parallel.upipe_chunk_heads=4",
+           config="llama3_debug_ulysses.toml")
+
+
+def test_ring_needs_cuda():
+    _fails(r"style='ring'.*needs CUDA.*Valid on CPU: \['none', 'ulysses', 'upipe', 'usp'\]",
+           "--context_parallel.style=ring")
+    validate_job_config(_config("--context_parallel.style=ring"), world_size=2, cuda=True)
+    _fails(r"kernel='math' has no effect with style='ring'", "--context_parallel.style=ring",
+           "--context_parallel.kernel=math", cuda=True)
+
+
+def test_degree_must_divide_world():
+    _fails(r"parallelism.context_parallel_degree=2 does not divide the world size 3; valid: \[1, 3\]", world=3)
+
+
+def test_style_and_degree_must_agree():
+    _fails(r"context_parallel.style='upipe' needs parallelism.context_parallel_degree > 1",
+           "--parallelism.context_parallel_degree=1", world=1)
+    _fails(r"context_parallel_degree=2 but context_parallel.style='none'", config="llama3_debug_none.toml",
+           *["--parallelism.context_parallel_degree=2"])
+
+
+def test_unimplemented_and_unsupported_combinations():
+    _fails(r"style='usp'.*not implemented yet", "--context_parallel.style=usp")
+    _fails(r"ulysses_degree=1 < context_parallel_degree=2.*not implemented yet", "--context_parallel.ulysses_degree=1")
+    _fails(r"supported with FSDP/HSDP only", "--parallelism.tensor_parallel_degree=2", world=4)
+    _fails(r"attn_type='flex'", "--model.flavor=debugmodel_flex_attn")
+    _fails(r"kernel='cudnn' cannot run on cpu", "--context_parallel.kernel=cudnn")
+    _fails(r"validation.enable=true is not supported", "--validation.enable")
+    _fails(r"model.flavor='9B' is not a flavor", "--model.flavor=9B")

@@ -1,0 +1,91 @@
+"""Trainer-level tests: the real TorchTitan trainer launched with torchrun on CPU/gloo.
+
+Parity runs start from one seed checkpoint (TorchTitan initializes weights differently at
+different world sizes) in float32 and compare the per-step losses TensorBoard recorded.
+"""
+
+import os
+
+import pytest
+
+from tests.trainer_harness import check, run_train, tensorboard_losses
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+COMMON = (
+    f"--training.steps={STEPS}",
+    "--training.seq_len=256",
+    "--training.local_batch_size=2",
+    "--training.mixed_precision_param=float32",
+    "--debug.seed=0",
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(workdir):
+    dump = workdir / "seed"
+    check(run_train(
+        1, "llama3_debug_none.toml", f"--job.dump_folder={dump}", "--checkpoint.enable",
+        "--checkpoint.create_seed_checkpoint", *COMMON, cwd=workdir,
+    ))
+    path = dump / "checkpoint" / "step-0"
+    assert path.is_dir()
+    return str(path)
+
+
+def _losses(workdir, seed_checkpoint, name, nproc, config, *extra):
+    dump = workdir / name
+    check(run_train(
+        nproc, config, f"--job.dump_folder={dump}", "--checkpoint.enable",
+        f"--checkpoint.initial_load_path={seed_checkpoint}", "--checkpoint.interval=1000",
+        *COMMON, *extra, cwd=workdir,
+    ))
+    losses = tensorboard_losses(str(dump))
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses
+    return [losses[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(workdir, seed_checkpoint):
+    return _losses(workdir, seed_checkpoint, "none", 1, "llama3_debug_none.toml")
+
+
+def _assert_parity(a, b):
+    for step, (x, y) in enumerate(zip(a, b), start=1):
+        assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: {x} vs {y} (all: {a} vs {b})"
+
+
+def test_ulysses_matches_single_device(workdir, seed_checkpoint, reference_losses):
+    ulysses = _losses(workdir, seed_checkpoint, "ulysses", 2, "llama3_debug_ulysses.toml")
+    _assert_parity(ulysses, reference_losses)
+    assert reference_losses[-1] < reference_losses[0]  # it trains
+
+
+def test_upipe_matches_ulysses(workdir, seed_checkpoint, reference_losses):
+    ulysses = _losses(workdir, seed_checkpoint, "ulysses_ref", 2, "llama3_debug_ulysses.toml")
+    upipe = _losses(workdir, seed_checkpoint, "upipe", 2, "llama3_debug_upipe.toml")
+    _assert_parity(upipe, ulysses)
+    _assert_parity(upipe, reference_losses)
+
+
+def test_upipe_with_full_activation_checkpointing_and_larger_chunks(workdir, seed_checkpoint, reference_losses):
+    upipe = _losses(
+        workdir, seed_checkpoint, "upipe_ac", 2, "llama3_debug_upipe.toml",
+        "--activation_checkpoint.mode=full", "--context_parallel.upipe_chunk_heads=4",
+    )
+    _assert_parity(upipe, reference_losses)
+
+
+def test_bad_option_fails_before_training(workdir):
+    proc = run_train(2, "llama3_debug_upipe.toml", "--context_parallel.upipe_chunk_heads=3",
+                     f"--job.dump_folder={workdir / 'bad'}", cwd=workdir, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "context_parallel.upipe_chunk_heads=3" in out
+    assert "step:" not in out and "Building upipe_llama3" not in out

@@ -1,0 +1,50 @@
+"""Run ``train.py`` under torchrun in a subprocess and read its TensorBoard losses."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "train_configs")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(nproc: int, config: str, *overrides: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+        os.path.join(ROOT, "train.py"),
+        "--job.config_file", os.path.join(CONFIGS, config), *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def tensorboard_losses(dump_folder: str) -> dict[int, float]:
+    """``{step: global_avg_loss}`` from the run's TensorBoard event file(s)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    files = glob.glob(os.path.join(dump_folder, "tb", "**", "events.out.tfevents.*"), recursive=True)
+    assert files, f"no TensorBoard events under {dump_folder}/tb"
+    for path in files:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        if "loss_metrics/global_avg_loss" in acc.Tags()["scalars"]:
+            for ev in acc.Scalars("loss_metrics/global_avg_loss"):
+                losses[ev.step] = ev.value
+    return losses

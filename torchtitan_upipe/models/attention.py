@@ -1,0 +1,122 @@
+"""The attention module a context-parallel style installs in every transformer block.
+
+:class:`ContextParallelAttention` takes over a TorchTitan Llama3 ``Attention``'s ``wq``, ``wk``,
+``wv`` and ``wo`` children under the same names, so parameter FQNs, ``init_weights`` and the
+state dict are exactly TorchTitan's (checkpoints move freely between this plugin, plain
+TorchTitan and, through TorchTitan's adapter, HF Llama).  What happens between the block's
+normed input and ``wo`` is delegated to a strategy:
+
+* :class:`UlyssesStrategy` -- project, RoPE, :func:`~torchtitan_upipe.ulysses_attention`.
+* :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
+  projections so full-width Q/K/V never exist.
+
+Inputs follow the trainer's sharding contract (:mod:`torchtitan_upipe.sharding`): ``x`` is
+``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
+On the first call the strategy checks once (one host synchronization per module, never
+again) that ``positions`` is the contiguous shard it assumes, so a trainer that shards
+differently fails loudly instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
+
+from ..comm import ProcessGroup, group_rank, group_size
+from ..kernels import AttentionKernel
+from ..ulysses import ulysses_attention
+from ..upipe import upipe_attention
+
+
+class CPAttentionStrategy(abc.ABC):
+    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
+
+    def __init__(self, group: ProcessGroup | None) -> None:
+        self.group = group
+        self._checked = False
+
+    @abc.abstractmethod
+    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
+        ...
+
+    def check_positions(self, positions: torch.Tensor | None, local_len: int) -> None:
+        if self._checked:
+            return
+        c = group_size(self.group)
+        if c > 1:
+            if positions is None:
+                raise RuntimeError(
+                    "context-parallel attention needs the global positions of the local tokens; "
+                    "launch through torchtitan_upipe's train.py (UPipeTrainer), which shards them"
+                )
+            start = group_rank(self.group) * local_len
+            expected = torch.arange(start, start + local_len, device=positions.device)
+            if positions.shape[-1] != local_len or not torch.equal(positions[0].to(expected.dtype), expected):
+                raise RuntimeError(
+                    "context-parallel inputs are not sharded contiguously (rank r must hold tokens "
+                    "[r*S/C, (r+1)*S/C)); TorchTitan's head-tail load balancer is for style='ring' only"
+                )
+        self._checked = True
+
+
+class UlyssesStrategy(CPAttentionStrategy):
+    def __init__(self, group: ProcessGroup | None, kernel: AttentionKernel) -> None:
+        super().__init__(group)
+        self.kernel = kernel
+
+    def __call__(self, attn, x, freqs_cis, positions):
+        bs, seqlen, _ = x.shape
+        self.check_positions(positions, seqlen)
+        xq = attn.wq(x).view(bs, seqlen, -1, attn.head_dim)
+        xk = attn.wk(x).view(bs, seqlen, -1, attn.head_dim)
+        xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
+        out = ulysses_attention(xq, xk, xv, group=self.group, causal=True, kernel=self.kernel)
+        return out.reshape(bs, seqlen, -1)
+
+
+class UPipeStrategy(CPAttentionStrategy):
+    def __init__(self, group: ProcessGroup | None, kernel: str, chunk_heads: int) -> None:
+        super().__init__(group)
+        self.kernel, self.chunk_heads = kernel, chunk_heads
+
+    def __call__(self, attn, x, freqs_cis, positions):
+        seqlen = x.shape[1]
+        self.check_positions(positions, seqlen)
+        # every batch row of a shard holds the same positions (ContiguousSharder.positions)
+        local_freqs = freqs_cis[positions[0]] if positions is not None else freqs_cis[:seqlen]
+        return upipe_attention(
+            x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
+            n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
+            group=self.group, causal=True, kernel=self.kernel,
+        )
+
+
+class ContextParallelAttention(nn.Module):
+    """Drop-in for TorchTitan's Llama3 ``Attention`` with the same parameters and FQNs."""
+
+    def __init__(self, attention: Attention, strategy: CPAttentionStrategy) -> None:
+        super().__init__()
+        self.n_heads = attention.n_heads
+        self.n_kv_heads = attention.n_kv_heads
+        self.head_dim = attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.strategy = strategy
+
+    def init_weights(self, init_std: float) -> None:
+        Attention.init_weights(self, init_std)  # same initialization as TorchTitan's module
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        if attention_masks is not None:
+            raise ValueError(
+                "context-parallel styles compute causal attention only; use a model flavor with "
+                "attn_type='sdpa' (no flex/varlen document masks)"
+            )
+        return self.wo(self.strategy(self, x, freqs_cis, positions))
+
+    def extra_repr(self) -> str:
+        return f"strategy={type(self.strategy).__name__}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"

@@ -1,0 +1,57 @@
+"""TorchTitan's trainer with this plugin's config checks and sequence sharding.
+
+:class:`UPipeTrainer` changes two things in ``torchtitan.train.Trainer``:
+
+1. it validates the ``[context_parallel]`` options (and the degrees, model and device they
+   imply) before TorchTitan initializes distributed or builds anything;
+2. for Ulysses-family styles it shards inputs, labels and RoPE positions with the style's
+   :class:`~torchtitan_upipe.sharding.SequenceSharder` instead of TorchTitan's head-tail
+   load balancer (which is kept for ``style = "ring"``).
+
+Loss normalization is TorchTitan's: the valid-token count is taken on the unsharded labels
+and summed over the data-parallel ranks, each CP rank divides its local loss sum by it, and
+the logged loss is summed over data-parallel x CP ranks, so a CP run reports the same loss
+as a single-device run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchtitan.train import Trainer
+
+from .config import ULYSSES_FAMILY
+from .sharding import ContiguousSharder, SequenceSharder
+from .validation import validate_job_config
+
+
+class UPipeTrainer(Trainer):
+    def __init__(self, job_config) -> None:
+        if not hasattr(job_config, "context_parallel"):
+            raise ValueError(
+                "the [context_parallel] section is missing: set job.custom_config_module = "
+                "'torchtitan_upipe.config' (in [job] of the TOML or on the command line)"
+            )
+        validate_job_config(job_config)
+        self._sharder: SequenceSharder | None = None
+        super().__init__(job_config)
+
+    @property
+    def sequence_sharder(self) -> SequenceSharder:
+        if self._sharder is None:
+            cp_mesh = self.parallel_dims.get_mesh("cp")
+            self._sharder = ContiguousSharder(cp_mesh.size(), cp_mesh.get_local_rank())
+        return self._sharder
+
+    def post_dataloading_process(
+        self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        style = self.job_config.context_parallel.style
+        if not self.parallel_dims.cp_enabled or style not in ULYSSES_FAMILY:
+            return super().post_dataloading_process(input_dict, labels)
+        inputs = input_dict["input"]
+        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+        sharder = self.sequence_sharder
+        positions = sharder.positions(inputs.shape[0], inputs.shape[1], inputs.device)
+        return sharder.shard(inputs), sharder.shard(labels), extra_inputs, {"positions": positions}

@@ -1,0 +1,155 @@
+"""Config-time checks: every bad option fails before the trainer touches a device.
+
+:func:`validate_job_config` is called by :class:`~torchtitan_upipe.trainer.UPipeTrainer` before
+TorchTitan initializes distributed, builds the model or allocates anything.  Each error names
+the offending option and the valid choices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import STYLES, ULYSSES_FAMILY, ContextParallel
+from .heads import kv_replication
+from .kernels import get_kernel
+from .upipe.schedule import UPipeSchedule, valid_chunk_heads
+
+# styles whose implementation has not landed yet
+_NOT_YET = {"usp": "the Ulysses x ring hybrid"}
+
+
+class ConfigError(ValueError):
+    """An invalid combination of options, raised before training starts."""
+
+
+def world_size_from_env() -> int:
+    """World size the job will run with: torchrun's WORLD_SIZE, or NGPU for the fake backend."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("NGPU", "1")))
+
+
+def model_args(job_config):
+    """The TorchTitan model args of the configured ``model.name`` / ``model.flavor``."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    spec = get_train_spec(job_config.model.name)
+    if job_config.model.flavor not in spec.model_args:
+        raise ConfigError(
+            f"model.flavor={job_config.model.flavor!r} is not a flavor of model.name="
+            f"{job_config.model.name!r}; valid: {sorted(spec.model_args)}"
+        )
+    return spec.model_args[job_config.model.flavor]
+
+
+def resolved_chunk_heads(cp: ContextParallel, degree: int) -> int:
+    return cp.upipe_chunk_heads or degree
+
+
+def validate_job_config(job_config, world_size: int | None = None, cuda: bool | None = None) -> None:
+    """Raise :class:`ConfigError` for any invalid context-parallel configuration."""
+    cp: ContextParallel = job_config.context_parallel
+    par = job_config.parallelism
+    world = world_size_from_env() if world_size is None else world_size
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    degree = par.context_parallel_degree
+    style = cp.style
+
+    if style not in STYLES:  # also checked by the dataclass; kept for configs built by hand
+        raise ConfigError(f"context_parallel.style={style!r} is not one of {list(STYLES)}")
+    if style in _NOT_YET:
+        raise ConfigError(
+            f"context_parallel.style={style!r} ({_NOT_YET[style]}) is not implemented yet; "
+            f"valid now: {[s for s in STYLES if s not in _NOT_YET]}"
+        )
+    if degree < 1 or world % degree != 0:
+        raise ConfigError(
+            f"parallelism.context_parallel_degree={degree} does not divide the world size {world}; "
+            f"valid: {[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    if style == "none":
+        if degree > 1:
+            raise ConfigError(
+                f"parallelism.context_parallel_degree={degree} but context_parallel.style='none'; "
+                f"choose a style from {[s for s in STYLES if s != 'none']} or set the degree to 1"
+            )
+        return
+    if degree == 1:
+        raise ConfigError(
+            f"context_parallel.style={style!r} needs parallelism.context_parallel_degree > 1 "
+            f"(got 1); use style='none' to train without context parallelism"
+        )
+    if par.tensor_parallel_degree > 1 or par.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            f"context_parallel.style={style!r} is supported with FSDP/HSDP only: set "
+            f"parallelism.tensor_parallel_degree and pipeline_parallel_degree to 1"
+        )
+
+    seq_len = job_config.training.seq_len
+    if style == "ring":
+        if not cuda:
+            raise ConfigError(
+                "context_parallel.style='ring' selects TorchTitan's built-in ring attention (torch "
+                "SDPA ring), which needs CUDA; this machine has no CUDA device. Valid on CPU: "
+                f"{[s for s in STYLES if s != 'ring']}"
+            )
+        if cp.kernel not in ("auto", "sdpa"):
+            raise ConfigError(
+                f"context_parallel.kernel={cp.kernel!r} has no effect with style='ring' (torch's "
+                f"SDPA dispatcher picks the kernel); use kernel='auto'"
+            )
+        if seq_len % (2 * degree) != 0:
+            raise ConfigError(
+                f"training.seq_len={seq_len} must be divisible by 2 * context_parallel_degree = "
+                f"{2 * degree} for style='ring' (head-tail load balancing)"
+            )
+        return
+
+    assert style in ULYSSES_FAMILY
+    if job_config.validation.enable:
+        raise ConfigError(
+            f"validation.enable=true is not supported with context_parallel.style={style!r} yet "
+            f"(TorchTitan's validator shards for its own ring attention); set validation.enable=false"
+        )
+    if cp.ulysses_degree not in (0, degree):
+        raise ConfigError(
+            f"context_parallel.ulysses_degree={cp.ulysses_degree} < context_parallel_degree={degree} "
+            f"(a Ulysses x ring hybrid) is not implemented yet; valid: 0 or {degree}"
+        )
+    if seq_len % degree != 0:
+        raise ConfigError(
+            f"training.seq_len={seq_len} is not divisible by parallelism.context_parallel_degree="
+            f"{degree}; every rank must hold the same number of tokens"
+        )
+    args = model_args(job_config)
+    n_heads, n_kv = args.n_heads, args.n_kv_heads or args.n_heads
+    if getattr(args, "attn_type", "sdpa") != "sdpa":
+        raise ConfigError(
+            f"model.flavor={job_config.model.flavor!r} uses attn_type={args.attn_type!r}; "
+            f"context_parallel.style={style!r} computes causal attention itself and needs a flavor "
+            f"with attn_type='sdpa' (no flex/varlen document masks)"
+        )
+    try:
+        kv_replication(n_heads, n_kv, degree)
+    except ValueError as e:
+        raise ConfigError(
+            f"model {job_config.model.name}/{job_config.model.flavor} cannot use "
+            f"parallelism.context_parallel_degree={degree}: {e}"
+        ) from None
+    if style == "upipe":
+        try:
+            UPipeSchedule(n_heads, n_kv, degree, resolved_chunk_heads(cp, degree))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif cp.upipe_chunk_heads:
+        raise ConfigError(
+            f"context_parallel.upipe_chunk_heads={cp.upipe_chunk_heads} is only used by style='upipe' "
+            f"(got style={style!r}); leave it at 0"
+        )
+    try:
+        get_kernel(cp.kernel, "cuda" if cuda else "cpu")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+__all__ = ["ConfigError", "validate_job_config", "valid_chunk_heads"]
