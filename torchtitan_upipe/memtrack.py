@@ -29,13 +29,16 @@ class LiveTensorTracker(TorchDispatchMode):
     def __enter__(self):
         # storages alive before entering are inputs, not allocations of the tracked region
         import gc
+        import warnings
 
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
-                try:
-                    self._preexisting.add(obj.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):
-                    pass
+        with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+            warnings.simplefilter("ignore")
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor):
+                    try:
+                        self._preexisting.add(obj.untyped_storage().data_ptr())
+                    except (RuntimeError, NotImplementedError):
+                        pass
         return super().__enter__()
 
     def _refresh(self) -> None:
