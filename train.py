@@ -13,6 +13,9 @@ import sys
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "train_configs", "llama3_debug_upipe.toml"
 )
+# Long-context runs fragment the caching allocator; use expandable segments unless the user chose.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 # TorchTitan's ConfigManager binds sys.argv when it is imported, so default it first.
 if not any(a.split("=")[0] in ("--job.config_file", "--job.config-file") for a in sys.argv[1:]):
     sys.argv[1:1] = ["--job.config_file", DEFAULT_CONFIG]

@@ -89,3 +89,14 @@ def test_bad_option_fails_before_training(workdir):
     out = proc.stdout + proc.stderr
     assert "context_parallel.upipe_chunk_heads=3" in out
     assert "step:" not in out and "Building upipe_llama3" not in out
+
+
+def test_memory_stack_matches_plain_training(workdir, seed_checkpoint, reference_losses):
+    """Offloaded full AC + tiled MLP/RMSNorm + chunked loss under FSDP and UPipe: same losses."""
+    stacked = _losses(
+        workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe.toml",
+        "--activation_checkpoint.mode=full", "--memory.offload_activations", "--memory.offload_keep_layers=1",
+        "--memory.tiled_mlp", "--memory.mlp_tiles=3", "--memory.tiled_norm", "--memory.chunked_loss",
+        "--memory.loss_chunks=3",
+    )
+    _assert_parity(stacked, reference_losses)

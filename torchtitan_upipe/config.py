@@ -60,7 +60,46 @@ class ContextParallel:
 
 
 @dataclass
+class Memory:
+    """The long-context memory stack (any style can use it, so comparisons are fair)::
+
+        [memory]
+        offload_activations = true   # block inputs of full AC kept in pinned host memory
+        offload_keep_layers = 1      # ... except the first k layers, kept on the device
+        tiled_mlp = true             # MLP over sequence tiles (mlp_tiles, 0 = ceil(S/C / dim))
+        tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
+        chunked_loss = true          # output projection + loss over chunks (loss_chunks, 0 = 1K-token chunks)
+    """
+
+    offload_activations: bool = False
+    """Offload each checkpointed block input to pinned host memory (needs
+    activation_checkpoint.mode = "full"); copies run on a side stream."""
+
+    offload_keep_layers: int = 1
+    """Keep the inputs of the first k layers on the device."""
+
+    tiled_mlp: bool = False
+    mlp_tiles: int = 0
+    """Tiles for tiled_mlp; 0 = ceil(local sequence length / dim)."""
+
+    tiled_norm: bool = False
+    norm_tiles: int = 0
+    """Tiles for tiled_norm; 0 = ceil(local sequence length / dim)."""
+
+    chunked_loss: bool = False
+    loss_chunks: int = 0
+    """Chunks for chunked_loss; 0 = chunks of about 1024 tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("offload_keep_layers", "mlp_tiles", "norm_tiles", "loss_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"memory.{name}={value!r} must be an integer >= 0")
+
+
+@dataclass
 class JobConfig:
     """Merged into TorchTitan's JobConfig by its ConfigManager."""
 
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
+    memory: Memory = field(default_factory=Memory)

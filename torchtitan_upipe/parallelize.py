@@ -1,8 +1,10 @@
-"""The parallelize hook: TorchTitan's order (TP, CP, AC, compile, FSDP) with our CP styles.
+"""The parallelize hook: TorchTitan's order (TP, CP, memory stack, AC, compile, FSDP).
 
 :func:`parallelize_llama_cp` reads like TorchTitan's ``parallelize_llama`` and reuses its
-pieces; the one difference is :func:`apply_context_parallel`, which installs the configured
-style in every attention layer with the CP process group passed explicitly.
+pieces.  It differs in three places: :func:`apply_context_parallel` installs the configured
+style in every attention layer with the CP process group passed explicitly; the
+``[memory]`` tiling and chunked loss are applied to the modules in place; and with
+``memory.offload_activations`` the block-level checkpointing is the host-offloading one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torchtitan.tools.logging import logger
 
 from .compat.cpu import use_sum_reductions
 from .kernels import get_kernel
+from .memory import apply_offloaded_ac, apply_tiling
 from .models.attention import ContextParallelAttention, UlyssesStrategy, UPipeStrategy
 from .validation import resolved_chunk_heads, validate_job_config
 
@@ -81,8 +84,19 @@ def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_conf
     if parallel_dims.cp_enabled:
         apply_context_parallel(model, parallel_dims, job_config)
 
+    mem = job_config.memory
+    apply_tiling(model, mem, local_seq_len=job_config.training.seq_len // parallel_dims.cp)
+
     model_compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
-    if job_config.activation_checkpoint.mode != "none":
+    if mem.offload_activations:  # validated: activation_checkpoint.mode == "full", no compile
+        from torchtitan.tools.utils import device_type
+
+        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device(device_type))
+        logger.info(
+            f"Applied full activation checkpointing with block inputs offloaded to host memory "
+            f"(first {mem.offload_keep_layers} layers kept on the device)"
+        )
+    elif job_config.activation_checkpoint.mode != "none":
         apply_ac(
             model,
             job_config.activation_checkpoint,

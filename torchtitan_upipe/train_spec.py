@@ -1,7 +1,8 @@
 """Registers the plugin's TorchTitan train spec(s).  Import this module to use them.
 
-``model.name = "upipe_llama3"``: TorchTitan's Llama3 model class and flavors, unchanged (so
-checkpoints are plain TorchTitan Llama3 checkpoints), with :func:`parallelize_llama_cp` as the
+``model.name = "upipe_llama3"``: TorchTitan's Llama3 model and flavors (the same parameters,
+so checkpoints are plain TorchTitan Llama3 checkpoints) plus the paper's ``32B`` flavor
+(Llama3 at Qwen3-32B sizes, ``head_dim`` 128), with :func:`parallelize_llama_cp` as the
 parallelize hook, an offline debug tokenizer/dataset and a synthetic-token dataloader option.
 
 ``training.dataset``:
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.models import llama3
@@ -24,6 +26,7 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.protocols import train_spec as _train_spec_registry
 
 from .data import build_synthetic_dataloader, ensure_debug_tokenizer, register_debug_dataset
+from .models.llama3 import FLAVORS, Transformer
 from .parallelize import parallelize_llama_cp
 
 MODEL_NAME = "upipe_llama3"
@@ -51,10 +54,25 @@ def build_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite: bo
     return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite)
 
 
+def _loss_already_computed(pred, labels):
+    if pred.dim() != 0:
+        raise RuntimeError("memory.chunked_loss: the model returned logits instead of the loss sum")
+    return pred
+
+
+def build_loss(job_config, **kwargs):
+    """TorchTitan's sum-reduced cross entropy, or (chunked loss) the output layer's loss sum."""
+    if job_config.memory.chunked_loss:
+        return _loss_already_computed
+    return build_cross_entropy_loss(job_config, **kwargs)
+
+
 def get_train_spec() -> TrainSpec:
     return dataclasses.replace(
         llama3.get_train_spec(),
-        model_args=dict(llama3.llama3_args),
+        model_cls=Transformer,
+        model_args=dict(FLAVORS),
+        build_loss_fn=build_loss,
         parallelize_fn=parallelize_llama_cp,
         pipelining_fn=None,
         build_tokenizer_fn=build_tokenizer,

@@ -2,11 +2,13 @@
 
 :class:`UPipeTrainer` changes two things in ``torchtitan.train.Trainer``:
 
-1. it validates the ``[context_parallel]`` options (and the degrees, model and device they
-   imply) before TorchTitan initializes distributed or builds anything;
+1. it validates the ``[context_parallel]`` and ``[memory]`` options (and the degrees, model
+   and device they imply) before TorchTitan initializes distributed or builds anything;
 2. for Ulysses-family styles it shards inputs, labels and RoPE positions with the style's
    :class:`~torchtitan_upipe.sharding.SequenceSharder` instead of TorchTitan's head-tail
-   load balancer (which is kept for ``style = "ring"``).
+   load balancer (which is kept for ``style = "ring"``);
+3. with ``memory.chunked_loss`` it hands each batch's (sharded) labels to the model's output
+   layer, which then returns the loss sum instead of the logits.
 
 Loss normalization is TorchTitan's: the valid-token count is taken on the unsharded labels
 and summed over the data-parallel ranks, each CP rank divides its local loss sum by it, and
@@ -48,10 +50,17 @@ class UPipeTrainer(Trainer):
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         style = self.job_config.context_parallel.style
-        if not self.parallel_dims.cp_enabled or style not in ULYSSES_FAMILY:
-            return super().post_dataloading_process(input_dict, labels)
-        inputs = input_dict["input"]
-        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-        sharder = self.sequence_sharder
-        positions = sharder.positions(inputs.shape[0], inputs.shape[1], inputs.device)
-        return sharder.shard(inputs), sharder.shard(labels), extra_inputs, {"positions": positions}
+        if self.parallel_dims.cp_enabled and style in ULYSSES_FAMILY:
+            inputs = input_dict["input"]
+            extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
+            sharder = self.sequence_sharder
+            positions = sharder.positions(inputs.shape[0], inputs.shape[1], inputs.device)
+            inputs, labels = sharder.shard(inputs), sharder.shard(labels)
+            extra_kwargs: dict[str, Any] = {"positions": positions}
+        else:
+            inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(
+                input_dict, labels
+            )
+        if self.job_config.memory.chunked_loss:
+            self.model_parts[0].output.set_labels(labels)
+        return inputs, labels, extra_inputs, extra_kwargs

@@ -67,6 +67,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"parallelism.context_parallel_degree={degree} does not divide the world size {world}; "
             f"valid: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    _validate_memory(job_config)
     if style == "none":
         if degree > 1:
             raise ConfigError(
@@ -150,6 +151,28 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
         get_kernel(cp.kernel, "cuda" if cuda else "cpu")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_memory(job_config) -> None:
+    mem = getattr(job_config, "memory", None)
+    if mem is None:
+        return
+    if mem.offload_activations:
+        mode = job_config.activation_checkpoint.mode
+        if mode != "full":
+            raise ConfigError(
+                f"memory.offload_activations=true offloads the inputs of fully checkpointed blocks; "
+                f"set activation_checkpoint.mode='full' (got {mode!r})"
+            )
+        if job_config.compile.enable:
+            raise ConfigError("memory.offload_activations=true does not work with compile.enable=true yet")
+    if job_config.parallelism.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "the upipe_llama3 train spec does not support pipeline parallelism: set "
+            "parallelism.pipeline_parallel_degree = 1"
+        )
+    if mem.chunked_loss and job_config.parallelism.tensor_parallel_degree > 1:
+        raise ConfigError("memory.chunked_loss=true does not support tensor parallelism (loss parallel)")
 
 
 __all__ = ["ConfigError", "validate_job_config", "valid_chunk_heads"]

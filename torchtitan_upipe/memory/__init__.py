@@ -5,7 +5,11 @@
 * :func:`tiled_rms_norm` / :func:`apply_tiled_rms_norm` / :class:`TiledRMSNorm`: RMSNorm
   whose op-math (float32) temporaries exist for one tile at a time.
 * :func:`chunked_cross_entropy`: output projection + TorchTitan's sum-reduced cross entropy
-  without ever materializing the (B, S, vocab) logits.
+  without ever materializing the (B, S, vocab) logits; :class:`ChunkedLossOutput` puts it
+  in the model's output layer.
+* :func:`apply_offloaded_ac`: whole-block activation checkpointing with the block inputs
+  kept in pinned host memory (side-stream copies, prefetch one layer ahead).
+* :func:`apply_tiling`: applies the configured ``[memory]`` options to a Llama3 model.
 
 Each is a pure forward/backward pair (``*_forward`` / ``*_backward``) behind a thin
 ``torch.autograd.Function``; the backward recomputes per tile instead of saving the large
@@ -27,6 +31,9 @@ from .tiled_mlp import (
     tiled_mlp_backward,
     tiled_mlp_forward,
 )
+from .head import ChunkedLossOutput, apply_chunked_loss
+from .offload import HostOffloader, apply_offloaded_ac
+from .stack import apply_tiling
 from .tiled_norm import (
     TiledRMSNorm,
     apply_tiled_rms_norm,
@@ -36,7 +43,12 @@ from .tiled_norm import (
 )
 
 __all__ = [
+    "ChunkedLossOutput",
+    "HostOffloader",
     "IGNORE_INDEX",
+    "apply_chunked_loss",
+    "apply_offloaded_ac",
+    "apply_tiling",
     "chunked_cross_entropy",
     "chunked_cross_entropy_backward",
     "chunked_cross_entropy_forward",

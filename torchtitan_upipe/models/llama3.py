@@ -1,0 +1,84 @@
+"""TorchTitan's Llama3 with one generalization: an explicit ``head_dim``.
+
+The paper's "32B" model is the Llama3 architecture at Qwen3-32B sizes: ``dim = 5120`` but 64
+query heads of ``head_dim = 128`` (query width 8192 != dim).  TorchTitan 0.2.2's Llama3 derives
+``head_dim = dim // n_heads``.  These subclasses accept ``head_dim`` and are otherwise
+TorchTitan's modules: the same parameter names and shapes for every TorchTitan flavor, so
+checkpoints of the existing flavors load unchanged (TorchTitan's flavors are used as is;
+only ``32B`` sets ``head_dim``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torchtitan.models.llama3 import llama3_args
+from torchtitan.models.llama3.model import model as tt
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.models.utils import get_dense_model_nparams_and_flops
+
+
+@dataclass
+class LlamaArgs(TransformerModelArgs):
+    head_dim: int | None = None
+    """Per-head dimension; ``None`` means TorchTitan's ``dim // n_heads``."""
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        return get_dense_model_nparams_and_flops(self, model, 2 * head_dim_of(self), seq_len)
+
+
+def head_dim_of(args: TransformerModelArgs) -> int:
+    return getattr(args, "head_dim", None) or args.dim // args.n_heads
+
+
+class Attention(tt.Attention):
+    def __init__(self, model_args: TransformerModelArgs) -> None:
+        super().__init__(model_args)
+        hd = head_dim_of(model_args)
+        if hd != self.head_dim:
+            self.head_dim = hd
+            dim = model_args.dim
+            self.wq = nn.Linear(dim, self.n_heads * hd, bias=False)
+            self.wk = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+            self.wv = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+            self.wo = nn.Linear(self.n_heads * hd, dim, bias=False)
+
+
+class TransformerBlock(tt.TransformerBlock):
+    def __init__(self, layer_id: int, model_args: TransformerModelArgs) -> None:
+        super().__init__(layer_id, model_args)
+        if head_dim_of(model_args) != model_args.dim // model_args.n_heads:
+            self.attention = Attention(model_args)
+
+
+class Transformer(tt.Transformer):
+    """TorchTitan's Llama3 ``Transformer``; blocks honour ``model_args.head_dim``."""
+
+    def __init__(self, model_args: TransformerModelArgs) -> None:
+        super().__init__(model_args)
+        if head_dim_of(model_args) != model_args.dim // model_args.n_heads:
+            for layer_id in range(model_args.n_layers):
+                self.layers[str(layer_id)] = TransformerBlock(layer_id, model_args)
+
+    def _precompute_freqs_cis(self):
+        a = self.model_args
+        return tt.precompute_freqs_cis(head_dim_of(a), a.max_seq_len, a.rope_theta, a.rope_scaling_args)
+
+
+FLAVORS: dict[str, TransformerModelArgs] = {
+    **llama3_args,
+    # The paper's "Qwen3-32B": Llama3 architecture with Qwen3-32B sizes, no QK-norm.
+    # ffn: int(2 * 4 * 5120 / 3) = 13653 -> * 1.875 = 25599 -> multiple of 256 = 25600
+    "32B": LlamaArgs(
+        dim=5120,
+        n_layers=64,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim_multiplier=1.875,
+        multiple_of=256,
+        rope_theta=1_000_000,
+        vocab_size=151936,
+    ),
+}
