@@ -67,7 +67,7 @@ def test_kv_heads_incompatible_with_degree():
 
 
 def test_upipe_chunk_heads_rules():
-    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the context-parallel degree 2.*valid: \[2, 4, 8, 16\]",
+    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the all-to-all degree 2.*valid: \[2, 4, 8, 16\]",
            "--context_parallel.upipe_chunk_heads=3")
     _fails(r"upipe_chunk_heads=6 must divide n_heads=16", "--context_parallel.upipe_chunk_heads=6")
     _fails(r"upipe_chunk_heads=4 is only used by style='upipe'", "--context_parallel.upipe_chunk_heads=4",
@@ -93,9 +93,31 @@ def test_style_and_degree_must_agree():
            *["--parallelism.context_parallel_degree=2"])
 
 
-def test_unimplemented_and_unsupported_combinations():
-    _fails(r"style='usp'.*not implemented yet", "--context_parallel.style=usp")
-    _fails(r"ulysses_degree=1 < context_parallel_degree=2.*not implemented yet", "--context_parallel.ulysses_degree=1")
+def test_hybrid_degrees():
+    # valid: usp 2 x 2, upipe 2 x 2, pure ring (u = 1) through usp
+    for style in ("usp", "upipe"):
+        validate_job_config(_config(f"--context_parallel.style={style}", "--parallelism.context_parallel_degree=4",
+                                    "--context_parallel.ulysses_degree=2"), world_size=4, cuda=False)
+    validate_job_config(_config("--context_parallel.style=usp", "--context_parallel.ulysses_degree=1"),
+                        world_size=2, cuda=False)
+    _fails(r"ulysses_degree=3 does not divide parallelism.context_parallel_degree=4; valid: \[1, 2, 4\]",
+           "--context_parallel.style=usp", "--parallelism.context_parallel_degree=4",
+           "--context_parallel.ulysses_degree=3", world=4)
+    _fails(r"style='usp' with ulysses_degree=2 = context_parallel_degree leaves a ring of one rank",
+           "--context_parallel.style=usp")
+    _fails(r"style='ulysses' uses all 4 CP ranks.*use style='usp'", "--context_parallel.style=ulysses",
+           "--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2", world=4)
+    # the ring needs zigzag chunks: seq_len % 2C
+    _fails(r"training.seq_len=516 must be divisible by 2 \* context_parallel_degree = 8",
+           "--context_parallel.style=usp", "--parallelism.context_parallel_degree=4",
+           "--context_parallel.ulysses_degree=2", "--training.seq_len=516", world=4)
+    # UPipe's U is counted over the all-to-all group
+    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the all-to-all degree 2",
+           "--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2",
+           "--context_parallel.upipe_chunk_heads=3", world=4)
+
+
+def test_unsupported_combinations():
     _fails(r"supported with FSDP/HSDP only", "--parallelism.tensor_parallel_degree=2", world=4)
     _fails(r"attn_type='flex'", "--model.flavor=debugmodel_flex_attn")
     _fails(r"kernel='cudnn' cannot run on cpu", "--context_parallel.kernel=cudnn")

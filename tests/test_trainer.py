@@ -100,3 +100,18 @@ def test_memory_stack_matches_plain_training(workdir, seed_checkpoint, reference
         "--memory.loss_chunks=3",
     )
     _assert_parity(stacked, reference_losses)
+
+
+CP4 = ("--parallelism.context_parallel_degree=4",)
+
+
+def test_hybrids_match_ulysses_and_single_device(workdir, seed_checkpoint, reference_losses):
+    """usp 2x2 (all-to-all 2 x ring 2, zigzag) vs ulysses 4x1 vs none, and UPipe x ring 2x2."""
+    ulysses = _losses(workdir, seed_checkpoint, "ulysses4", 4, "llama3_debug_ulysses.toml", *CP4)
+    usp = _losses(workdir, seed_checkpoint, "usp2x2", 4, "llama3_debug_ulysses.toml", *CP4,
+                  "--context_parallel.style=usp", "--context_parallel.ulysses_degree=2")
+    upipe_ring = _losses(workdir, seed_checkpoint, "upipe2x2", 4, "llama3_debug_upipe.toml", *CP4,
+                         "--context_parallel.ulysses_degree=2")
+    _assert_parity(ulysses, reference_losses)
+    _assert_parity(usp, ulysses)
+    _assert_parity(upipe_ring, reference_losses)

@@ -220,7 +220,7 @@ def test_transient_memory_falls_with_chunk_heads():
 
 
 def test_bad_chunk_heads_raise_with_the_option_name():
-    with pytest.raises(ValueError, match="upipe_chunk_heads=3 must be a positive multiple"):
+    with pytest.raises(ValueError, match="upipe_chunk_heads=3 must be a positive multiple of the all-to-all degree 2"):
         UPipeSchedule(8, 8, 2, 3)
     with pytest.raises(ValueError, match=r"upipe_chunk_heads=12 must divide n_heads=16.*valid: \[4, 8, 16\]"):
         UPipeSchedule(16, 4, 4, 12)

@@ -28,6 +28,8 @@ from torchtitan.tools.logging import logger
 
 from .compat.cpu import use_sum_reductions
 from .kernels import get_kernel
+from .mesh import cp_groups
+from .sharding import sharder_for
 from .memory import apply_offloaded_ac, apply_tiling
 from .models.attention import ContextParallelAttention, UlyssesStrategy, UPipeStrategy
 from .validation import resolved_chunk_heads, validate_job_config
@@ -52,18 +54,20 @@ def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_co
 
     from torchtitan.tools.utils import device_type
 
-    group = cp_mesh.get_group()
+    groups = cp_groups(parallel_dims, cp.ulysses_degree)
+    sharder = sharder_for(groups)
     device = torch.device(device_type)
     for block in model.layers.values():
-        if cp.style == "ulysses":
-            strategy = UlyssesStrategy(group, get_kernel(cp.kernel, device))
+        if cp.style in ("ulysses", "usp"):
+            strategy = UlyssesStrategy(groups, sharder, get_kernel(cp.kernel, device))
         elif cp.style == "upipe":
-            strategy = UPipeStrategy(group, cp.kernel, resolved_chunk_heads(cp, cp_mesh.size()))
+            strategy = UPipeStrategy(groups, sharder, cp.kernel, resolved_chunk_heads(cp, groups.ulysses_degree))
         else:  # validate_job_config rejects the rest before we get here
             raise AssertionError(cp.style)
         block.attention = ContextParallelAttention(block.attention, strategy)
     logger.info(
-        f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()}, kernel {cp.kernel!r}) "
+        f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()} = all-to-all "
+        f"{groups.ulysses_degree} x ring {groups.ring_degree}, kernel {cp.kernel!r}) "
         f"to {len(model.layers)} attention layers"
     )
 

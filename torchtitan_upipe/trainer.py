@@ -24,7 +24,8 @@ import torch
 from torchtitan.train import Trainer
 
 from .config import ULYSSES_FAMILY
-from .sharding import ContiguousSharder, SequenceSharder
+from .mesh import cp_groups
+from .sharding import SequenceSharder, sharder_for
 from .validation import validate_job_config
 
 
@@ -42,8 +43,8 @@ class UPipeTrainer(Trainer):
     @property
     def sequence_sharder(self) -> SequenceSharder:
         if self._sharder is None:
-            cp_mesh = self.parallel_dims.get_mesh("cp")
-            self._sharder = ContiguousSharder(cp_mesh.size(), cp_mesh.get_local_rank())
+            groups = cp_groups(self.parallel_dims, self.job_config.context_parallel.ulysses_degree)
+            self._sharder = sharder_for(groups)
         return self._sharder
 
     def post_dataloading_process(

@@ -17,7 +17,7 @@ from .kernels import get_kernel
 from .upipe.schedule import UPipeSchedule, valid_chunk_heads
 
 # styles whose implementation has not landed yet
-_NOT_YET = {"usp": "the Ulysses x ring hybrid"}
+_NOT_YET: dict[str, str] = {}
 
 
 class ConfigError(ValueError):
@@ -112,10 +112,29 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"validation.enable=true is not supported with context_parallel.style={style!r} yet "
             f"(TorchTitan's validator shards for its own ring attention); set validation.enable=false"
         )
-    if cp.ulysses_degree not in (0, degree):
+    u = cp.ulysses_degree or degree
+    if degree % u != 0:
         raise ConfigError(
-            f"context_parallel.ulysses_degree={cp.ulysses_degree} < context_parallel_degree={degree} "
-            f"(a Ulysses x ring hybrid) is not implemented yet; valid: 0 or {degree}"
+            f"context_parallel.ulysses_degree={u} does not divide parallelism.context_parallel_degree="
+            f"{degree}; valid: {[d for d in range(1, degree + 1) if degree % d == 0]}"
+        )
+    ring = degree // u
+    if style == "ulysses" and ring > 1:
+        raise ConfigError(
+            f"context_parallel.style='ulysses' uses all {degree} CP ranks for the all-to-all, but "
+            f"context_parallel.ulysses_degree={u}; for a Ulysses x ring hybrid use style='usp' "
+            f"(or 'upipe'), else set ulysses_degree to 0"
+        )
+    if style == "usp" and ring == 1:
+        raise ConfigError(
+            f"context_parallel.style='usp' with ulysses_degree={u} = context_parallel_degree leaves a "
+            f"ring of one rank; set context_parallel.ulysses_degree to one of "
+            f"{[d for d in range(1, degree) if degree % d == 0]} or use style='ulysses'"
+        )
+    if ring > 1 and seq_len % (2 * degree) != 0:
+        raise ConfigError(
+            f"training.seq_len={seq_len} must be divisible by 2 * context_parallel_degree = "
+            f"{2 * degree} for the ring dimension (zigzag load balancing over {ring} ring ranks)"
         )
     if seq_len % degree != 0:
         raise ConfigError(
@@ -131,15 +150,16 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"with attn_type='sdpa' (no flex/varlen document masks)"
         )
     try:
-        kv_replication(n_heads, n_kv, degree)
+        kv_replication(n_heads, n_kv, u)
     except ValueError as e:
         raise ConfigError(
-            f"model {job_config.model.name}/{job_config.model.flavor} cannot use "
-            f"parallelism.context_parallel_degree={degree}: {e}"
+            f"model {job_config.model.name}/{job_config.model.flavor} cannot use an all-to-all "
+            f"over {u} ranks (parallelism.context_parallel_degree={degree}, "
+            f"context_parallel.ulysses_degree={cp.ulysses_degree}): {e}"
         ) from None
     if style == "upipe":
         try:
-            UPipeSchedule(n_heads, n_kv, degree, resolved_chunk_heads(cp, degree))
+            UPipeSchedule(n_heads, n_kv, u, resolved_chunk_heads(cp, u))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     elif cp.upipe_chunk_heads:

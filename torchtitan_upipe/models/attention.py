@@ -6,14 +6,16 @@ state dict are exactly TorchTitan's (checkpoints move freely between this plugin
 TorchTitan and, through TorchTitan's adapter, HF Llama).  What happens between the block's
 normed input and ``wo`` is delegated to a strategy:
 
-* :class:`UlyssesStrategy` -- project, RoPE, :func:`~torchtitan_upipe.ulysses_attention`.
+* :class:`UlyssesStrategy` -- project, RoPE, :func:`~torchtitan_upipe.ulysses_attention`
+  (style ``ulysses``; with a ring group, style ``usp``: each head group's attention is a
+  ring pass, :class:`~torchtitan_upipe.ring.RingKernel`).
 * :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
-  projections so full-width Q/K/V never exist.
+  projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).
 
 Inputs follow the trainer's sharding contract (:mod:`torchtitan_upipe.sharding`): ``x`` is
 ``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
 On the first call the strategy checks once (one host synchronization per module, never
-again) that ``positions`` is the contiguous shard it assumes, so a trainer that shards
+again) that ``positions`` is the shard its sharder defines, so a trainer that shards
 differently fails loudly instead of computing something else.
 """
 
@@ -26,8 +28,10 @@ from torch import nn
 
 from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
 
-from ..comm import ProcessGroup, group_rank, group_size
 from ..kernels import AttentionKernel
+from ..mesh import CPGroups
+from ..ring import RingKernel
+from ..sharding import SequenceSharder
 from ..ulysses import ulysses_attention
 from ..upipe import upipe_attention
 
@@ -35,8 +39,8 @@ from ..upipe import upipe_attention
 class CPAttentionStrategy(abc.ABC):
     """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
 
-    def __init__(self, group: ProcessGroup | None) -> None:
-        self.group = group
+    def __init__(self, groups: CPGroups, sharder: SequenceSharder) -> None:
+        self.groups, self.sharder = groups, sharder
         self._checked = False
 
     @abc.abstractmethod
@@ -46,27 +50,25 @@ class CPAttentionStrategy(abc.ABC):
     def check_positions(self, positions: torch.Tensor | None, local_len: int) -> None:
         if self._checked:
             return
-        c = group_size(self.group)
-        if c > 1:
-            if positions is None:
-                raise RuntimeError(
-                    "context-parallel attention needs the global positions of the local tokens; "
-                    "launch through torchtitan_upipe's train.py (UPipeTrainer), which shards them"
-                )
-            start = group_rank(self.group) * local_len
-            expected = torch.arange(start, start + local_len, device=positions.device)
-            if positions.shape[-1] != local_len or not torch.equal(positions[0].to(expected.dtype), expected):
-                raise RuntimeError(
-                    "context-parallel inputs are not sharded contiguously (rank r must hold tokens "
-                    "[r*S/C, (r+1)*S/C)); TorchTitan's head-tail load balancer is for style='ring' only"
-                )
+        if positions is None:
+            raise RuntimeError(
+                "context-parallel attention needs the global positions of the local tokens; "
+                "launch through torchtitan_upipe's train.py (UPipeTrainer), which shards them"
+            )
+        expected = self.sharder.indices(local_len * self.sharder.degree, positions.device)
+        if positions.shape[-1] != local_len or not torch.equal(positions[0].to(expected.dtype), expected):
+            raise RuntimeError(
+                f"context-parallel inputs are not sharded as {type(self.sharder).__name__} expects "
+                f"(see torchtitan_upipe.sharding); TorchTitan's head-tail load balancer is for "
+                f"style='ring' only"
+            )
         self._checked = True
 
 
 class UlyssesStrategy(CPAttentionStrategy):
-    def __init__(self, group: ProcessGroup | None, kernel: AttentionKernel) -> None:
-        super().__init__(group)
-        self.kernel = kernel
+    def __init__(self, groups: CPGroups, sharder: SequenceSharder, kernel: AttentionKernel) -> None:
+        super().__init__(groups, sharder)
+        self.kernel = RingKernel(groups.ring, kernel) if groups.ring is not None else kernel
 
     def __call__(self, attn, x, freqs_cis, positions):
         bs, seqlen, _ = x.shape
@@ -75,13 +77,13 @@ class UlyssesStrategy(CPAttentionStrategy):
         xk = attn.wk(x).view(bs, seqlen, -1, attn.head_dim)
         xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
-        out = ulysses_attention(xq, xk, xv, group=self.group, causal=True, kernel=self.kernel)
+        out = ulysses_attention(xq, xk, xv, group=self.groups.ulysses, causal=True, kernel=self.kernel)
         return out.reshape(bs, seqlen, -1)
 
 
 class UPipeStrategy(CPAttentionStrategy):
-    def __init__(self, group: ProcessGroup | None, kernel: str, chunk_heads: int) -> None:
-        super().__init__(group)
+    def __init__(self, groups: CPGroups, sharder: SequenceSharder, kernel: str, chunk_heads: int) -> None:
+        super().__init__(groups, sharder)
         self.kernel, self.chunk_heads = kernel, chunk_heads
 
     def __call__(self, attn, x, freqs_cis, positions):
@@ -92,7 +94,7 @@ class UPipeStrategy(CPAttentionStrategy):
         return upipe_attention(
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
             n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
-            group=self.group, causal=True, kernel=self.kernel,
+            group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
         )
 
 

@@ -4,7 +4,8 @@
 and to DTensor, and selective activation checkpointing can treat the whole staged attention
 as one op (save its outputs, never re-run its stages).  The process group crosses the op
 boundary by name (``ProcessGroup.group_name``; ``""`` means no group) and the kernel by its
-``[context_parallel] kernel`` name.
+``[context_parallel] kernel`` name.  With a ring group (the UPipe x ring hybrid) each stage's
+attention is a ring pass (:class:`~torchtitan_upipe.ring.RingKernel`) over the ring ranks.
 
 Saved for backward: ``x``, the three weights, ``freqs_cis``, the output and the per-stage LSE.
 No Q, K or V.
@@ -30,8 +31,17 @@ def _group(name: str) -> ProcessGroup | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, device_type: str) -> AttentionKernel:
+def _base_kernel(name: str, device_type: str) -> AttentionKernel:
     return get_kernel(name, torch.device(device_type))
+
+
+def _kernel(name: str, device_type: str, ring_group_name: str) -> AttentionKernel:
+    kernel = _base_kernel(name, device_type)
+    if ring_group_name:
+        from ..ring import RingKernel
+
+        kernel = RingKernel(_group(ring_group_name), kernel)
+    return kernel
 
 
 def _schedule(n_heads, n_kv_heads, chunk_heads, group) -> UPipeSchedule:
@@ -49,6 +59,7 @@ def attention_forward(
     n_kv_heads: int,
     chunk_heads: int,
     group_name: str,
+    ring_group_name: str,
     causal: bool,
     scale: float,
     kernel: str,
@@ -57,12 +68,13 @@ def attention_forward(
     return upipe_forward(
         x, wq, wk, wv, freqs_cis,
         _schedule(n_heads, n_kv_heads, chunk_heads, group),
-        group, _kernel(kernel, x.device.type), causal, scale,
+        group, _kernel(kernel, x.device.type, ring_group_name), causal, scale,
     )
 
 
 @attention_forward.register_fake
-def _(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name, causal, scale, kernel):
+def _(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name, ring_group_name,
+      causal, scale, kernel):
     b, s, _ = x.shape
     c = group_size(_group(group_name))
     out = x.new_empty(b, s, wq.shape[0])
@@ -84,6 +96,7 @@ def attention_backward(
     n_kv_heads: int,
     chunk_heads: int,
     group_name: str,
+    ring_group_name: str,
     causal: bool,
     scale: float,
     kernel: str,
@@ -92,7 +105,7 @@ def attention_backward(
     return upipe_backward(
         dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
         _schedule(n_heads, n_kv_heads, chunk_heads, group),
-        group, _kernel(kernel, x.device.type), causal, scale,
+        group, _kernel(kernel, x.device.type, ring_group_name), causal, scale,
     )
 
 
@@ -101,7 +114,7 @@ def _(dout, x, wq, wk, wv, freqs_cis, out, lse, *args):
     return torch.empty_like(x), torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
 
 
-_ARGS = ("n_heads", "n_kv_heads", "chunk_heads", "group_name", "causal", "scale", "kernel")
+_ARGS = ("n_heads", "n_kv_heads", "chunk_heads", "group_name", "ring_group_name", "causal", "scale", "kernel")
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,10 +130,10 @@ def _backward(ctx, dout, _dlse):
     a = ctx.static
     dx, dwq, dwk, dwv = attention_backward(
         dout, x, wq, wk, wv, freqs_cis, out, lse,
-        a["n_heads"], a["n_kv_heads"], a["chunk_heads"], a["group_name"],
+        a["n_heads"], a["n_kv_heads"], a["chunk_heads"], a["group_name"], a["ring_group_name"],
         a["causal"], a["scale"], a["kernel"],
     )
-    return dx, dwq, dwk, dwv, None, None, None, None, None, None, None, None
+    return (dx, dwq, dwk, dwv) + (None,) * (1 + len(_ARGS))
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -137,6 +150,7 @@ def upipe_attention(
     n_kv_heads: int,
     chunk_heads: int | None = None,
     group: ProcessGroup | None = None,
+    ring_group: ProcessGroup | None = None,
     causal: bool = True,
     scale: float | None = None,
     kernel: str = "auto",
@@ -152,7 +166,10 @@ def upipe_attention(
         n_heads, n_kv_heads: H and H_kv.
         chunk_heads: U, query heads per stage across all C ranks: a multiple of C dividing
             n_heads.  ``0``/``None`` = C (least memory).
-        group: the C context-parallel ranks ordered by sequence shard; ``None`` = no CP.
+        group: the C all-to-all ranks ordered by sequence shard; ``None`` = no CP.
+        ring_group: for the UPipe x ring hybrid, the ring ranks (see :mod:`torchtitan_upipe.mesh`);
+            ``x`` is then this rank's piece of its ring rank's zigzag shard
+            (:class:`~torchtitan_upipe.sharding.UlyssesRingSharder`).  ``None`` = no ring.
         causal: causal mask over global positions.
         scale: softmax scale, default ``D ** -0.5``.
         kernel: ``[context_parallel] kernel`` name.
@@ -178,6 +195,7 @@ def upipe_attention(
     out, _ = attention_forward(
         x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads,
         "" if group is None else group.group_name,
+        "" if ring_group is None else ring_group.group_name,
         causal, head_dim**-0.5 if scale is None else float(scale), kernel,
     )
     return out

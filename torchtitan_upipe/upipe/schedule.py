@@ -52,7 +52,7 @@ class UPipeSchedule:
         if u <= 0 or u % c != 0:
             raise ValueError(
                 f"context_parallel.upipe_chunk_heads={u} must be a positive multiple of the "
-                f"context-parallel degree {c} (each rank takes U/C heads per stage); "
+                f"all-to-all degree {c} (each rank takes U/C heads per stage); "
                 f"valid: {valid_chunk_heads(h, c)}"
             )
         if h % u != 0:
