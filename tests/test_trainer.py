@@ -93,12 +93,7 @@ def test_bad_option_fails_before_training(workdir):
 
 def test_memory_stack_matches_plain_training(workdir, seed_checkpoint, reference_losses):
     """Offloaded full AC + tiled MLP/RMSNorm + chunked loss under FSDP and UPipe: same losses."""
-    stacked = _losses(
-        workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe.toml",
-        "--activation_checkpoint.mode=full", "--memory.offload_activations", "--memory.offload_keep_layers=1",
-        "--memory.tiled_mlp", "--memory.mlp_tiles=3", "--memory.tiled_norm", "--memory.chunked_loss",
-        "--memory.loss_chunks=3",
-    )
+    stacked = _losses(workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe_memory.toml")
     _assert_parity(stacked, reference_losses)
 
 

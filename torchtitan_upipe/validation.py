@@ -24,9 +24,12 @@ class ConfigError(ValueError):
     """An invalid combination of options, raised before training starts."""
 
 
-def world_size_from_env() -> int:
-    """World size the job will run with: torchrun's WORLD_SIZE, or NGPU for the fake backend."""
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("NGPU", "1")))
+def world_size_from_env(job_config) -> int:
+    """World size the job will run with: NGPU for TorchTitan's fake backend (one real rank
+    simulating an NGPU-rank job), else torchrun's WORLD_SIZE."""
+    if job_config.comm.mode in ("fake_backend", "local_tensor"):
+        return int(os.environ.get("NGPU", "1"))
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def model_args(job_config):
@@ -50,7 +53,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
     """Raise :class:`ConfigError` for any invalid context-parallel configuration."""
     cp: ContextParallel = job_config.context_parallel
     par = job_config.parallelism
-    world = world_size_from_env() if world_size is None else world_size
+    world = world_size_from_env(job_config) if world_size is None else world_size
     cuda = torch.cuda.is_available() if cuda is None else cuda
     degree = par.context_parallel_degree
     style = cp.style
