@@ -117,6 +117,13 @@ def test_hybrid_degrees():
            "--context_parallel.upipe_chunk_heads=3", world=4)
 
 
+def test_float32_on_cuda_needs_the_math_kernel():
+    # the debug configs train in float32: on CUDA the flash kernels would reject it at the first step
+    _fails(r"kernel='auto' resolves to 'sdpa'.*mixed_precision_param='float32'", cuda=True)
+    validate_job_config(_config("--context_parallel.kernel=math"), world_size=2, cuda=True)
+    validate_job_config(_config("--training.mixed_precision_param=bfloat16"), world_size=2, cuda=True)
+
+
 def test_unsupported_combinations():
     _fails(r"supported with FSDP/HSDP only", "--parallelism.tensor_parallel_degree=2", world=4)
     _fails(r"attn_type='flex'", "--model.flavor=debugmodel_flex_attn")

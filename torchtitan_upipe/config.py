@@ -98,8 +98,22 @@ class Memory:
 
 
 @dataclass
+class Benchmark:
+    """Options for measuring (scripts/bench_one_rank.py); leave at defaults for training."""
+
+    n_layers: int = 0
+    """Build only the first n transformer layers of the flavor (per-layer scaling
+    measurements: time and memory at 1 and 2 layers, then extrapolate); 0 = all layers."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 0:
+            raise ValueError(f"benchmark.n_layers={self.n_layers!r} must be an integer >= 0 (0 = all)")
+
+
+@dataclass
 class JobConfig:
     """Merged into TorchTitan's JobConfig by its ConfigManager."""
 
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     memory: Memory = field(default_factory=Memory)
+    benchmark: Benchmark = field(default_factory=Benchmark)

@@ -171,9 +171,16 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"(got style={style!r}); leave it at 0"
         )
     try:
-        get_kernel(cp.kernel, "cuda" if cuda else "cpu")
+        kernel = get_kernel(cp.kernel, "cuda" if cuda else "cpu")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    param_dtype = job_config.training.mixed_precision_param
+    if cuda and kernel.name != "math" and param_dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"context_parallel.kernel={cp.kernel!r} resolves to {kernel.name!r}, a flash kernel that "
+            f"takes bfloat16/float16 on CUDA, but training.mixed_precision_param={param_dtype!r}; "
+            f"use bfloat16, or kernel='math' for exact float32 attention"
+        )
 
 
 def _validate_memory(job_config) -> None:

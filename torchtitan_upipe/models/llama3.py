@@ -10,6 +10,7 @@ only ``32B`` sets ``head_dim``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,6 +27,21 @@ class LlamaArgs(TransformerModelArgs):
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         return get_dense_model_nparams_and_flops(self, model, 2 * head_dim_of(self), seq_len)
+
+    def update_from_config(self, job_config, **kwargs) -> None:
+        super().update_from_config(job_config, **kwargs)
+        bench = getattr(job_config, "benchmark", None)
+        if bench is not None and bench.n_layers:
+            if bench.n_layers > self.n_layers:
+                raise ValueError(
+                    f"benchmark.n_layers={bench.n_layers} exceeds the flavor's {self.n_layers} layers"
+                )
+            self.n_layers = bench.n_layers
+
+
+def _as_llama_args(args: TransformerModelArgs) -> LlamaArgs:
+    """A TorchTitan flavor as :class:`LlamaArgs` (same values; head_dim derived)."""
+    return LlamaArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)})
 
 
 def head_dim_of(args: TransformerModelArgs) -> int:
@@ -67,7 +83,7 @@ class Transformer(tt.Transformer):
 
 
 FLAVORS: dict[str, TransformerModelArgs] = {
-    **llama3_args,
+    **{name: _as_llama_args(args) for name, args in llama3_args.items()},
     # The paper's "Qwen3-32B": Llama3 architecture with Qwen3-32B sizes, no QK-norm.
     # ffn: int(2 * 4 * 5120 / 3) = 13653 -> * 1.875 = 25599 -> multiple of 256 = 25600
     "32B": LlamaArgs(
