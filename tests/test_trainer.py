@@ -27,12 +27,19 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("trainer")
 
 
+PLAIN_TORCHTITAN = ("--model.name=llama3",)  # TorchTitan's own Llama3 train spec and model
+
+
 @pytest.fixture(scope="module")
 def seed_checkpoint(workdir):
+    """Initial weights written by plain TorchTitan: every CP run loads a TorchTitan checkpoint."""
+    from torchtitan_upipe.data import ensure_debug_tokenizer
+
+    ensure_debug_tokenizer(str(workdir / "outputs" / "assets" / "upipe_debug_tokenizer"))
     dump = workdir / "seed"
     check(run_train(
         1, "llama3_debug_none.toml", f"--job.dump_folder={dump}", "--checkpoint.enable",
-        "--checkpoint.create_seed_checkpoint", *COMMON, cwd=workdir,
+        "--checkpoint.create_seed_checkpoint", *PLAIN_TORCHTITAN, *COMMON, cwd=workdir,
     ))
     path = dump / "checkpoint" / "step-0"
     assert path.is_dir()
@@ -53,7 +60,8 @@ def _losses(workdir, seed_checkpoint, name, nproc, config, *extra):
 
 @pytest.fixture(scope="module")
 def reference_losses(workdir, seed_checkpoint):
-    return _losses(workdir, seed_checkpoint, "none", 1, "llama3_debug_none.toml")
+    """Plain TorchTitan (its model, parallelize and loss) on one rank."""
+    return _losses(workdir, seed_checkpoint, "none", 1, "llama3_debug_none.toml", *PLAIN_TORCHTITAN)
 
 
 def _assert_parity(a, b):
@@ -110,3 +118,20 @@ def test_hybrids_match_ulysses_and_single_device(workdir, seed_checkpoint, refer
     _assert_parity(ulysses, reference_losses)
     _assert_parity(usp, ulysses)
     _assert_parity(upipe_ring, reference_losses)
+
+
+def test_upipe_checkpoint_loads_into_plain_torchtitan(workdir, seed_checkpoint, reference_losses):
+    """Train with UPipe, save a DCP checkpoint, continue from it in plain TorchTitan and in UPipe."""
+    dump = workdir / "upipe_save"
+    check(run_train(
+        2, "llama3_debug_upipe.toml", f"--job.dump_folder={dump}", "--checkpoint.enable",
+        f"--checkpoint.initial_load_path={seed_checkpoint}", "--checkpoint.interval=1000",
+        *COMMON, cwd=workdir,
+    ))
+    trained = dump / "checkpoint" / f"step-{STEPS}"
+    assert trained.is_dir()
+    plain = _losses(workdir, str(trained), "plain_from_upipe", 1, "llama3_debug_none.toml", *PLAIN_TORCHTITAN)
+    upipe = _losses(workdir, str(trained), "upipe_from_upipe", 2, "llama3_debug_upipe.toml")
+    _assert_parity(upipe, plain)
+    # the trained weights were loaded: the first loss is far below the untrained model's
+    assert plain[0] < reference_losses[0] - 0.1, (plain[0], reference_losses[0])
