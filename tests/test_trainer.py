@@ -4,7 +4,6 @@ Parity runs start from one seed checkpoint (TorchTitan initializes weights diffe
 different world sizes) in float32 and compare the per-step losses TensorBoard recorded.
 """
 
-import os
 
 import pytest
 

@@ -1,7 +1,6 @@
 """UPipe forward and backward against a single-device reference (float64), its GQA schedule,
 its collective counts and its transient memory."""
 
-import math
 
 import pytest
 import torch
