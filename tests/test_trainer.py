@@ -64,18 +64,24 @@ def reference_losses(workdir, seed_checkpoint):
 
 
 def _assert_parity(a, b):
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    print(f"losses {[round(x, 6) for x in a]} vs {[round(y, 6) for y in b]}: max relative difference {worst:.2e}")
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert abs(x - y) <= 1e-5 * abs(y), f"step {step}: {x} vs {y} (all: {a} vs {b})"
 
 
-def test_ulysses_matches_single_device(workdir, seed_checkpoint, reference_losses):
-    ulysses = _losses(workdir, seed_checkpoint, "ulysses", 2, "llama3_debug_ulysses.toml")
-    _assert_parity(ulysses, reference_losses)
+@pytest.fixture(scope="module")
+def ulysses_losses(workdir, seed_checkpoint):
+    return _losses(workdir, seed_checkpoint, "ulysses", 2, "llama3_debug_ulysses.toml")
+
+
+def test_ulysses_matches_single_device(ulysses_losses, reference_losses):
+    _assert_parity(ulysses_losses, reference_losses)
     assert reference_losses[-1] < reference_losses[0]  # it trains
 
 
-def test_upipe_matches_ulysses(workdir, seed_checkpoint, reference_losses):
-    ulysses = _losses(workdir, seed_checkpoint, "ulysses_ref", 2, "llama3_debug_ulysses.toml")
+def test_upipe_matches_ulysses(workdir, seed_checkpoint, reference_losses, ulysses_losses):
+    ulysses = ulysses_losses
     upipe = _losses(workdir, seed_checkpoint, "upipe", 2, "llama3_debug_upipe.toml")
     _assert_parity(upipe, ulysses)
     _assert_parity(upipe, reference_losses)
