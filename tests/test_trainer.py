@@ -7,7 +7,7 @@ different world sizes) in float32 and compare the per-step losses TensorBoard re
 
 import pytest
 
-from tests.trainer_harness import check, run_train, tensorboard_losses
+from tests.trainer_harness import check, run_train, tensorboard_losses, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,9 @@ def test_upipe_matches_ulysses(workdir, seed_checkpoint, reference_losses, ulyss
     upipe = _losses(workdir, seed_checkpoint, "upipe", 2, "llama3_debug_upipe.toml")
     _assert_parity(upipe, ulysses)
     _assert_parity(upipe, reference_losses)
+    # TensorBoard also carries the attention share of step time for CP styles
+    share = tensorboard_scalars(str(workdir / "upipe"), "time_metrics/attention(%)")
+    assert sorted(share) == list(range(1, STEPS + 1)) and all(0 < v < 100 for v in share.values()), share
 
 
 def test_upipe_with_full_activation_checkpointing_and_larger_chunks(workdir, seed_checkpoint, reference_losses):

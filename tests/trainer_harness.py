@@ -34,17 +34,21 @@ def check(proc: subprocess.CompletedProcess) -> None:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-def tensorboard_losses(dump_folder: str) -> dict[int, float]:
-    """``{step: global_avg_loss}`` from the run's TensorBoard event file(s)."""
+def tensorboard_scalars(dump_folder: str, tag: str) -> dict[int, float]:
+    """``{step: value}`` of one scalar from the run's TensorBoard event file(s)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    losses: dict[int, float] = {}
+    values: dict[int, float] = {}
     files = glob.glob(os.path.join(dump_folder, "tb", "**", "events.out.tfevents.*"), recursive=True)
     assert files, f"no TensorBoard events under {dump_folder}/tb"
     for path in files:
         acc = EventAccumulator(path)
         acc.Reload()
-        if "loss_metrics/global_avg_loss" in acc.Tags()["scalars"]:
-            for ev in acc.Scalars("loss_metrics/global_avg_loss"):
-                losses[ev.step] = ev.value
-    return losses
+        if tag in acc.Tags()["scalars"]:
+            values.update({ev.step: ev.value for ev in acc.Scalars(tag)})
+    return values
+
+
+def tensorboard_losses(dump_folder: str) -> dict[int, float]:
+    """``{step: global_avg_loss}`` from the run's TensorBoard event file(s)."""
+    return tensorboard_scalars(dump_folder, "loss_metrics/global_avg_loss")

@@ -42,6 +42,10 @@ class ContextParallel:
     kernel: str = "auto"
     """Attention kernel: "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"."""
 
+    time_attention: bool = True
+    """Log the attention share of step time (time_metrics/attention(%)) for the Ulysses-family
+    styles; CUDA events, read only when metrics are logged."""
+
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(

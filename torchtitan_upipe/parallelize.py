@@ -29,6 +29,7 @@ from torchtitan.tools.logging import logger
 from .compat.cpu import use_sum_reductions
 from .kernels import get_kernel
 from .mesh import cp_groups
+from .metrics import AttentionTimer
 from .sharding import sharder_for
 from .memory import apply_offloaded_ac, apply_tiling
 from .models.attention import ContextParallelAttention, UlyssesStrategy, UPipeStrategy
@@ -64,7 +65,8 @@ def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_co
             strategy = UPipeStrategy(groups, sharder, cp.kernel, resolved_chunk_heads(cp, groups.ulysses_degree))
         else:  # validate_job_config rejects the rest before we get here
             raise AssertionError(cp.style)
-        block.attention = ContextParallelAttention(block.attention, strategy)
+        timer = AttentionTimer() if cp.time_attention else None
+        block.attention = ContextParallelAttention(block.attention, strategy, timer)
     logger.info(
         f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()} = all-to-all "
         f"{groups.ulysses_degree} x ring {groups.ring_degree}, kernel {cp.kernel!r}) "

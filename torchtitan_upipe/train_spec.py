@@ -26,6 +26,7 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.protocols import train_spec as _train_spec_registry
 
 from .data import build_synthetic_dataloader, ensure_debug_tokenizer, register_debug_dataset
+from .metrics import build_cp_metrics_processor
 from .models.llama3 import FLAVORS, Transformer
 from .parallelize import parallelize_llama_cp
 
@@ -74,6 +75,7 @@ def get_train_spec() -> TrainSpec:
         model_cls=Transformer,
         model_args=dict(FLAVORS),
         build_loss_fn=build_loss,
+        build_metrics_processor_fn=build_cp_metrics_processor,
         parallelize_fn=parallelize_llama_cp,
         pipelining_fn=None,
         build_tokenizer_fn=build_tokenizer,

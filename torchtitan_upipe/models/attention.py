@@ -29,6 +29,7 @@ from torch import nn
 from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
 
 from ..kernels import AttentionKernel
+from ..metrics import AttentionTimer, timed
 from ..mesh import CPGroups
 from ..ring import RingKernel
 from ..sharding import SequenceSharder
@@ -101,13 +102,16 @@ class UPipeStrategy(CPAttentionStrategy):
 class ContextParallelAttention(nn.Module):
     """Drop-in for TorchTitan's Llama3 ``Attention`` with the same parameters and FQNs."""
 
-    def __init__(self, attention: Attention, strategy: CPAttentionStrategy) -> None:
+    def __init__(
+        self, attention: Attention, strategy: CPAttentionStrategy, timer: AttentionTimer | None = None
+    ) -> None:
         super().__init__()
         self.n_heads = attention.n_heads
         self.n_kv_heads = attention.n_kv_heads
         self.head_dim = attention.head_dim
         self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.strategy = strategy
+        self.timer = timer  # the attention-time metric (CPMetricsProcessor); None = off
 
     def init_weights(self, init_std: float) -> None:
         Attention.init_weights(self, init_std)  # same initialization as TorchTitan's module
@@ -118,7 +122,8 @@ class ContextParallelAttention(nn.Module):
                 "context-parallel styles compute causal attention only; use a model flavor with "
                 "attn_type='sdpa' (no flex/varlen document masks)"
             )
-        return self.wo(self.strategy(self, x, freqs_cis, positions))
+        out = timed(self.timer, lambda h: self.strategy(self, h, freqs_cis, positions), x)
+        return self.wo(out)
 
     def extra_repr(self) -> str:
         return f"strategy={type(self.strategy).__name__}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
