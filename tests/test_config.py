@@ -130,3 +130,5 @@ def test_unsupported_combinations():
     _fails(r"kernel='cudnn' cannot run on cpu", "--context_parallel.kernel=cudnn")
     _fails(r"validation.enable=true is not supported", "--validation.enable")
     _fails(r"model.flavor='9B' is not a flavor", "--model.flavor=9B")
+    _fails(r"set context_parallel.time_attention=false", "--compile.enable")
+    validate_job_config(_config("--compile.enable", "--context_parallel.no-time-attention"), world_size=2, cuda=False)

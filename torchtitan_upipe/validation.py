@@ -174,6 +174,11 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
         kernel = get_kernel(cp.kernel, "cuda" if cuda else "cpu")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if job_config.compile.enable and cp.time_attention:
+        raise ConfigError(
+            "compile.enable=true with context_parallel.time_attention=true: the attention timer "
+            "breaks fullgraph compilation; set context_parallel.time_attention=false"
+        )
     param_dtype = job_config.training.mixed_precision_param
     if cuda and kernel.name != "math" and param_dtype not in ("bfloat16", "float16"):
         raise ConfigError(
