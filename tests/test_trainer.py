@@ -143,3 +143,10 @@ def test_upipe_checkpoint_loads_into_plain_torchtitan(workdir, seed_checkpoint, 
     _assert_parity(upipe, plain)
     # the trained weights were loaded: the first loss is far below the untrained model's
     assert plain[0] < reference_losses[0] - 0.1, (plain[0], reference_losses[0])
+
+
+def test_upipe_under_torch_compile(workdir, seed_checkpoint, reference_losses):
+    """Per-block fullgraph compile (inductor) around the opaque UPipe custom op."""
+    compiled = _losses(workdir, seed_checkpoint, "upipe_compiled", 2, "llama3_debug_upipe.toml",
+                       "--compile.enable", "--context_parallel.no-time-attention")
+    _assert_parity(compiled, reference_losses)

@@ -32,7 +32,12 @@ from .mesh import cp_groups
 from .metrics import AttentionTimer
 from .sharding import sharder_for
 from .memory import apply_offloaded_ac, apply_tiling
-from .models.attention import ContextParallelAttention, UlyssesStrategy, UPipeStrategy
+from .models.attention import (
+    ContextParallelAttention,
+    UlyssesStrategy,
+    UPipeStrategy,
+    check_sharding_once,
+)
 from .validation import resolved_chunk_heads, validate_job_config
 
 # selective AC saves the whole staged UPipe attention as one op (never re-runs its stages)
@@ -67,6 +72,7 @@ def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_co
             raise AssertionError(cp.style)
         timer = AttentionTimer() if cp.time_attention else None
         block.attention = ContextParallelAttention(block.attention, strategy, timer)
+    check_sharding_once(model, sharder)
     logger.info(
         f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()} = all-to-all "
         f"{groups.ulysses_degree} x ring {groups.ring_degree}, kernel {cp.kernel!r}) "

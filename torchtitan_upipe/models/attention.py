@@ -14,9 +14,9 @@ normed input and ``wo`` is delegated to a strategy:
 
 Inputs follow the trainer's sharding contract (:mod:`torchtitan_upipe.sharding`): ``x`` is
 ``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
-On the first call the strategy checks once (one host synchronization per module, never
-again) that ``positions`` is the shard its sharder defines, so a trainer that shards
-differently fails loudly instead of computing something else.
+:func:`check_sharding_once` installs a hook on the model that checks, on the first forward
+only (one host synchronization), that ``positions`` is the shard the sharder defines, so a
+trainer that shards differently fails loudly instead of computing something else.
 """
 
 from __future__ import annotations
@@ -37,33 +37,42 @@ from ..ulysses import ulysses_attention
 from ..upipe import upipe_attention
 
 
-class CPAttentionStrategy(abc.ABC):
-    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
+def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
+    """Verify on the model's first forward that ``positions`` follows ``sharder``.
 
-    def __init__(self, groups: CPGroups, sharder: SequenceSharder) -> None:
-        self.groups, self.sharder = groups, sharder
-        self._checked = False
+    Runs outside the compiled transformer blocks (a hook on the root module) and removes
+    itself after the first call.
+    """
 
-    @abc.abstractmethod
-    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
-        ...
-
-    def check_positions(self, positions: torch.Tensor | None, local_len: int) -> None:
-        if self._checked:
-            return
+    def hook(module, args, kwargs):
+        positions = kwargs.get("positions")
         if positions is None:
             raise RuntimeError(
                 "context-parallel attention needs the global positions of the local tokens; "
                 "launch through torchtitan_upipe's train.py (UPipeTrainer), which shards them"
             )
-        expected = self.sharder.indices(local_len * self.sharder.degree, positions.device)
-        if positions.shape[-1] != local_len or not torch.equal(positions[0].to(expected.dtype), expected):
+        local_len = positions.shape[-1]
+        expected = sharder.indices(local_len * sharder.degree, positions.device)
+        if not torch.equal(positions[0].to(expected.dtype), expected):
             raise RuntimeError(
-                f"context-parallel inputs are not sharded as {type(self.sharder).__name__} expects "
+                f"context-parallel inputs are not sharded as {type(sharder).__name__} expects "
                 f"(see torchtitan_upipe.sharding); TorchTitan's head-tail load balancer is for "
                 f"style='ring' only"
             )
-        self._checked = True
+        handle.remove()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class CPAttentionStrategy(abc.ABC):
+    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
+
+    def __init__(self, groups: CPGroups, sharder: SequenceSharder) -> None:
+        self.groups, self.sharder = groups, sharder
+
+    @abc.abstractmethod
+    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
+        ...
 
 
 class UlyssesStrategy(CPAttentionStrategy):
@@ -73,7 +82,6 @@ class UlyssesStrategy(CPAttentionStrategy):
 
     def __call__(self, attn, x, freqs_cis, positions):
         bs, seqlen, _ = x.shape
-        self.check_positions(positions, seqlen)
         xq = attn.wq(x).view(bs, seqlen, -1, attn.head_dim)
         xk = attn.wk(x).view(bs, seqlen, -1, attn.head_dim)
         xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
@@ -89,7 +97,6 @@ class UPipeStrategy(CPAttentionStrategy):
 
     def __call__(self, attn, x, freqs_cis, positions):
         seqlen = x.shape[1]
-        self.check_positions(positions, seqlen)
         # every batch row of a shard holds the same positions (ContiguousSharder.positions)
         local_freqs = freqs_cis[positions[0]] if positions is not None else freqs_cis[:seqlen]
         return upipe_attention(
