@@ -1,0 +1,97 @@
+"""Print the analytic per-rank memory breakdown (torchtitan_upipe.memory_model), in GiB.
+
+    python scripts/memory_table.py              # aligned text
+    python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
+
+Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
+(U = 8), with the whole [memory] stack on and off; the 32B flavor on 16 ranks (u = 8 x ring 2)
+for the usp and upipe hybrids at 1M/2M/4M with the stack on.  Derived from formulas, not
+measured.  1M = 2**20 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from torchtitan_upipe.memory_model import (
+    GiB,
+    Setup,
+    breakdown,
+    from_flavor,
+    phases,
+    stack,
+)
+
+M = 1 << 20
+COLUMNS = [
+    ("model_states", "model"),
+    ("rope_table", "rope tbl"),
+    ("checkpointed_inputs_device", "ckpt dev"),
+    ("checkpointed_inputs_host", "ckpt host"),
+    ("attention_transient", "attention"),
+    ("mlp_transient", "mlp"),
+    ("norm_transient", "norm"),
+    ("logits", "logits"),
+]
+
+
+def llama8b_rows() -> list[tuple[str, Setup]]:
+    rows = []
+    for on in (True, False):
+        for mult in (1, 3, 5):
+            for style in ("ulysses", "upipe"):
+                st = from_flavor("8B", seq_len=mult * M, cp=8, world=8, style=style, chunk_heads=8)
+                rows.append((f"{style} {mult}M stack {'on' if on else 'off'}", stack(st, on)))
+    return rows
+
+
+def qwen32b_rows() -> list[tuple[str, Setup]]:
+    rows = []
+    for mult in (1, 2, 4):
+        for style in ("usp", "upipe"):
+            st = from_flavor("32B", seq_len=mult * M, cp=16, ulysses=8, world=16, style=style,
+                             chunk_heads=8)
+            rows.append((f"{style} 8x2 {mult}M stack on", stack(st, True)))
+    return rows
+
+
+def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
+    head = ["config"] + [c for _, c in COLUMNS] + ["peak phase", "PEAK dev"]
+    body = []
+    for name, st in rows:
+        d, ph = breakdown(st), phases(st)
+        cells = [f"{d[k] / GiB:.1f}" for k, _ in COLUMNS]
+        body.append([name] + cells + [max(ph, key=ph.get), f"{d['peak_device'] / GiB:.1f}"])
+    if markdown:
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
+        out = ["| " + " | ".join(head) + " |", rule]
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+
+    def fmt(r):
+        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(cells)
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--markdown", action="store_true", help="emit markdown tables")
+    args = ap.parse_args(argv)
+    print("Llama3-8B, 8 ranks (C = N = 8, b = 1), per-rank GiB, derived (not measured)\n")
+    print(table(llama8b_rows(), args.markdown))
+    print("\n32B flavor, 16 ranks (Ulysses 8 x ring 2, N = 16, b = 1), per-rank GiB, derived\n")
+    print(table(qwen32b_rows(), args.markdown))
+    print("\nPEAK dev = model + rope tbl + ckpt dev + the largest phase of one layer's recompute "
+          "+ backward or the loss; the transient columns are each component's own peak and do "
+          "not add up.  ckpt host = pinned host memory per rank.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Analytic per-rank memory model of one training step (derived from the code, not measured).
+
+Symbols (per rank): ``T = b*S/C`` local tokens (``s = S/C``), ``e``/``p`` activation/param
+bytes, ``H``, ``H_kv``, ``D`` heads, KV heads, head dim, ``F`` MLP hidden, ``V`` vocab, ``L``
+layers, ``u`` all-to-all degree, ``R = C/u`` ring degree, ``U`` UPipe query heads per stage,
+``rho`` KV replication (heads.py).  "file:N" is the line of code a term models (paths under
+``torchtitan_upipe/``; "tt:" = TorchTitan's ``models/llama3/model/model.py``).  ``_rope(n)``:
+one RoPE over ``n`` bf16 elements adds an fp32 copy, the fp32 product and the cast back, 10n.
+
+Assumption: full activation checkpointing (TorchTitan's, or memory/offload.py): between
+forward and backward only block inputs live, and in backward one block at a time is recomputed
+and backpropagated, so ``peak_device = model_states + rope_table + checkpointed_inputs_device
++ max(phases)``; the phases are the steps of one layer's recompute + backward (each holding what
+autograd kept from the earlier steps) and the loss.  The no-grad forward never exceeds them.
+``cuda_workspaces`` adds what kernels allocate internally (FA2 backward: fp32 dq_accum,
+softmax_d, GQA-expanded dK/dV; logsumexp's ``z - max``), invisible to the CPU tracker.  Not
+modelled: allocator fragmentation, NCCL buffers, the CUDA context, int64 token/label tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Setup:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab: int
+    seq_len: int                 # S
+    batch: int = 1               # b
+    cp: int = 1                  # C = u * R
+    ulysses: int = 0             # u (0 = C; style "ring" forces 1)
+    world: int = 1               # N: FSDP shards over dp_shard x cp
+    style: str = "upipe"         # "ulysses" | "usp" | "upipe" | "ring" (= usp with u = 1)
+    chunk_heads: int = 0         # U (0 = u)
+    param_bytes: int = 2         # bf16 compute params / unsharded grads
+    act_bytes: int = 2
+    offload: bool = False
+    keep_layers: int = 1
+    tiled_mlp: bool = False
+    mlp_tiles: int = 0           # 0 = ceil(s / dim) (memory/stack.py:20)
+    tiled_norm: bool = False
+    norm_tiles: int = 0
+    chunked_loss: bool = False
+    loss_chunk_tokens: int = 1024  # memory/head.py:21,39
+    fused_rms_norm: bool = True    # CUDA aten._fused_rms_norm; False = the composite (CPU) path
+    cuda_workspaces: bool = True
+
+    u = property(lambda self: 1 if self.style == "ring" else (self.ulysses or self.cp))
+    ring = property(lambda self: self.cp // self.u)
+    s = property(lambda self: self.seq_len // self.cp)
+    tokens = property(lambda self: self.batch * self.s)
+
+
+def from_flavor(flavor: str, **kw) -> Setup:
+    """Setup for a flavor of :mod:`torchtitan_upipe.models.llama3` (FFN width rule tt:332-336)."""
+    from .models.llama3 import FLAVORS, head_dim_of
+
+    a = FLAVORS[flavor]
+    hid = int(2 * 4 * a.dim / 3)
+    hid = int(a.ffn_dim_multiplier * hid) if a.ffn_dim_multiplier is not None else hid
+    hid = a.multiple_of * ((hid + a.multiple_of - 1) // a.multiple_of)
+    return Setup(a.dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads, head_dim_of(a), hid,
+                 a.vocab_size, **kw)
+
+
+def _rope(n, e):
+    return n * (4 + (4 + e if e < 4 else 0))
+
+
+def _rope_inv(n, e, conj):
+    """Inverse RoPE (upipe/functional.py:61): the multiply materializes conj(freqs) first."""
+    return _rope(n, e) + max(0, conj - (e * n if e < 4 else 0))
+
+
+def _tile(length, tiles, b):
+    """Tokens of the largest ``tensor_split`` tile along the sequence (memory/_common.py)."""
+    return b * math.ceil(length / max(1, min(tiles, length)))
+
+
+def _kv_rep(st):
+    return 1 if st.n_kv_heads % st.u == 0 else st.u // st.n_kv_heads  # heads.py
+
+
+def _fa2_ws(st, nq, gqa):
+    """FA2 backward: fp32 dq_accum ``4 nq`` + softmax_d + (GQA) dK/dV expanded, ``2 e nq``."""
+    if not st.cuda_workspaces:
+        return 0
+    return 4 * nq + 4 * nq // st.head_dim + (2 * nq * st.act_bytes if gqa else 0)
+
+
+def _ring_fwd(st, nq, nkv):
+    """ring.py forward (R > 1): own K|V stack (:134) + receive buffer (:140), fp32 out (:144)
+    and merge's block_out fp32, mixed, inner and outer where (:103-104): ``4 e nkv + 20 nq``."""
+    return 0 if st.ring == 1 else 4 * nkv * st.act_bytes + 20 * nq
+
+
+def _ring_bwd(st, nq, nkv):
+    """ring.py backward: K|V stack + receive (:185), fp32 dq (:200), two fp32 dK|dV (:201,:229)."""
+    return 0 if st.ring == 1 else 4 * nkv * st.act_bytes + 4 * nq + 16 * nkv
+
+
+# ------------------------------------------------------------------------------ attention
+def upipe_geometry(st: Setup) -> dict:
+    """upipe/schedule.py: m = U/u, g = H/(H_kv rho), gamma = gcd(m, g), kappa = m/gamma,
+    tau = g/gamma; nq = T U D (a stage's Q), nkv = T u kappa D (a chunk's K).  A stage's wq
+    rows are strided (reshape copies, :133) when tau > 1 and u kappa > 1; out/dout slices
+    (:188-189) when also gamma > 1."""
+    u, rho = st.u, _kv_rep(st)
+    U = st.chunk_heads or u
+    m, g = U // u, st.n_heads // (st.n_kv_heads * rho)
+    gamma = math.gcd(m, g)
+    kappa, tau = m // gamma, g // gamma
+    strided = tau > 1 and u * kappa > 1
+    return {"U": U, "rho": rho, "gamma": gamma, "kappa": kappa, "tau": tau, "strided": strided,
+            "o_copy": strided and gamma > 1, "nq": st.tokens * U * st.head_dim,
+            "nkv": st.tokens * u * kappa * st.head_dim}
+
+
+def _upipe_kv(st):
+    """K/V of a chunk (upipe/functional.py:82-99): k, v ``2 e nkv/rho`` + RoPE of k (+ the
+    replicas), or k, v, pair ``4 e nkv`` (+ send buffer and receive ``4 e nkv``, comm.py:52-54)."""
+    e, gm = st.act_bytes, upipe_geometry(st)
+    nkv, rho = gm["nkv"], gm["rho"]
+    proj = 2 * e * nkv // rho + _rope(nkv // rho, e) + (2 * e * nkv if rho > 1 else 0)
+    return max(proj, e * nkv * (8 if st.u > 1 else 4))
+
+
+def upipe_forward_bytes(st: Setup) -> int:
+    """Peak allocated by ``upipe_forward`` (upipe/functional.py) over its inputs.
+
+    out ``e T H D`` (:122) + lse ``4 T H`` (:124) + max(K/V steps, kh|vh ``2 e nkv`` + a stage:
+    the w_stage copy ``e U D dim`` (:133) + max(q projection + RoPE ``e nq + _rope(nq)`` (:134);
+    q, send buffer, qh ``3 e nq`` (:136); qh, oh, stage lse ``2 e nq + 4 T U`` (:138, + ring);
+    oh, receive, re-laid-out o ``3 e nq``, + the send buffer if b > 1 (:142, comm.py:66-68))).
+    """
+    e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
+    gm = upipe_geometry(st)
+    nq, nkv, U = gm["nq"], gm["nkv"], gm["U"]
+    stage = e * U * st.head_dim * st.dim * gm["strided"] + max(
+        e * nq + _rope(nq, e), 3 * e * nq if a2a else 0,
+        2 * e * nq + 4 * T * U + _ring_fwd(st, nq, nkv), (3 + hb if a2a else 1) * e * nq)
+    return T * st.n_heads * (st.head_dim * e + 4) + max(_upipe_kv(st), 2 * e * nkv + stage)
+
+
+def upipe_backward_bytes(st: Setup) -> int:
+    """Peak allocated by ``upipe_backward`` over its inputs (x, weights, out, lse, dout),
+    without the returned weight grads (model_states counts those).
+
+    fp32 dx ``4 T dim`` (:170) + max(K/V steps; kh|vh + fp32 dK/dV ``(2e + 8) nkv`` (:180) +
+    w_stage + max(q + RoPE (:185); qh, o/do copies, pair, send/recv ``(3|5) e nq (+4 e nq)``
+    (:188-190); qh, oh, doh, dqh ``4 e nq`` + dk_s, dv_s ``2 e nkv`` + FA2 workspace (:192, +
+    ring); dqh, re-laid-out dq and inverse RoPE incl. conj(freqs) ``4 s D`` (:197); dq, dq fp32,
+    w_stage fp32 (:200)); the chunk end: fp32 + bf16 dK/dV, pair, send/recv (:204), inverse
+    RoPE of dk (:209); ``dx.to(e)`` (:218)).
+    """
+    e, T, D, a2a, hb = st.act_bytes, st.tokens, st.head_dim, st.u > 1, st.batch > 1
+    gm = upipe_geometry(st)
+    nq, nkv, wst, conj = gm["nq"], gm["nkv"], gm["U"] * D * st.dim, 4 * st.s * D
+    stage = e * wst * gm["strided"] + max(
+        e * nq + _rope(nq, e),
+        e * nq * (3 + 2 * gm["o_copy"] + (4 if a2a else 0)),
+        4 * e * nq + 2 * e * nkv + _fa2_ws(st, nq, gm["gamma"] > 1) + _ring_bwd(st, nq, nkv),
+        e * nq * (2 if a2a else 1) + _rope_inv(nq, e, conj),
+        e * nq + 4 * nq + (4 + e) * wst)
+    end = max(8 * nkv + e * nkv * (4 + (4 + 2 * hb if a2a else 0)),
+              2 * e * nkv + _rope_inv(nkv, e, conj))
+    return 4 * T * st.dim + max(_upipe_kv(st), (2 * e + 8) * nkv + stage, end, e * T * st.dim)
+
+
+def ulysses_bytes(st: Setup) -> dict:
+    """Ulysses / USP / ring (models/attention.py:76-80, ulysses.py:63-75) under autograd;
+    nq = T H D, nk = T H_kv D, nk' = rho nk.
+
+    ``fwd``: xq, xk, xv ``e(nq + 2nk)`` + RoPE temporaries (tt:164-169); then, with them alive,
+    the replicas and the K|V stack (:64-69); (u > 1) q's send buffer + receive, or qh + K|V's
+    ``e nq + 4 e nk'`` (comm.py:52-54); the kernel's out ``e nq`` + lse ``4 T H`` (:72, +
+    ring); head_to_seq's receive + re-laid-out copy ``2 e nq`` (+ send buffer if b > 1, :75).
+    ``saved`` (autograd): qh, kvh, out, lse and (u > 1) wo's input.  ``bwd``: max(saved + dO
+    + its all-to-all; saved + doh, dq, dk, dv + FA2 workspace (GQA when H != H_kv rho, + ring);
+    dq + the two select-backward K|V grads (+ head_to_seq); RoPE backward: fp32 dq and
+    products of q and k + conj(freqs) ``4 T D``).
+    """
+    e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
+    rho = _kv_rep(st)
+    nq, nk = T * st.n_heads * st.head_dim, T * st.n_kv_heads * st.head_dim
+    nk2, lse = nk * rho, 4 * T * st.n_heads
+    base = e * (nq + 2 * nk) + (2 * e * nk2 if rho > 1 else 0) + 2 * e * nk2
+    heads = (e * (nq + 2 * nk2) if a2a else 0) + e * nq + lse
+    fwd = max(e * (nq + 2 * nk) + _rope(nq + nk, e),
+              base + (max(2 * e * nq, e * nq + 4 * e * nk2) if a2a else 0),
+              base + heads + max((2 + hb) * e * nq if a2a else 0, _ring_fwd(st, nq, nk2)))
+    saved = 2 * e * nq + 2 * e * nk2 + lse
+    gqa = st.n_heads != st.n_kv_heads * rho
+    bwd = max(saved + e * nq * (3 if a2a else 1),
+              saved + 2 * e * nq + 2 * e * nk2 + _fa2_ws(st, nq, gqa) + _ring_bwd(st, nq, nk2),
+              e * nq + 6 * e * nk2 + (2 * (2 + hb) * e * nk2 if a2a else 0),
+              (8 if e < 4 else 4) * nq + 4 * nk + 4 * T * st.head_dim)
+    return {"fwd": fwd, "bwd": bwd, "saved": saved + (e * nq if a2a else 0)}
+
+
+def attention_bytes(st: Setup) -> dict:
+    """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
+    UPipe saves only out + lse (upipe/ops.py:123); its backward holds them + dout ``e T H D``.
+    Both strategies gather this rank's RoPE rows ``4 T D`` (models/attention.py:93, tt:93)."""
+    freqs = 4 * st.tokens * st.head_dim
+    if st.style == "upipe":
+        out = st.tokens * st.n_heads * (st.head_dim * st.act_bytes + 4)
+        d_out = st.tokens * st.n_heads * st.head_dim * st.act_bytes
+        return {"fwd": upipe_forward_bytes(st) + freqs, "saved": out,
+                "bwd": out + d_out + upipe_backward_bytes(st)}
+    r = ulysses_bytes(st)
+    return {"fwd": r["fwd"] + freqs, "saved": r["saved"], "bwd": r["bwd"]}
+
+
+# ------------------------------------------------------------------------ MLP, norm, loss
+def mlp_bytes(st: Setup) -> dict:
+    """SwiGLU MLP (tt:343).  Untiled: autograd saves w1 x, silu, w3 x and the product
+    ``4 e T F`` (fwd, + the output ``e T dim``); backward peaks in the product's backward
+    (product freed; dp, ds, da3 added) at ``6 e T F``, before dx exists.  Tiled
+    (memory/tiled_mlp.py, n = a tile's tokens): forward output ``e T dim`` (:105) + a tile's
+    silu, w3 x, y ``2 e n F + e n dim`` (:101-102); backward dx ``e T dim`` (:128) + fp32
+    weight-grad accumulators ``12 F dim`` (:129-131) + a tile's h1, h3, silu, a and add_mm_'s
+    fp32 upcasts (:139-144) or h1, h3, silu, da, dh3 (:147-152): ``max(4e + 4, 5e) n F``."""
+    e, T, F, dim = st.act_bytes, st.tokens, st.ffn_hidden, st.dim
+    if not st.tiled_mlp:
+        return {"fwd": 4 * e * T * F + e * T * dim, "bwd": 6 * e * T * F}
+    n = _tile(st.s, st.mlp_tiles or math.ceil(st.s / dim), st.batch)
+    up = 4 if e < 4 else 0
+    return {"fwd": e * T * dim + 2 * e * n * F + e * n * dim,
+            "bwd": e * T * dim + 12 * F * dim + max(4 * e + up, 5 * e) * n * F + up * n * dim}
+
+
+def norm_bytes(st: Setup) -> dict:
+    """One RMSNorm.  ``saved``: output ``e T dim`` (kept by the next op) + fp32 rstd ``4T``;
+    the composite path also keeps fp32 x and x*rstd ``8 T dim`` and its forward holds the fp32
+    result.  ``bwd``: dx ``e T dim`` + op-math temporaries: none (fused CUDA kernel), 4 fp32
+    (T, dim) (composite) or 4 fp32 tile tensors (memory/tiled_norm.py:109-117; fwd 3, :76-80)."""
+    e, T, dim = st.act_bytes, st.tokens, st.dim
+    saved = e * T * dim + 4 * T
+    if st.tiled_norm:
+        n = _tile(st.s, st.norm_tiles or math.ceil(st.s / dim), st.batch)
+        return {"saved": saved, "fwd": saved + 12 * n * dim, "bwd": e * T * dim + 16 * n * dim}
+    if st.fused_rms_norm:
+        return {"saved": saved, "fwd": saved, "bwd": e * T * dim}
+    return {"saved": saved + 8 * T * dim, "fwd": saved + 12 * T * dim,
+            "bwd": e * T * dim + 16 * T * dim}
+
+
+def logits_bytes(st: Setup) -> int:
+    """Loss head.  Untiled (TorchTitan: logits, ``.float()``, log_softmax): forward
+    ``(e + 8) T V``; backward log_softmax output + nll grad + its grad ``12 T V``.  Chunked
+    (memory/chunked_loss.py, c = a chunk's tokens): lse ``4T`` (:75) + max(forward chunk bf16
+    + fp32 logits or logsumexp's temporary ``max(e + 4, 8) c V`` (:78-80); backward dh
+    ``e T dim`` (:106) + fp32 dW ``4 V dim`` (:107) + max(chunk g + add_mm_'s fp32 upcasts
+    ``(4 + e) c V + 4 c dim`` (:114-126), the final cast ``e V dim`` (:130)))."""
+    e, T, V, dim = st.act_bytes, st.tokens, st.vocab, st.dim
+    if not st.chunked_loss:
+        return max(e + 8, 12) * T * V
+    c = _tile(st.s, math.ceil(T / st.loss_chunk_tokens), st.batch)
+    fwd = max(e + 4, 8 if st.cuda_workspaces else 4) * c * V
+    bwd = e * T * dim + 4 * V * dim + max((4 + e) * c * V + 4 * c * dim, e * V * dim)
+    return 4 * T + max(fwd, bwd)
+
+
+# ---------------------------------------------------------------------------------- total
+def param_counts(st: Setup) -> dict:
+    """Parameters per FSDP unit (TorchTitan apply_fsdp: embedding, each block, [norm, output])."""
+    qw, kw = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
+    block = st.dim * (2 * qw + 2 * kw) + 3 * st.dim * st.ffn_hidden + 2 * st.dim
+    emb, out = st.vocab * st.dim, st.vocab * st.dim + st.dim
+    return {"block": block, "embedding": emb, "output": out,
+            "total": st.n_layers * block + emb + out}
+
+
+def model_states_bytes(st: Setup) -> int:
+    """``16 P / N``: fp32 params, grads, Adam m and v, sharded over all N ranks (the paper's
+    "Model"), + FSDP's bf16 window in a block's backward: its all-gathered params and the
+    prefetched next block ``2 p P_block``, its unsharded grads and their fp32 reduce-scatter
+    input ``(p + 4) P_block`` (mixed_precision_reduce = float32).  The loss phase adds
+    [norm, output]'s excess over a block (:func:`phases`)."""
+    pc, p = param_counts(st), st.param_bytes
+    return 16 * pc["total"] // st.world + (3 * p + 4) * pc["block"]
+
+
+def phases(st: Setup) -> dict:
+    """Bytes on top of model_states + rope_table + checkpointed_inputs_device, per phase.
+
+    ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input, the prefetched
+    input of the layer before and the recomputed output (memory/offload.py:112-117): ``5 e T dim``.
+    Block order (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and
+    backward in reverse; the MLP and ffn_norm steps also hold the attention's saved tensors.
+    """
+    e, T, dim = st.act_bytes, st.tokens, st.dim
+    io = e * T * dim * (5 if st.offload and st.n_layers > st.keep_layers else 2)
+    a, m, nm, pc = attention_bytes(st), mlp_bytes(st), norm_bytes(st), param_counts(st)
+    held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
+    return {
+        "attention_fwd": io + nm["saved"] + a["fwd"],
+        "norm_fwd": held + nm["fwd"],
+        "mlp_fwd": held + nm["saved"] + m["fwd"],
+        "mlp_bwd": held + nm["saved"] + m["bwd"],
+        "norm_bwd": held + nm["bwd"],
+        "attention_bwd": io + nm["saved"] + a["bwd"],
+        "loss": 2 * e * T * dim + nm["saved"] + logits_bytes(st)
+        + st.param_bytes * (pc["output"] - pc["block"]),
+    }
+
+
+def breakdown(st: Setup) -> dict:
+    """Per-rank bytes.  peak_device = model_states + rope_table (TorchTitan's complex64
+    freqs_cis, (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase; the
+    *_transient and logits entries are each component's own peak (they do not add up)."""
+    e, T, L = st.act_bytes, st.tokens, st.n_layers
+    keep = min(st.keep_layers, L) if st.offload else L
+    a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
+    d = {
+        "model_states": model_states_bytes(st),
+        "rope_table": 4 * st.seq_len * st.head_dim,
+        "checkpointed_inputs_device": keep * e * T * st.dim,
+        "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
+        "attention_transient": max(a["fwd"], a["bwd"]),
+        "mlp_transient": max(m["fwd"], m["bwd"]),
+        "norm_transient": max(nm["fwd"], nm["saved"] + nm["bwd"]),
+        "logits": logits_bytes(st),
+        "max_phase": max(phases(st).values()),
+    }
+    d["peak_device"] = sum(d[k] for k in ("model_states", "rope_table",
+                                          "checkpointed_inputs_device", "max_phase"))
+    return d
+
+
+def stack(st: Setup, on: bool = True) -> Setup:
+    """``st`` with the [memory] stack on (offload keep 1, auto tiles, 1K-token chunks) or off."""
+    return replace(st, offload=on, keep_layers=1, tiled_mlp=on, mlp_tiles=0, tiled_norm=on,
+                   norm_tiles=0, chunked_loss=on, loss_chunk_tokens=1024)
