@@ -27,7 +27,7 @@ def _model(head_dim=None):
 
 
 def _mem(**kw):
-    base = dict(offload_activations=False, offload_keep_layers=1, tiled_mlp=False, mlp_tiles=0,
+    base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True, tiled_mlp=False, mlp_tiles=0,
                 tiled_norm=False, norm_tiles=0, chunked_loss=False, loss_chunks=0)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -56,10 +56,11 @@ def _loss_and_grads(model, tokens, labels, chunked):
         _mem(tiled_norm=True, norm_tiles=7),
         _mem(chunked_loss=True, loss_chunks=3),
         _mem(offload_activations=True, offload_keep_layers=1),
+        _mem(offload_activations=True, offload_keep_layers=2, offload_prefetch=False),
         _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
              chunked_loss=True),
     ],
-    ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "everything"],
+    ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "everything"],
 )
 def test_memory_stack_is_exact(mem, head_dim):
     ref = _model(head_dim)
@@ -67,7 +68,7 @@ def test_memory_stack_is_exact(mem, head_dim):
     keys = list(ref.state_dict())
     apply_tiling(model, mem, local_seq_len=22)
     if mem.offload_activations:
-        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device("cpu"))
+        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device("cpu"), mem.offload_prefetch)
     assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
 
     g = torch.Generator().manual_seed(1)

@@ -82,6 +82,10 @@ class Memory:
     offload_keep_layers: int = 1
     """Keep the inputs of the first k layers on the device."""
 
+    offload_prefetch: bool = True
+    """Copy the previous layer's input back while a layer runs its backward (overlap); false
+    saves one block input of device memory at the step's peak for an exposed copy per layer."""
+
     tiled_mlp: bool = False
     mlp_tiles: int = 0
     """Tiles for tiled_mlp; 0 = ceil(local sequence length / dim)."""

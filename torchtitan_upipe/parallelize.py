@@ -103,7 +103,7 @@ def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_conf
     if mem.offload_activations:  # validated: activation_checkpoint.mode == "full", no compile
         from torchtitan.tools.utils import device_type
 
-        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device(device_type))
+        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device(device_type), mem.offload_prefetch)
         logger.info(
             f"Applied full activation checkpointing with block inputs offloaded to host memory "
             f"(first {mem.offload_keep_layers} layers kept on the device)"

@@ -10,8 +10,11 @@ memory instead:
   copy ends, then the caching allocator reuses it) and drop the GPU reference.
 * **backward**: wait for the copy back of ``x`` (started one layer earlier, see prefetch),
   recompute the block with autograd, backpropagate ``dout`` through it, return ``dx``, and
-  start copying the *previous* layer's input back on the side stream so that transfer
-  overlaps this layer's recompute and backward.
+  (``prefetch=True``) start copying the *previous* layer's input back on the side stream so
+  that transfer overlaps this layer's recompute and backward.  Prefetching holds one more
+  block input on the device during a layer's backward, where the step peaks; at the memory
+  limit ``prefetch=False`` trades that for one exposed host-to-device copy per layer
+  (milliseconds, against minutes of attention per layer at millions of tokens).
 
 This is re-entrant checkpointing: parameter gradients are accumulated by the inner
 ``torch.autograd.backward`` into the (FSDP-unsharded) parameters' ``.grad``, and FSDP2's
@@ -92,10 +95,10 @@ class HostOffloader:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, args, kwargs):
+    def forward(ctx, x, block, layer, offloader, prefetch, args, kwargs):
         with torch.no_grad():
             out = block(x, *args, **kwargs)
-        ctx.block, ctx.layer, ctx.offloader = block, layer, offloader
+        ctx.block, ctx.layer, ctx.offloader, ctx.prefetch = block, layer, offloader, prefetch
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
         if offloader is None:
@@ -110,15 +113,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             (x,) = ctx.saved_tensors
         else:
             x = ctx.offloader.reload(ctx.layer)
-            ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
+            if ctx.prefetch:
+                ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
         with torch.enable_grad():
             out = ctx.block(x, *ctx.args, **ctx.kwargs)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None
 
 
-def apply_offloaded_ac(model: nn.Module, keep_layers: int, device: torch.device) -> HostOffloader:
+def apply_offloaded_ac(
+    model: nn.Module, keep_layers: int, device: torch.device, prefetch: bool = True
+) -> HostOffloader:
     """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``.
 
     Parameter FQNs and the state dict are unchanged (no wrapper module is inserted): each
@@ -128,16 +134,16 @@ def apply_offloaded_ac(model: nn.Module, keep_layers: int, device: torch.device)
     offloader = HostOffloader(device)
     for name, block in model.layers.items():
         layer = int(name)
-        _wrap_forward(block, layer, offloader if layer >= keep_layers else None)
+        _wrap_forward(block, layer, offloader if layer >= keep_layers else None, prefetch)
     return offloader
 
 
-def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None) -> None:
+def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None, prefetch: bool) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, args, kwargs)
+        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, prefetch, args, kwargs)
 
     block.forward = forward
