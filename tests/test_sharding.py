@@ -37,3 +37,21 @@ def test_first_forward_checks_positions_then_gets_out_of_the_way(sharder):
     right = sharder.positions(1, 4 * sharder.degree)
     model(tokens, positions=right)
     model(tokens, positions=wrong)  # checked once, then the hook is gone
+
+
+def test_local_rope_table_is_the_full_tables_rows():
+    """CP ranks keep only their RoPE rows; they are bit-identical to TorchTitan's full table."""
+    import copy
+
+    from torchtitan_upipe.models.llama3 import FLAVORS, Transformer
+
+    for flavor in ("debugmodel", "8B", "32B"):
+        args = copy.deepcopy(FLAVORS[flavor])
+        args.max_seq_len, args.n_layers = 65536, 1
+        with torch.device("meta"):
+            model = Transformer(args)
+        full = model._precompute_freqs_cis()
+        for sharder in (ContiguousSharder(4, 3), UlyssesRingSharder(2, 2, 1, 1)):
+            idx = sharder.indices(65536)
+            model.use_local_rope(idx)
+            assert torch.equal(model._precompute_freqs_cis(), full[idx]), (flavor, type(sharder))

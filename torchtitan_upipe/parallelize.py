@@ -73,6 +73,8 @@ def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_co
         timer = AttentionTimer() if cp.time_attention else None
         block.attention = ContextParallelAttention(block.attention, strategy, timer)
     check_sharding_once(model, sharder)
+    if hasattr(model, "use_local_rope"):  # keep only this rank's RoPE rows (exact, less memory)
+        model.use_local_rope(sharder.indices(job_config.training.seq_len))
     logger.info(
         f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()} = all-to-all "
         f"{groups.ulysses_degree} x ring {groups.ring_degree}, kernel {cp.kernel!r}) "

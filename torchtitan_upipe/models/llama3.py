@@ -11,8 +11,10 @@ only ``32B`` sets ``head_dim``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.models.llama3.model import model as tt
@@ -68,8 +70,32 @@ class TransformerBlock(tt.TransformerBlock):
             self.attention = Attention(model_args)
 
 
+def rope_frequencies(head_dim: int, theta: float, scaling) -> torch.Tensor:
+    """The per-pair RoPE frequencies of TorchTitan's ``precompute_freqs_cis`` (Llama 3.1 scaling:
+    long wavelengths divided by ``scaling_factor``, a smooth blend between the two cut-offs),
+    computed with the same float32 operations in the same order, so tables built from it are
+    bit-identical to TorchTitan's rows (tested)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    factor, low, high = scaling.scaling_factor, scaling.low_freq_factor, scaling.high_freq_factor
+    original = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / freqs
+    freqs = torch.where(wavelen > original / low, freqs / factor, freqs)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(medium, blended, freqs)
+
+
 class Transformer(tt.Transformer):
-    """TorchTitan's Llama3 ``Transformer``; blocks honour ``model_args.head_dim``."""
+    """TorchTitan's Llama3 ``Transformer``; blocks honour ``model_args.head_dim``.
+
+    With :meth:`use_local_rope` (context parallelism), the RoPE table holds only the rows of
+    this rank's positions, in local order, instead of all ``S`` rows on every rank (TorchTitan's
+    complex64 table is 2.7 GB at 5M tokens for head_dim 128); the blocks then get the local
+    table and no ``positions``, exactly as a model on one device gets its table.
+    """
+
+    _rope_positions: torch.Tensor | None = None  # set by use_local_rope
 
     def __init__(self, model_args: TransformerModelArgs) -> None:
         super().__init__(model_args)
@@ -77,9 +103,27 @@ class Transformer(tt.Transformer):
             for layer_id in range(model_args.n_layers):
                 self.layers[str(layer_id)] = TransformerBlock(layer_id, model_args)
 
+    def use_local_rope(self, positions: torch.Tensor) -> None:
+        """Keep only the RoPE rows of ``positions`` (this rank's global positions, local order).
+
+        Call before ``init_weights`` (TorchTitan's parallelize hook runs before it); the
+        forward's ``positions`` must then be those positions (the sharding guard checks it).
+        """
+        self._rope_positions = positions.detach().to("cpu", torch.long)
+
     def _precompute_freqs_cis(self):
         a = self.model_args
-        return tt.precompute_freqs_cis(head_dim_of(a), a.max_seq_len, a.rope_theta, a.rope_scaling_args)
+        hd = head_dim_of(a)
+        if self._rope_positions is None:
+            return tt.precompute_freqs_cis(hd, a.max_seq_len, a.rope_theta, a.rope_scaling_args)
+        freqs = rope_frequencies(hd, a.rope_theta, a.rope_scaling_args)
+        angles = torch.outer(self._rope_positions.to(freqs.device), freqs).float()
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def forward(self, tokens, attention_masks=None, positions=None):
+        if self._rope_positions is not None:
+            positions = None  # the table is already this rank's rows, in local order
+        return super().forward(tokens, attention_masks=attention_masks, positions=positions)
 
 
 FLAVORS: dict[str, TransformerModelArgs] = {
