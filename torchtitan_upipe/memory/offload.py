@@ -21,6 +21,10 @@ This is re-entrant checkpointing: parameter gradients are accumulated by the inn
 post-backward hook, which fires once ``dx`` is returned, reduce-scatters them.  Apply it
 before ``fully_shard`` (as TorchTitan applies activation checkpointing).
 
+The recomputed block output is only the root of the inner backward: when its ``grad_fn`` is
+the block's residual add (which saves no tensors), its storage is released before the inner
+backward runs, so the step's peak holds one block-sized tensor less.
+
 Layers ``< keep_layers`` are checkpointed the same way but keep their input on the device
 (the paper keeps layer 0).  On a machine without CUDA the "host" copy is an ordinary CPU
 tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tests.
@@ -93,7 +97,17 @@ class HostOffloader:
         return x
 
 
+def _release_if_unsaved(out: torch.Tensor) -> None:
+    """Free ``out``'s storage when no autograd node can read it: its producer is an add
+    (``AddBackward0`` saves no tensors) and nothing else references the tensor's storage."""
+    fn = out.grad_fn
+    if fn is not None and type(fn).__name__ == "AddBackward0" and out._base is None:
+        out.untyped_storage().resize_(0)
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
+    release_output = True  # tests switch it off to measure what it saves
+
     @staticmethod
     def forward(ctx, x, block, layer, offloader, prefetch, args, kwargs):
         with torch.no_grad():
@@ -118,6 +132,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         x = x.detach().requires_grad_(ctx.requires_x_grad)
         with torch.enable_grad():
             out = ctx.block(x, *ctx.args, **ctx.kwargs)
+        if _OffloadedCheckpoint.release_output:
+            _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
         return x.grad, None, None, None, None, None, None
 
