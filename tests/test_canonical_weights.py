@@ -13,7 +13,6 @@ from torchtitan_upipe.kernels import get_kernel
 from torchtitan_upipe.mesh import CPGroups
 from torchtitan_upipe.models.attention import ContextParallelAttention, UlyssesStrategy, UPipeStrategy
 from torchtitan_upipe.models.llama3 import FLAVORS, Transformer
-from torchtitan_upipe.sharding import ContiguousSharder
 
 import transformers  # a declared test dependency (pyproject [test]): the real HF Llama
 
@@ -33,10 +32,9 @@ def _model(style, args):
     with torch.no_grad():
         model.init_weights()
     groups = CPGroups(None, None, 1, 1, 0, 0)
-    sharder = ContiguousSharder(1, 0)
     for block in model.layers.values():
-        strategy = (UPipeStrategy(groups, sharder, "math", 2) if style == "upipe"
-                    else UlyssesStrategy(groups, sharder, get_kernel("math")))
+        strategy = (UPipeStrategy(groups, "math", 2) if style == "upipe"
+                    else UlyssesStrategy(groups, get_kernel("math")))
         block.attention = ContextParallelAttention(block.attention, strategy)
     return model.eval()
 

@@ -25,19 +25,20 @@ from torchtitan.models.llama3.infra.parallelize import (
 )
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools.logging import logger
+from torchtitan.tools.utils import device_type
 
 from .compat.cpu import use_sum_reductions
 from .kernels import get_kernel
+from .memory import apply_offloaded_ac, apply_tiling
 from .mesh import cp_groups
 from .metrics import AttentionTimer
-from .sharding import sharder_for
-from .memory import apply_offloaded_ac, apply_tiling
 from .models.attention import (
     ContextParallelAttention,
     UlyssesStrategy,
     UPipeStrategy,
     check_sharding_once,
 )
+from .sharding import sharder_for
 from .validation import resolved_chunk_heads, validate_job_config
 
 # selective AC saves the whole staged UPipe attention as one op (never re-runs its stages)
@@ -58,16 +59,14 @@ def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_co
         )
         return
 
-    from torchtitan.tools.utils import device_type
-
     groups = cp_groups(parallel_dims, cp.ulysses_degree)
     sharder = sharder_for(groups)
     device = torch.device(device_type)
     for block in model.layers.values():
         if cp.style in ("ulysses", "usp"):
-            strategy = UlyssesStrategy(groups, sharder, get_kernel(cp.kernel, device))
+            strategy = UlyssesStrategy(groups, get_kernel(cp.kernel, device))
         elif cp.style == "upipe":
-            strategy = UPipeStrategy(groups, sharder, cp.kernel, resolved_chunk_heads(cp, groups.ulysses_degree))
+            strategy = UPipeStrategy(groups, cp.kernel, resolved_chunk_heads(cp, groups.ulysses_degree))
         else:  # validate_job_config rejects the rest before we get here
             raise AssertionError(cp.style)
         timer = AttentionTimer() if cp.time_attention else None
@@ -103,8 +102,6 @@ def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_conf
 
     model_compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
     if mem.offload_activations:  # validated: activation_checkpoint.mode == "full", no compile
-        from torchtitan.tools.utils import device_type
-
         apply_offloaded_ac(model, mem.offload_keep_layers, torch.device(device_type), mem.offload_prefetch)
         logger.info(
             f"Applied full activation checkpointing with block inputs offloaded to host memory "

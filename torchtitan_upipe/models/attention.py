@@ -67,8 +67,8 @@ def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
 class CPAttentionStrategy(abc.ABC):
     """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
 
-    def __init__(self, groups: CPGroups, sharder: SequenceSharder) -> None:
-        self.groups, self.sharder = groups, sharder
+    def __init__(self, groups: CPGroups) -> None:
+        self.groups = groups
 
     @abc.abstractmethod
     def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
@@ -76,8 +76,8 @@ class CPAttentionStrategy(abc.ABC):
 
 
 class UlyssesStrategy(CPAttentionStrategy):
-    def __init__(self, groups: CPGroups, sharder: SequenceSharder, kernel: AttentionKernel) -> None:
-        super().__init__(groups, sharder)
+    def __init__(self, groups: CPGroups, kernel: AttentionKernel) -> None:
+        super().__init__(groups)
         self.kernel = RingKernel(groups.ring, kernel) if groups.ring is not None else kernel
 
     def __call__(self, attn, x, freqs_cis, positions):
@@ -91,13 +91,14 @@ class UlyssesStrategy(CPAttentionStrategy):
 
 
 class UPipeStrategy(CPAttentionStrategy):
-    def __init__(self, groups: CPGroups, sharder: SequenceSharder, kernel: str, chunk_heads: int) -> None:
-        super().__init__(groups, sharder)
+    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int) -> None:
+        super().__init__(groups)
         self.kernel, self.chunk_heads = kernel, chunk_heads
 
     def __call__(self, attn, x, freqs_cis, positions):
         seqlen = x.shape[1]
-        # every batch row of a shard holds the same positions (ContiguousSharder.positions)
+        # every batch row of a shard holds the same positions (SequenceSharder.positions); with
+        # the local RoPE table (models/llama3.py) positions is None and the table is local
         local_freqs = freqs_cis[positions[0]] if positions is not None else freqs_cis[:seqlen]
         return upipe_attention(
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
