@@ -9,7 +9,7 @@ cases inside one spawned group.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -17,18 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
+def _worker(rank: int, world_size: int, store_file: str, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_file}",  # no TCP port to race for
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=120),
@@ -42,4 +36,6 @@ def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
 
 def run_distributed(fn, world_size: int, *args) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise on any failure."""
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory(prefix="upipe_dist_") as d:
+        store = os.path.join(d, "store")
+        mp.spawn(_worker, args=(world_size, store, fn, args), nprocs=world_size, join=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,16 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "train_configs")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_train(nproc: int, config: str, *overrides: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+        "--standalone", f"--nproc_per_node={nproc}",  # torchrun picks a free port itself
         os.path.join(ROOT, "train.py"),
         "--job.config_file", os.path.join(CONFIGS, config), *overrides,
     ]

@@ -4,7 +4,9 @@
 produced by an op while it is active and keeps the running and peak sum of the bytes of
 storages that are still referenced.  Storages that existed before the mode was entered
 (parameters, inputs) are not counted, so ``peak_bytes`` is the transient memory a region of
-code allocates on top of what it was given.  It is a measurement tool for tests and the CPU
+code allocates on top of what it was given.  The tracker holds those pre-existing storages
+alive while it is active, so their addresses cannot be reused by new allocations inside the
+region (which would otherwise be mistaken for pre-existing memory).  It is a measurement tool for tests and the CPU
 memory estimator, not something to leave on in training: every op pays a Python callback.
 """
 
@@ -21,8 +23,7 @@ class LiveTensorTracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self._refs: dict[int, list[weakref.ref]] = {}
-        self._nbytes: dict[int, int] = {}
-        self._preexisting: set[int] = set()
+        self._preexisting: dict[int, object] = {}  # data_ptr -> storage, held alive
         self.live_bytes = 0
         self.peak_bytes = 0
 
@@ -36,20 +37,26 @@ class LiveTensorTracker(TorchDispatchMode):
             for obj in gc.get_objects():
                 if isinstance(obj, torch.Tensor):
                     try:
-                        self._preexisting.add(obj.untyped_storage().data_ptr())
+                        st = obj.untyped_storage()
                     except (RuntimeError, NotImplementedError):
-                        pass
+                        continue
+                    self._preexisting[st.data_ptr()] = st
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._preexisting.clear()  # release the pre-existing storages held during the region
+        return super().__exit__(*exc)
 
     def _refresh(self) -> None:
         live = 0
         for key in list(self._refs):
-            refs = [r for r in self._refs[key] if r() is not None]
-            if refs:
-                self._refs[key] = refs
-                live += self._nbytes[key]
+            tensors = [t for t in (r() for r in self._refs[key]) if t is not None]
+            if tensors:
+                self._refs[key] = [weakref.ref(t) for t in tensors]
+                # current size: a storage can be released in place (``resize_(0)``)
+                live += tensors[0].untyped_storage().nbytes()
             else:
-                del self._refs[key], self._nbytes[key]
+                del self._refs[key]
         self.live_bytes = live
         self.peak_bytes = max(self.peak_bytes, live)
 
@@ -66,6 +73,5 @@ class LiveTensorTracker(TorchDispatchMode):
                 if key in self._preexisting or st.nbytes() == 0:
                     continue
                 self._refs.setdefault(key, []).append(weakref.ref(t))
-                self._nbytes[key] = max(self._nbytes.get(key, 0), st.nbytes())
         self._refresh()
         return out
