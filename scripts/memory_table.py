@@ -4,7 +4,8 @@
     python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
 
 Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
-(U = 8), with the whole [memory] stack on and off; the 32B flavor on 16 ranks (u = 8 x ring 2)
+(U = 8), with the whole [memory] stack on, on with ``memory.offload_prefetch = false``, and
+off; the 32B flavor on 16 ranks (u = 8 x ring 2)
 for the usp and upipe hybrids at 1M/2M/4M with the stack on.  Derived from formulas, not
 measured.  1M = 2**20 tokens.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,11 +43,14 @@ COLUMNS = [
 
 def llama8b_rows() -> list[tuple[str, Setup]]:
     rows = []
-    for on in (True, False):
+    for label, on, prefetch in (("stack on", True, True),
+                                ("stack on, prefetch off", True, False),
+                                ("stack off", False, True)):
         for mult in (1, 3, 5):
             for style in ("ulysses", "upipe"):
                 st = from_flavor("8B", seq_len=mult * M, cp=8, world=8, style=style, chunk_heads=8)
-                rows.append((f"{style} {mult}M stack {'on' if on else 'off'}", stack(st, on)))
+                rows.append((f"{style} {mult}M {label}",
+                             replace(stack(st, on), offload_prefetch=prefetch)))
     return rows
 
 
@@ -90,7 +95,8 @@ def main(argv=None) -> None:
     print(table(qwen32b_rows(), args.markdown))
     print("\nPEAK dev = model + rope tbl + ckpt dev + the largest phase of one layer's recompute "
           "+ backward or the loss; the transient columns are each component's own peak and do "
-          "not add up.  ckpt host = pinned host memory per rank.")
+          "not add up.  ckpt host = pinned host memory per rank.  \"prefetch off\" = "
+          "memory.offload_prefetch = false: one block input less during a layer's backward.")
 
 
 if __name__ == "__main__":

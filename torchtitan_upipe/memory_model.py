@@ -45,6 +45,7 @@ class Setup:
     act_bytes: int = 2
     offload: bool = False
     keep_layers: int = 1
+    offload_prefetch: bool = True  # memory.offload_prefetch (memory/offload.py:130-131)
     tiled_mlp: bool = False
     mlp_tiles: int = 0           # 0 = ceil(s / dim) (memory/stack.py:20)
     tiled_norm: bool = False
@@ -52,6 +53,8 @@ class Setup:
     chunked_loss: bool = False
     loss_chunk_tokens: int = 1024  # memory/head.py:21,39
     fused_rms_norm: bool = True    # CUDA aten._fused_rms_norm; False = the composite (CPU) path
+    local_rope: bool = True        # RoPE table = this rank's S/C rows (models/llama3.py
+    #                                use_local_rope, parallelize.py:75-76); False: all S rows
     cuda_workspaces: bool = True
 
     u = property(lambda self: 1 if self.style == "ring" else (self.ulysses or self.cp))
@@ -77,7 +80,8 @@ def _rope(n, e):
 
 
 def _rope_inv(n, e, conj):
-    """Inverse RoPE (upipe/functional.py:61): the multiply materializes conj(freqs) first."""
+    """Inverse RoPE (upipe/functional.py:68-69): the multiply materializes conj(freqs) first
+    (``conj`` bytes, freed before the cast back)."""
     return _rope(n, e) + max(0, conj - (e * n if e < 4 else 0))
 
 
@@ -112,8 +116,8 @@ def _ring_bwd(st, nq, nkv):
 def upipe_geometry(st: Setup) -> dict:
     """upipe/schedule.py: m = U/u, g = H/(H_kv rho), gamma = gcd(m, g), kappa = m/gamma,
     tau = g/gamma; nq = T U D (a stage's Q), nkv = T u kappa D (a chunk's K).  A stage's wq
-    rows are strided (reshape copies, :133) when tau > 1 and u kappa > 1; out/dout slices
-    (:188-189) when also gamma > 1."""
+    rows are strided (the reshape copies, upipe/functional.py:140, :190) when tau > 1 and
+    u kappa > 1; so are its out/dout slices (:194-195) when also gamma > 1."""
     u, rho = st.u, _kv_rep(st)
     U = st.chunk_heads or u
     m, g = U // u, st.n_heads // (st.n_kv_heads * rho)
@@ -126,8 +130,9 @@ def upipe_geometry(st: Setup) -> dict:
 
 
 def _upipe_kv(st):
-    """K/V of a chunk (upipe/functional.py:82-99): k, v ``2 e nkv/rho`` + RoPE of k (+ the
-    replicas), or k, v, pair ``4 e nkv`` (+ send buffer and receive ``4 e nkv``, comm.py:52-54)."""
+    """K/V of a chunk (upipe/functional.py:89-100, :135-136, :184-185): k, v ``2 e nkv/rho`` +
+    RoPE of k (+ the replicas), or k, v, pair ``4 e nkv`` (:106) (+ send buffer and receive
+    ``4 e nkv``, comm.py:52-54)."""
     e, gm = st.act_bytes, upipe_geometry(st)
     nkv, rho = gm["nkv"], gm["rho"]
     proj = 2 * e * nkv // rho + _rope(nkv // rho, e) + (2 * e * nkv if rho > 1 else 0)
@@ -137,16 +142,18 @@ def _upipe_kv(st):
 def upipe_forward_bytes(st: Setup) -> int:
     """Peak allocated by ``upipe_forward`` (upipe/functional.py) over its inputs.
 
-    out ``e T H D`` (:122) + lse ``4 T H`` (:124) + max(K/V steps, kh|vh ``2 e nkv`` + a stage:
-    the w_stage copy ``e U D dim`` (:133) + max(q projection + RoPE ``e nq + _rope(nq)`` (:134);
-    q, send buffer, qh ``3 e nq`` (:136); qh, oh, stage lse ``2 e nq + 4 T U`` (:138, + ring);
-    oh, receive, re-laid-out o ``3 e nq``, + the send buffer if b > 1 (:142, comm.py:66-68))).
+    out ``e T H D`` (:129) + lse ``4 T H`` (:131) + max(K/V steps, kh|vh ``2 e nkv`` + a stage:
+    max(the w_stage copy ``e U D dim`` (:140, freed at :142) + q projection + RoPE
+    ``e nq + _rope(nq)`` (:141); q, send buffer, qh ``3 e nq`` (:143); qh, oh, stage lse
+    ``2 e nq + 4 T U`` (:145, + ring); oh, receive, re-laid-out o ``3 e nq``, + the send
+    buffer if b > 1 (:149, comm.py:66-68))).
     """
     e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
     gm = upipe_geometry(st)
     nq, nkv, U = gm["nq"], gm["nkv"], gm["U"]
-    stage = e * U * st.head_dim * st.dim * gm["strided"] + max(
-        e * nq + _rope(nq, e), 3 * e * nq if a2a else 0,
+    stage = max(
+        e * U * st.head_dim * st.dim * gm["strided"] + e * nq + _rope(nq, e),
+        3 * e * nq if a2a else 0,
         2 * e * nq + 4 * T * U + _ring_fwd(st, nq, nkv), (3 + hb if a2a else 1) * e * nq)
     return T * st.n_heads * (st.head_dim * e + 4) + max(_upipe_kv(st), 2 * e * nkv + stage)
 
@@ -155,29 +162,37 @@ def upipe_backward_bytes(st: Setup) -> int:
     """Peak allocated by ``upipe_backward`` over its inputs (x, weights, out, lse, dout),
     without the returned weight grads (model_states counts those).
 
-    fp32 dx ``4 T dim`` (:170) + max(K/V steps; kh|vh + fp32 dK/dV ``(2e + 8) nkv`` (:180) +
-    w_stage + max(q + RoPE (:185); qh, o/do copies, pair, send/recv ``(3|5) e nq (+4 e nq)``
-    (:188-190); qh, oh, doh, dqh ``4 e nq`` + dk_s, dv_s ``2 e nkv`` + FA2 workspace (:192, +
-    ring); dqh, re-laid-out dq and inverse RoPE incl. conj(freqs) ``4 s D`` (:197); dq, dq fp32,
-    w_stage fp32 (:200)); the chunk end: fp32 + bf16 dK/dV, pair, send/recv (:204), inverse
-    RoPE of dk (:209); ``dx.to(e)`` (:218)).
+    dx in x's dtype ``e T dim`` (:177; the GEMMs add into it in place, :209, :222-223) + max(
+    the K/V steps (:184-185); kh|vh ``2 e nkv`` + the chunk's fp32 dK/dV accumulators
+    ``8 nkv``, only when tau > 1 (from the first stage's kernel on, :200-204) + a stage: the
+    w_stage copy (:190) + max(q + RoPE (:191); qh, o/do copies, pair, send/recv
+    ``(3|5) e nq (+4 e nq)`` (:192-196); qh, oh, doh, dqh ``4 e nq`` + dk_s, dv_s ``2 e nkv``
+    + FA2 workspace (:198, + ring); dqh, re-laid-out dq and inverse RoPE incl. conj(freqs)
+    ``4 s D`` (:206); dq + its wq-grad rows ``e U D dim`` (:210); with tau == 1 the last two
+    also hold dk_s, dv_s, which are then the chunk's dK/dV (:201)); the chunk end: dK/dV (+
+    their casts to x's dtype when tau > 1; no-ops when tau == 1), pair, send/recv (:213), and
+    the inverse RoPE of dk (:218)).
     """
     e, T, D, a2a, hb = st.act_bytes, st.tokens, st.head_dim, st.u > 1, st.batch > 1
     gm = upipe_geometry(st)
     nq, nkv, wst, conj = gm["nq"], gm["nkv"], gm["U"] * D * st.dim, 4 * st.s * D
+    tau = gm["tau"]
+    acc = 2 * max(e, 4) * nkv if tau > 1 else 0  # fp32 dK/dV summed over the chunk's stages
+    held = 2 * e * nkv if tau == 1 else 0  # the kernel's dk_s, dv_s kept as the chunk's dK/dV
+    casts = 2 * e * nkv if tau > 1 and e < 4 else 0  # dkh.to(x.dtype): a no-op otherwise
     stage = e * wst * gm["strided"] + max(
         e * nq + _rope(nq, e),
         e * nq * (3 + 2 * gm["o_copy"] + (4 if a2a else 0)),
         4 * e * nq + 2 * e * nkv + _fa2_ws(st, nq, gm["gamma"] > 1) + _ring_bwd(st, nq, nkv),
-        e * nq * (2 if a2a else 1) + _rope_inv(nq, e, conj),
-        e * nq + 4 * nq + (4 + e) * wst)
-    end = max(8 * nkv + e * nkv * (4 + (4 + 2 * hb if a2a else 0)),
+        held + e * nq * (2 if a2a else 1) + _rope_inv(nq, e, conj),
+        held + e * nq + e * wst)
+    end = max(acc + held + casts + e * nkv * (2 + (4 + 2 * hb if a2a else 0)),
               2 * e * nkv + _rope_inv(nkv, e, conj))
-    return 4 * T * st.dim + max(_upipe_kv(st), (2 * e + 8) * nkv + stage, end, e * T * st.dim)
+    return e * T * st.dim + max(_upipe_kv(st), 2 * e * nkv + acc + stage, end)
 
 
 def ulysses_bytes(st: Setup) -> dict:
-    """Ulysses / USP / ring (models/attention.py:76-80, ulysses.py:63-75) under autograd;
+    """Ulysses / USP / ring (models/attention.py:85-89, ulysses.py:63-75) under autograd;
     nq = T H D, nk = T H_kv D, nk' = rho nk.
 
     ``fwd``: xq, xk, xv ``e(nq + 2nk)`` + RoPE temporaries (tt:164-169); then, with them alive,
@@ -210,15 +225,17 @@ def ulysses_bytes(st: Setup) -> dict:
 def attention_bytes(st: Setup) -> dict:
     """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
     UPipe saves only out + lse (upipe/ops.py:123); its backward holds them + dout ``e T H D``.
-    Both strategies gather this rank's RoPE rows ``4 T D`` (models/attention.py:93, tt:93)."""
-    freqs = 4 * st.tokens * st.head_dim
+    With the local RoPE table both strategies take a view of it; with TorchTitan's full table
+    they gather this rank's rows ``4 s D`` (models/attention.py:102, tt:124), which autograd
+    (tt:167-168) or the UPipe op (ops.py:123) keeps until the attention's backward."""
+    freqs = 0 if st.local_rope else 4 * st.s * st.head_dim
     if st.style == "upipe":
         out = st.tokens * st.n_heads * (st.head_dim * st.act_bytes + 4)
         d_out = st.tokens * st.n_heads * st.head_dim * st.act_bytes
-        return {"fwd": upipe_forward_bytes(st) + freqs, "saved": out,
-                "bwd": out + d_out + upipe_backward_bytes(st)}
+        return {"fwd": upipe_forward_bytes(st) + freqs, "saved": out + freqs,
+                "bwd": freqs + out + d_out + upipe_backward_bytes(st)}
     r = ulysses_bytes(st)
-    return {"fwd": r["fwd"] + freqs, "saved": r["saved"], "bwd": r["bwd"]}
+    return {"fwd": r["fwd"] + freqs, "saved": r["saved"] + freqs, "bwd": r["bwd"] + freqs}
 
 
 # ------------------------------------------------------------------------ MLP, norm, loss
@@ -294,13 +311,17 @@ def model_states_bytes(st: Setup) -> int:
 def phases(st: Setup) -> dict:
     """Bytes on top of model_states + rope_table + checkpointed_inputs_device, per phase.
 
-    ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input, the prefetched
-    input of the layer before and the recomputed output (memory/offload.py:112-117): ``5 e T dim``.
-    Block order (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and
+    ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input
+    (memory/offload.py:129) and, with ``offload_prefetch`` and an offloaded layer before it,
+    that layer's prefetched input (:130-131): ``4 e T dim``, or ``3 e T dim`` without prefetch.
+    The recomputed block output (:134) is not held: its producer is the residual add, so
+    :136 (``_release_if_unsaved``, :100-105) frees it before the inner backward.  Block order (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and
     backward in reverse; the MLP and ffn_norm steps also hold the attention's saved tensors.
     """
     e, T, dim = st.act_bytes, st.tokens, st.dim
-    io = e * T * dim * (5 if st.offload and st.n_layers > st.keep_layers else 2)
+    offloaded = st.offload and st.n_layers > st.keep_layers
+    prefetched = offloaded and st.offload_prefetch and st.n_layers - st.keep_layers >= 2
+    io = e * T * dim * (2 + offloaded + prefetched)
     a, m, nm, pc = attention_bytes(st), mlp_bytes(st), norm_bytes(st), param_counts(st)
     held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
     return {
@@ -316,15 +337,16 @@ def phases(st: Setup) -> dict:
 
 
 def breakdown(st: Setup) -> dict:
-    """Per-rank bytes.  peak_device = model_states + rope_table (TorchTitan's complex64
-    freqs_cis, (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase; the
+    """Per-rank bytes.  peak_device = model_states + rope_table (the complex64 freqs_cis:
+    this rank's (S/C, D/2) rows, models/llama3.py _precompute_freqs_cis, or TorchTitan's
+    (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase; the
     *_transient and logits entries are each component's own peak (they do not add up)."""
     e, T, L = st.act_bytes, st.tokens, st.n_layers
     keep = min(st.keep_layers, L) if st.offload else L
     a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
     d = {
         "model_states": model_states_bytes(st),
-        "rope_table": 4 * st.seq_len * st.head_dim,
+        "rope_table": 4 * (st.s if st.local_rope else st.seq_len) * st.head_dim,
         "checkpointed_inputs_device": keep * e * T * st.dim,
         "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
         "attention_transient": max(a["fwd"], a["bwd"]),
