@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .comm import ProcessGroup, group_rank, group_size
-from .kernels import AttentionKernel, get_kernel
+from .kernels import AttentionKernel, resolve_kernel
 
 __all__ = ["RingComm", "RingKernel", "merge", "ring_attention", "ring_backward", "ring_forward"]
 
@@ -292,7 +292,7 @@ def ring_attention(
             f"causal ring attention takes zigzag shards (two equal chunks), so the local "
             f"sequence length must be even, got {q.shape[1]}"
         )
-    kern = kernel if isinstance(kernel, AttentionKernel) else get_kernel(kernel, q.device)
+    kern = resolve_kernel(kernel, q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return RingAttentionFunction.apply(q, k, v, group, kern, causal, float(scale))

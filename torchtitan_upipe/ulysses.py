@@ -22,11 +22,7 @@ import torch
 
 from .comm import ProcessGroup, all_to_all_head_to_seq, all_to_all_seq_to_head, group_size
 from .heads import kv_replication
-from .kernels import AttentionKernel, get_kernel, kernel_attention
-
-
-def _resolve(kernel: str | AttentionKernel, device: torch.device) -> AttentionKernel:
-    return kernel if isinstance(kernel, AttentionKernel) else get_kernel(kernel, device)
+from .kernels import AttentionKernel, kernel_attention, resolve_kernel
 
 
 def ulysses_attention(
@@ -57,7 +53,7 @@ def ulysses_attention(
     c = group_size(group)
     n_heads, n_kv = q.shape[2], k.shape[2]
     rho = kv_replication(n_heads, n_kv, c)
-    kern = _resolve(kernel, q.device)
+    kern = resolve_kernel(kernel, q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if rho > 1:

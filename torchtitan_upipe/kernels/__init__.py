@@ -56,6 +56,11 @@ def get_kernel(name: str, device: torch.device | str = "cpu") -> AttentionKernel
     return kernel
 
 
+def resolve_kernel(kernel: "str | AttentionKernel", device: torch.device | str) -> AttentionKernel:
+    """``kernel`` itself if it is an :class:`AttentionKernel`, else :func:`get_kernel` of the name."""
+    return kernel if isinstance(kernel, AttentionKernel) else get_kernel(kernel, device)
+
+
 def _auto_name(device: torch.device) -> str:
     if device.type == "cuda" and "flash_attn" in _REGISTRY:
         k = _REGISTRY["flash_attn"]()
@@ -82,4 +87,5 @@ __all__ = [
     "get_kernel",
     "kernel_attention",
     "register_kernel",
+    "resolve_kernel",
 ]

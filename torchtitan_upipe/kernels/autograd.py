@@ -43,10 +43,9 @@ def kernel_attention(
     Returns ``out`` only; the LSE is kept internally for the backward.  ``scale`` defaults
     to ``D ** -0.5``.
     """
-    if isinstance(kernel, str):
-        from . import get_kernel
+    from . import resolve_kernel  # the package imports this module at its end
 
-        kernel = get_kernel(kernel, q.device)
+    kernel = resolve_kernel(kernel, q.device)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _KernelAttention.apply(q, k, v, kernel, causal, float(scale))
