@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .comm import ProcessGroup, group_rank, group_size
-from .kernels import AttentionKernel, resolve_kernel
+from .kernels import AttentionKernel, check_shapes, resolve_kernel
 
 __all__ = ["RingComm", "RingKernel", "merge", "ring_attention", "ring_backward", "ring_forward"]
 
@@ -276,16 +276,11 @@ def ring_attention(
     Returns:
         ``(B, S_local, H, D)`` in ``q.dtype``, for the same tokens as ``q``.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("ring_attention takes (B, S_local, H, D) tensors")
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+    check_shapes(q, k, v)  # the kernel layout contract (BSHD, GQA head ratio)
+    if k.shape[1] != q.shape[1]:
         raise ValueError(
             f"ring_attention needs q, k, v for the same tokens: q{tuple(q.shape)} "
             f"k{tuple(k.shape)} v{tuple(v.shape)}"
-        )
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
         )
     if causal and group_size(group) > 1 and q.shape[1] % 2 != 0:
         raise ValueError(
