@@ -2,6 +2,8 @@
 its collective counts and its transient memory."""
 
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -247,6 +249,23 @@ def test_custom_op_is_opaque_to_torch_compile():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_inline_ops_give_the_custom_ops_values_and_gradients():
+    """The estimator's inline path (no custom-op boundary) computes exactly what the op does."""
+    from torchtitan_upipe.upipe.ops import inline_ops
+
+    x, wq, wk, wv, dout = _tensors(2, 6, 8, 2, 1)
+    freqs = _freqs(6, HEAD_DIM)
+    results = []
+    for inline in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
+        with inline_ops() if inline else contextlib.nullcontext():
+            out = upipe_attention(*leaves, freqs, n_heads=8, n_kv_heads=2, chunk_heads=4, kernel="math")
+            out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for op, inline in zip(*results):
+        assert torch.equal(op, inline)
 
 
 def test_bf16_gradients_are_as_accurate_as_ulysses():

@@ -65,14 +65,38 @@ class Setup:
 
 def from_flavor(flavor: str, **kw) -> Setup:
     """Setup for a flavor of :mod:`torchtitan_upipe.models.llama3` (FFN width rule tt:332-336)."""
-    from .models.llama3 import FLAVORS, head_dim_of
+    from .models.llama3 import FLAVORS
 
-    a = FLAVORS[flavor]
+    return from_model_args(FLAVORS[flavor], **kw)
+
+
+def from_model_args(a, **kw) -> Setup:
+    """Setup for TorchTitan Llama3 model args ``a`` (``TransformerModelArgs`` or ours)."""
+    from .models.llama3 import head_dim_of
+
     hid = int(2 * 4 * a.dim / 3)
     hid = int(a.ffn_dim_multiplier * hid) if a.ffn_dim_multiplier is not None else hid
     hid = a.multiple_of * ((hid + a.multiple_of - 1) // a.multiple_of)
     return Setup(a.dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads, head_dim_of(a), hid,
                  a.vocab_size, **kw)
+
+
+def setup_from_job(job_config, model_args, parallel_dims) -> Setup:
+    """The Setup of rank 0 of a built job (its model args, degrees and ``[memory]`` options)."""
+    from .config import ULYSSES_FAMILY
+
+    cp, mem, tr = job_config.context_parallel, job_config.memory, job_config.training
+    style = cp.style if parallel_dims.cp_enabled else "ulysses"
+    e = 4 if tr.mixed_precision_param == "float32" else 2
+    return from_model_args(
+        model_args, seq_len=tr.seq_len, batch=tr.local_batch_size, cp=parallel_dims.cp,
+        ulysses=cp.ulysses_degree if style in ULYSSES_FAMILY else 0,
+        world=parallel_dims.world_size, style=style, chunk_heads=cp.upipe_chunk_heads,
+        param_bytes=e, act_bytes=e, offload=mem.offload_activations,
+        keep_layers=mem.offload_keep_layers, offload_prefetch=mem.offload_prefetch,
+        tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles, tiled_norm=mem.tiled_norm,
+        norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
+    )
 
 
 def _rope(n, e):
@@ -99,6 +123,16 @@ def _fa2_ws(st, nq, gqa):
     if not st.cuda_workspaces:
         return 0
     return 4 * nq + 4 * nq // st.head_dim + (2 * nq * st.act_bytes if gqa else 0)
+
+
+def attention_workspace_bytes(st: Setup) -> int:
+    """FA2 backward workspace of one attention kernel call of ``st``'s style: a UPipe stage
+    (``U`` query heads, GQA when a stage's heads share KV heads) or all ``H`` local heads."""
+    if st.style == "upipe":
+        gm = upipe_geometry(st)
+        return _fa2_ws(st, gm["nq"], gm["gamma"] > 1)
+    nq = st.tokens * st.n_heads * st.head_dim
+    return _fa2_ws(st, nq, st.n_heads != st.n_kv_heads * _kv_rep(st))
 
 
 def _ring_fwd(st, nq, nkv):

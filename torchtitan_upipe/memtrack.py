@@ -1,4 +1,4 @@
-"""Device-independent peak-memory tracking at the dispatcher level (works on CPU).
+"""Device-independent peak-memory tracking at the dispatcher level (CPU, and fake tensors).
 
 :class:`LiveTensorTracker` is a ``TorchDispatchMode`` that records the storage of every tensor
 produced by an op while it is active and keeps the running and peak sum of the bytes of
@@ -8,22 +8,29 @@ code allocates on top of what it was given.  The tracker holds those pre-existin
 alive while it is active, so their addresses cannot be reused by new allocations inside the
 region (which would otherwise be mistaken for pre-existing memory).  It is a measurement tool for tests and the CPU
 memory estimator, not something to leave on in training: every op pays a Python callback.
+
+Storages are identified by their Python object (one per ``StorageImpl``; views share it), not
+by address, so the tracker also works under ``FakeTensorMode``, where every storage has data
+pointer 0: the fake-tensor estimator (:mod:`torchtitan_upipe.estimate`) counts with it.
+``ignore(tensor)`` excludes storages from the count (meta tensors, host buffers).
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
 class LiveTensorTracker(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, ignore: Callable[[torch.Tensor], bool] | None = None) -> None:
         super().__init__()
-        self._refs: dict[int, list[weakref.ref]] = {}
-        self._preexisting: dict[int, object] = {}  # data_ptr -> storage, held alive
+        self._ignore = ignore
+        self._refs: dict[int, weakref.ref] = {}  # id(storage) -> weak reference to it
+        self._preexisting: dict[int, object] = {}  # id(storage) -> storage, held alive
         self.live_bytes = 0
         self.peak_bytes = 0
 
@@ -40,7 +47,7 @@ class LiveTensorTracker(TorchDispatchMode):
                         st = obj.untyped_storage()
                     except (RuntimeError, NotImplementedError):
                         continue
-                    self._preexisting[st.data_ptr()] = st
+                    self._preexisting[id(st)] = st
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -50,28 +57,43 @@ class LiveTensorTracker(TorchDispatchMode):
     def _refresh(self) -> None:
         live = 0
         for key in list(self._refs):
-            tensors = [t for t in (r() for r in self._refs[key]) if t is not None]
-            if tensors:
-                self._refs[key] = [weakref.ref(t) for t in tensors]
-                # current size: a storage can be released in place (``resize_(0)``)
-                live += tensors[0].untyped_storage().nbytes()
-            else:
+            st = self._refs[key]()
+            if st is None:
                 del self._refs[key]
+            else:  # current size: a storage can be released or regrown in place (``resize_``)
+                live += st.nbytes()
         self.live_bytes = live
         self.peak_bytes = max(self.peak_bytes, live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._refresh()  # frees that happened since the last op
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                try:
-                    st = t.untyped_storage()
-                except (RuntimeError, NotImplementedError):
-                    continue
-                key = st.data_ptr()
-                if key in self._preexisting or st.nbytes() == 0:
-                    continue
-                self._refs.setdefault(key, []).append(weakref.ref(t))
+        for t in _plain_tensors(tree_flatten(out)[0]):
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = id(st)
+            if key in self._preexisting or key in self._refs:
+                continue
+            if self._ignore is not None and self._ignore(t):
+                continue
+            # a weak reference to the storage, not the tensor: tensors with weak references
+            # cannot be swapped (``module.to_empty`` swaps parameters)
+            self._refs[key] = weakref.ref(st)
         self._refresh()
         return out
+
+
+def _plain_tensors(values):
+    """The plain tensors in ``values``; a wrapper subclass (DTensor) is replaced by its inner
+    tensors, which hold its memory and were made by ops this mode did not see (the subclass's
+    own dispatch runs below the mode)."""
+    for v in values:
+        if not isinstance(v, torch.Tensor):
+            continue
+        if is_traceable_wrapper_subclass(v):
+            names, _ = v.__tensor_flatten__()
+            yield from _plain_tensors(getattr(v, n) for n in names)
+        else:
+            yield v

@@ -32,12 +32,17 @@ tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tes
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 from torch import nn
 
 
 class HostOffloader:
     """Reusable host buffers, one per layer, and the side stream that fills and drains them."""
+
+    _buffer_observers: list[Callable[[torch.Tensor], None]] = []
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -53,7 +58,24 @@ class HostOffloader:
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=self.cuda)
             self._host[layer] = buf
+            for observe in HostOffloader._buffer_observers:
+                observe(buf)
         return buf
+
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers allocated so far (one per offloaded layer)."""
+        return sum(b.untyped_storage().nbytes() for b in self._host.values())
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_new_buffer(cls, observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        """Call ``observe(buffer)`` for every host buffer allocated inside the block.  The CPU
+        memory estimator uses it to count host buffers apart from device memory."""
+        cls._buffer_observers.append(observe)
+        try:
+            yield
+        finally:
+            cls._buffer_observers.remove(observe)
 
     def offload(self, layer: int, x: torch.Tensor) -> None:
         buf = self._buffer(layer, x)
@@ -148,6 +170,7 @@ def apply_offloaded_ac(
     (FSDP's unshard/reshard) still run around it.
     """
     offloader = HostOffloader(device)
+    model.host_offloader = offloader  # a plain attribute: not a submodule, not in the state dict
     for name, block in model.layers.items():
         layer = int(name)
         _wrap_forward(block, layer, offloader if layer >= keep_layers else None, prefetch)

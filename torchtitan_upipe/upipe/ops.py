@@ -13,7 +13,9 @@ No Q, K or V.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,6 +66,12 @@ def attention_forward(
     scale: float,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name,
+                         ring_group_name, causal, scale, kernel)
+
+
+def _forward_impl(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name,
+                  ring_group_name, causal, scale, kernel):
     group = _group(group_name)
     return upipe_forward(
         x, wq, wk, wv, freqs_cis,
@@ -101,6 +109,12 @@ def attention_backward(
     scale: float,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, n_heads, n_kv_heads,
+                          chunk_heads, group_name, ring_group_name, causal, scale, kernel)
+
+
+def _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, n_heads, n_kv_heads, chunk_heads,
+                   group_name, ring_group_name, causal, scale, kernel):
     group = _group(group_name)
     return upipe_backward(
         dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
@@ -137,6 +151,40 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InlineAttention(torch.autograd.Function):
+    """The op's forward and backward without the custom-op boundary, so each aten op of the
+    stages is dispatched on its own.  For the CPU memory estimator: under ``FakeTensorMode``
+    a custom op runs only its fake (output-shape) function, which hides the stages' buffers."""
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, wv, freqs_cis, *static):
+        out, lse = _forward_impl(x, wq, wk, wv, freqs_cis, *static)
+        _setup_context(ctx, (x, wq, wk, wv, freqs_cis, *static), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        x, wq, wk, wv, freqs_cis, out, lse = ctx.saved_tensors
+        grads = _backward_impl(dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
+                               *(ctx.static[k] for k in _ARGS))
+        return tuple(grads) + (None,) * (1 + len(_ARGS))
+
+
+_INLINE = False
+
+
+@contextlib.contextmanager
+def inline_ops() -> Iterator[None]:
+    """Within the block, :func:`upipe_attention` runs :class:`_InlineAttention` instead of the
+    custom ops (same values and gradients; not traceable by ``torch.compile``)."""
+    global _INLINE
+    previous, _INLINE = _INLINE, True
+    try:
+        yield
+    finally:
+        _INLINE = previous
 
 
 def upipe_attention(
@@ -192,7 +240,8 @@ def upipe_attention(
             f"got {tuple(freqs_cis.shape)}"
         )
     get_kernel(kernel, x.device)  # fail early with a clear message
-    out, _ = attention_forward(
+    op = _InlineAttention.apply if _INLINE else attention_forward
+    out, _ = op(
         x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads,
         "" if group is None else group.group_name,
         "" if ring_group is None else ring_group.group_name,

@@ -1,0 +1,315 @@
+"""CPU memory estimator: rank 0 of an N-rank job, run under ``FakeTensorMode`` (no GPU).
+
+    python -m torchtitan_upipe.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
+        [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option] [--json out.json]
+
+How it estimates (the same code as training, with shapes and no data):
+
+1. The command line is ``train.py``'s, parsed by TorchTitan's ``ConfigManager``, with
+   ``comm.mode = "fake_backend"`` and ``NGPU = N``: the process group is TorchTitan's fake
+   backend, so this process is rank 0 of ``N`` and collectives do nothing.
+2. Under ``FakeTensorMode``, :class:`~torchtitan_upipe.trainer.UPipeTrainer` is built as in
+   training: config validation, the train spec's model, ``parallelize_llama_cp`` (the CP
+   style, the ``[memory]`` stack, activation checkpointing, FSDP2 with the config's mixed
+   precision), weight init and the optimizer.  Every tensor is a fake tensor: it has a shape,
+   a dtype and a storage size, but no data, so 5M tokens of Llama3-8B cost nothing.
+3. ``steps`` training steps run as ``Trainer.train_step`` runs them, minus logging: zero
+   grads, ``forward_backward_step`` (the trainer's own input sharding, model, loss and
+   backward), gradient clipping and the optimizer step.  :class:`~torchtitan_upipe.memtrack.
+   LiveTensorTracker` keeps the running and peak sum of the bytes of live storages.  The
+   first step creates the optimizer state; the reported peak is the maximum over all steps.
+4. Host buffers of offloaded activations (``memory.offload_activations``) are counted apart:
+   they are host memory (:class:`~torchtitan_upipe.memory.offload.HostOffloader`).
+
+What fake tensors do not see, and what is added for it:
+
+* **Kernel workspaces.**  Memory an attention kernel allocates inside itself is invisible
+  (the fake run dispatches to the CPU kernels' shape functions).  For a CUDA target
+  (``--target cuda``, the default) we add the FlashAttention-2 backward workspace of one
+  attention call, :func:`torchtitan_upipe.memory_model.attention_workspace_bytes`, as if it
+  coincided with the peak (an upper bound; it exists only during the attention backward).
+* **The caching allocator.**  Fragmentation and the rounding of blocks, the CUDA context,
+  cuBLAS workspaces and NCCL buffers are not modelled: the estimate is of *allocated* bytes.
+  Compare it with TorchTitan's ``memory/max_active(GiB)``; the benchmark's fit keeps an
+  explicit reserve on top (``torchtitan_upipe.benchmark``).
+* **CPU vs CUDA operators.**  The fake run takes the CPU dispatch path; where an operator's
+  CUDA path allocates differently (``aten._fused_rms_norm`` on CUDA vs the composite RMSNorm
+  on CPU), the estimate follows the CPU path.  The error against GPU measurements is reported
+  in ``docs/benchmarks.md`` once measured.
+
+TorchTitan's ``style = "ring"`` runs through DTensor's SDPA dispatch, which has no CPU path;
+it is refused here (``style = "usp"`` with ``ulysses_degree = 1`` is our own ring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+GiB = 1 << 30
+
+
+@dataclass
+class Estimate:
+    """Per-rank bytes for rank 0 of an ``ngpu``-rank job (``*_bytes``) and what produced them."""
+
+    ngpu: int
+    seq_len: int
+    n_layers: int
+    style: str
+    target: str
+    fake: bool                   # False: measured with real tensors (``--real``)
+    init_bytes: int              # live after the model is built and initialized (no grads)
+    train_peak_bytes: list[int]  # per step: peak live bytes in forward + backward
+    optim_peak_bytes: list[int]  # per step: peak in grad clipping + optimizer step (step 1
+    #                              creates the Adam state)
+    workspace_bytes: int         # kernel workspaces added for the target (see module doc)
+    host_bytes: int              # pinned host buffers of offloaded activations
+    peak_bytes: int = 0          # max(train + workspace, optim), over the steps
+    seconds: float = 0.0
+    argv: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.peak_bytes = max(max(self.train_peak_bytes) + self.workspace_bytes,
+                              max(self.optim_peak_bytes))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["peak_gib"] = self.peak_bytes / GiB
+        d["host_gib"] = self.host_bytes / GiB
+        return d
+
+
+def _parse(argv: list[str]):
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager().parse_args(argv)
+
+
+def _ensure_fake_world(ngpu: int) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake" or dist.get_world_size() != ngpu:
+            raise RuntimeError(
+                f"the estimator needs a fake process group of {ngpu} ranks; this process already "
+                f"has a {dist.get_backend()!r} group of {dist.get_world_size()}"
+            )
+
+
+def _fake_batch(job_config, device):  # token values do not change memory
+    import torch
+
+    b, s = job_config.training.local_batch_size, job_config.training.seq_len
+    tokens = torch.zeros(b, s, dtype=torch.long, device=device)
+    return {"input": tokens}, torch.zeros(b, s, dtype=torch.long, device=device)
+
+
+class _Counted:
+    """What the tracker counts: the simulated rank's device storages.  Not the offloaded
+    activations' host buffers, not meta tensors, and not the device meshes' rank tables (real
+    tensors, built while ``paused``)."""
+
+    def __init__(self, fake: bool) -> None:
+        self.fake = fake
+        self.host: set[int] = set()
+        self.paused = False
+
+    def add_host_buffer(self, buf) -> None:
+        self.host.add(id(buf.untyped_storage()))
+
+    def ignore(self, t) -> bool:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return (self.paused or t.device.type == "meta" or (self.fake and not is_fake(t))
+                or id(t.untyped_storage()) in self.host)
+
+
+def _estimating_trainer(job_config, counted: _Counted):
+    """:class:`UPipeTrainer` whose device meshes are built with real tensors (``DeviceMesh``
+    reads its rank layout back from a tensor, which a fake tensor cannot answer)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .mesh import cp_groups
+    from .trainer import UPipeTrainer
+
+    class EstimatingTrainer(UPipeTrainer):
+        def init_distributed(self):
+            from torch.distributed.tensor import _random
+
+            counted.paused = True
+            with unset_fake_temporarily():
+                parallel_dims = super().init_distributed()
+                parallel_dims.build_mesh()
+                if parallel_dims.cp_enabled:  # the hybrids' 2-D CP mesh, memoized for later
+                    cp_groups(parallel_dims, self.job_config.context_parallel.ulysses_degree)
+                # DTensor's RNG tracker reads its offsets back from tensors; random init of
+                # fake weights has no values to keep in sync, so run random ops locally
+                _random.manual_seed(0, parallel_dims.world_mesh)
+                if _random._rng_tracker is not None:
+                    _random._rng_tracker.distribute_region_enabled = False
+            counted.paused = False
+            return parallel_dims
+
+    return EstimatingTrainer(job_config)
+
+
+@contextlib.contextmanager
+def _shape_only_init():
+    """``nn.init.trunc_normal_`` resamples until its values are in range (``.item()`` on the
+    data), which fake tensors cannot answer; under the estimator it draws once (same shapes,
+    same in-place write)."""
+    from torch.nn import init
+
+    original = init.trunc_normal_
+
+    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
+        return tensor.normal_(mean, std, generator=generator)
+
+    init.trunc_normal_ = trunc_normal_
+    try:
+        yield
+    finally:
+        init.trunc_normal_ = original
+
+
+def _workspace_bytes(trainer, target: str) -> int:
+    if target != "cuda":
+        return 0
+    from .memory_model import attention_workspace_bytes, setup_from_job
+
+    return attention_workspace_bytes(setup_from_job(trainer.job_config, trainer.model_args,
+                                                    trainer.parallel_dims))
+
+
+def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
+                    fake: bool = True) -> Estimate:
+    """Estimate the per-rank memory of ``train.py argv`` on ``ngpu`` ranks (see module doc).
+
+    ``fake=False`` runs the same steps with real tensors on this machine's device (the
+    collectives are still no-ops): a measurement, used to check the fake run on small shapes.
+    Initializes TorchTitan's fake process group in this process (once; later calls must use
+    the same ``ngpu``).
+    """
+    from .compat import cpu
+
+    cpu.install()
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torchtitan.distributed import utils as dist_utils
+
+    import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
+
+    from .memtrack import LiveTensorTracker
+    from .memory.offload import HostOffloader
+    from .upipe.ops import inline_ops
+
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (step 1 creates the optimizer state), got {steps}")
+    _ensure_fake_world(ngpu)
+    os.environ["NGPU"] = str(ngpu)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    job_config = _parse([*argv, "--comm.mode", "fake_backend"])
+    cp = job_config.context_parallel
+    if cp.style == "ring" and job_config.parallelism.context_parallel_degree > 1:
+        raise ValueError(
+            "context_parallel.style = 'ring' (TorchTitan's DTensor ring attention) has no CPU path "
+            "and cannot be estimated; style = 'usp' with ulysses_degree = 1 is this plugin's ring"
+        )
+    if job_config.debug.seed is None:  # else rank 0 would broadcast a seed read from its RNG
+        job_config.debug.seed = 0
+    job_config.checkpoint.enable = False
+    job_config.metrics.enable_tensorboard = False
+
+    counted = _Counted(fake)
+    tracker = LiveTensorTracker(ignore=counted.ignore)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(_shape_only_init())
+        stack.enter_context(tracker)
+        stack.enter_context(HostOffloader.on_new_buffer(counted.add_host_buffer))
+        stack.enter_context(inline_ops())
+
+        trainer = _estimating_trainer(job_config, counted)
+        init_bytes = tracker.live_bytes
+        model_parts, parallel_dims = trainer.model_parts, trainer.parallel_dims
+        # where training moves the batch; fake tensors tell "cpu" and "cpu:0" apart
+        device = trainer.device if trainer.device.type == "cuda" else torch.device("cpu")
+        train_peaks, optim_peaks = [], []
+        for _ in range(steps):  # Trainer.train_step without the logging
+            trainer.optimizers.zero_grad()
+            tracker.peak_bytes = tracker.live_bytes
+            input_dict, labels = _fake_batch(job_config, device)
+            global_valid_tokens = torch.tensor(float(labels.numel()), device=device)
+            loss = trainer.forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
+            )
+            del loss
+            train_peaks.append(tracker.peak_bytes)
+            tracker.peak_bytes = tracker.live_bytes
+            dist_utils.clip_grad_norm_(
+                [p for m in model_parts for p in m.parameters()],
+                job_config.training.max_norm,
+                foreach=True,
+                pp_mesh=parallel_dims.get_optional_mesh("pp"),
+                ep_enabled=parallel_dims.ep_enabled,
+            )
+            trainer.optimizers.step()
+            optim_peaks.append(tracker.peak_bytes)
+        offloader = getattr(model_parts[0], "host_offloader", None)
+        host = offloader.host_bytes() if offloader is not None else 0
+        workspace = _workspace_bytes(trainer, target)
+    est = Estimate(
+        ngpu=ngpu,
+        seq_len=job_config.training.seq_len,
+        n_layers=len(model_parts[0].layers),
+        style=cp.style if parallel_dims.cp_enabled else "none",
+        target=target,
+        fake=fake,
+        init_bytes=init_bytes,
+        train_peak_bytes=train_peaks,
+        optim_peak_bytes=optim_peaks,
+        workspace_bytes=workspace,
+        host_bytes=host,
+        seconds=time.perf_counter() - start,
+        argv=list(argv),
+    )
+    with contextlib.suppress(Exception):
+        trainer.close()
+    return est
+
+
+def main(args: list[str] | None = None) -> Estimate:
+    parser = argparse.ArgumentParser(
+        description="Estimate one rank's peak memory for train.py's options, on CPU (fake tensors)",
+        epilog="All other options are train.py's (TorchTitan's), e.g. --job.config_file and "
+        "--training.seq_len.",
+    )
+    parser.add_argument("--ngpu", type=int, required=True, help="ranks in the simulated job")
+    parser.add_argument("--steps", type=int, default=2, help="training steps to run (>= 2)")
+    parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                        help="add the CUDA kernels' workspaces (cuda) or not (cpu)")
+    parser.add_argument("--real", action="store_true",
+                        help="measure with real tensors instead (small shapes; checks the estimate)")
+    parser.add_argument("--json", help="also write the estimate to this JSON file")
+    ours, rest = parser.parse_known_args(sys.argv[1:] if args is None else args)
+    est = estimate_memory(rest, ours.ngpu, ours.steps, ours.target, fake=not ours.real)
+    out = est.to_json()
+    print(json.dumps(out, indent=1))
+    if ours.json:
+        with open(ours.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return est
+
+
+if __name__ == "__main__":
+    main()
