@@ -17,6 +17,11 @@ style) and ``ARGS`` comma-separated: a bare integer or ``U=n`` (UPipe's chunk he
 UPipe's chunk heads to 0 and ulysses its all-to-all degree.  ``--layers 0`` is the flavor's
 full depth.  Arguments after ``--`` go to train.py unchanged.
 
+``--estimate`` runs the CPU memory estimator (``python -m torchtitan_upipe.estimate``: the same
+options under fake tensors, no GPU) instead of training, and records its predicted peak and
+host memory; the report puts them next to the GPU measurements and uses them to carry a
+few-layer measurement to full depth.  ``--jobs 2`` runs two styles at once on a 2-core CPU.
+
 Skipping: a run that goes out of memory or times out at ``(S, L)`` skips that style's longer
 sequences at ``L`` and more layers, and more layers at ``S`` (memory and time grow with both).
 """
@@ -94,7 +99,7 @@ def sweep(style: dict, args, extra: list[str], record) -> None:
                                   steps=args.steps, warmup=args.warmup, extra=list(extra), **style)
             start = time.time()
             try:
-                res = runner.run(spec, timeout=args.timeout)
+                res = (runner.estimate if args.estimate else runner.run)(spec, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 shown = " ".join(runner.command(spec, "$DUMP"))
                 res = runner.RunResult(spec, f"NGPU={spec.ngpu} {shown}", ok=False, oom=False,
@@ -108,6 +113,9 @@ def summary_line(res: runner.RunResult, wall: float) -> str:
     def num(v, spec):
         return "-" if v is None else format(v, spec)
 
+    if res.ok and res.kind == "estimate":
+        return (f"{res.spec.label():40s} est  peak {num(res.est_peak_gib, '8.2f')} GiB  host "
+                f"{num(res.est_host_gib, '8.2f')} GiB  ({wall:.0f} s)")
     if res.ok:
         return (f"{res.spec.label():40s} ok   reserved {num(res.reserved_gib, '8.2f')} GiB  active "
                 f"{num(res.active_gib, '8.2f')} GiB  step {num(res.step_s, '9.3f')} s  "
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the time median")
     ap.add_argument("--out", required=True, help="JSON file (docs/results/NAME.json)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    ap.add_argument("--estimate", action="store_true",
+                    help="run the CPU memory estimator (fake tensors, no GPU) instead of training")
     ap.add_argument("--jobs", type=int, default=1,
                     help="styles measured concurrently (1 on a GPU: runs must not share it)")
     args = ap.parse_args(own)

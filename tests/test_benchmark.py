@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -361,3 +362,65 @@ def test_bench_one_rank_end_to_end(tmp_path):
         assert isinstance(r["reserved_gib"], float) and isinstance(r["active_gib"], float)
     text = report.markdown(report.load([str(out)]))
     assert "| upipe(U=4) | 512 | 6 |" in text  # extrapolated to the debug model's 6 layers
+
+
+def _estimate_run(spec, peak, host=0.5):
+    return runner.RunResult(spec, "est-cmd", ok=True, oom=False, kind="estimate",
+                            est_peak_gib=peak, est_host_gib=host)
+
+
+def test_report_carries_a_short_measurement_to_full_depth_with_the_estimator(tmp_path):
+    """Memory is not affine in the layer count; the estimator's difference carries it."""
+    st = {"style": "upipe", "chunk_heads": 8}
+    spec = functools.partial(runner.RunSpec, CONFIG_8B, 8, steps=3, warmup=1, **st)
+    results = [
+        runner.RunResult(spec(1 * M, 1), "cmd", ok=True, oom=False, reserved_gib=20.0,
+                         active_gib=19.0, step_s=1.0, tps=1.0),
+        runner.RunResult(spec(1 * M, 2), "cmd", ok=True, oom=False, reserved_gib=21.0,
+                         active_gib=20.0, step_s=2.0, tps=1.0),
+        _estimate_run(spec(1 * M, 1), 18.0), _estimate_run(spec(1 * M, 0), 40.0, host=7.75),
+        # at 128K a full-depth measurement checks the carried value and the estimate itself
+        runner.RunResult(spec(128 * 1024, 1), "cmd", ok=True, oom=False, reserved_gib=10.0,
+                         active_gib=9.0, step_s=1.0, tps=1.0),
+        runner.RunResult(spec(128 * 1024, 0), "cmd", ok=True, oom=False, reserved_gib=33.0,
+                         active_gib=30.0, step_s=9.0, tps=1.0),
+        _estimate_run(spec(128 * 1024, 1), 8.0), _estimate_run(spec(128 * 1024, 0), 30.0),
+        # only estimated, no GPU run: in the estimate table, not in the measured maximum context
+        _estimate_run(spec(5 * M, 0), 79.0), _estimate_run(spec(4 * M, 0), 70.0),
+    ]
+    path = tmp_path / "est.json"
+    runner.save(results, str(path), ["python", "scripts/bench_one_rank.py", "--estimate"])
+    points = report.analyze(report.load([str(path)]))
+    by = {p.seq_len: p for p in points}
+    p = by[1 * M]
+    # the deepest measured run that has an estimate at its depth
+    assert p.mem_source == "L=1 + estimate" and p.mem_gib == pytest.approx(20.0 + 40.0 - 18.0)
+    assert (p.est_gib, p.est_host_gib, p.est_err) == (40.0, 7.75, None)
+    q = by[128 * 1024]
+    assert q.mem_source == "measured" and q.mem_gib == 33.0
+    assert q.mem_fit_err == pytest.approx((10.0 + 30.0 - 8.0 - 33.0) / 33.0)
+    assert q.est_err == pytest.approx(0.0)
+    assert by[5 * M].mem_gib is None and by[5 * M].est_gib == 79.0
+    mc = report.max_context(points, device_gib=80, reserve_gib=4)
+    assert [(m.max_len, m.first_fail) for m in mc] == [(1 * M, None)]
+    est = report.max_context(points, device_gib=80, reserve_gib=4, estimated=True)
+    assert [(m.max_len, m.first_fail) for m in est] == [(4 * M, 5 * M)]
+    text = report.markdown(report.load([str(path)]))
+    assert "## CPU memory estimate" in text and "| upipe(U=8) | 5M | 32 | 79.00 |" in text
+
+
+@pytest.mark.slow
+def test_bench_one_rank_estimate_mode(tmp_path):
+    out = tmp_path / "est.json"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_one_rank.py"), "--estimate",
+           "--config", "train_configs/llama3_debug_upipe.toml", "--ngpu", "2",
+           "--styles", "upipe:2", "--seq-lens", "512", "--layers", "2", "0",
+           "--timeout", "300", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["kind"] for r in runs] == ["estimate", "estimate"] and all(r["ok"] for r in runs)
+    assert "torchtitan_upipe.estimate --ngpu 2" in runs[0]["command"]
+    two, six = (r["est_peak_gib"] for r in runs)
+    assert 0 < two < six

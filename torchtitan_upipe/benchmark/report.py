@@ -4,10 +4,14 @@ Input: one or more files ``{"environment", "command", "runs": [RunResult as dict
 is one rank of an ``ngpu``-GPU job at ``n_layers`` layers (0 = all) and ``seq_len`` tokens.
 
 1. **Full depth.**  Runs of one setting (style, U, u, config) at one ``seq_len`` and two
-   layer counts ``L1 < L2`` give affine fits (:func:`.fit.fit_two`) of the peak reserved
-   memory and the step time, evaluated at the flavor's depth ``L`` (``model.flavor`` of the
-   TOML config, looked up in :data:`torchtitan_upipe.models.llama3.FLAVORS`).  A full-depth run
-   at that length is used as is and measures the fit's error ``(fit - measured) / measured``.
+   layer counts ``L1 < L2`` give affine fits (:func:`.fit.fit_two`) of the step time,
+   evaluated at the flavor's depth ``L`` (``model.flavor`` of the TOML config, looked up in
+   :data:`torchtitan_upipe.models.llama3.FLAVORS`).  Memory is not affine in the layer count
+   (the peak moves from a layer's backward to the optimizer step as layers are added), so a
+   measured ``L1``-layer peak is carried to full depth by the CPU estimator's difference
+   ``est(L) - est(L1)`` (runs of ``kind == "estimate"``, :mod:`torchtitan_upipe.estimate`);
+   without estimates it falls back to the affine fit.  A full-depth run at that length is used
+   as is and measures the extrapolation's error ``(extrapolated - measured) / measured``.
 2. **Maximum context** per setting: the largest length of the paper's grid
    (:data:`PAPER_GRID`) whose full-depth peak plus ``reserve_gib`` (NCCL buffers and
    all-to-all staging that the fake backend does not allocate) is at most ``device_gib``;
@@ -192,6 +196,12 @@ class Point:
     compute_tps: float | None = None
     model: dict | None = None
     model_overlap: dict | None = None
+    estimates: dict[int, dict] = field(default_factory=dict)
+    """ok CPU-estimator runs (``kind == "estimate"``) by layer count."""
+    est_gib: float | None = None
+    est_host_gib: float | None = None
+    est_err: float | None = None
+    """``(estimate - measured active) / measured active`` at full depth."""
 
     @property
     def label(self) -> str:
@@ -221,6 +231,22 @@ def _fit_full(layers: dict[int, dict], key: str, full: int) -> tuple[float | Non
     return None, "", None
 
 
+def _mem_full(layers: dict[int, dict], est: dict[int, float], full: int
+              ) -> tuple[float | None, str, float | None]:
+    """Full-depth peak reserved memory: measured; else a measured ``L``-layer run plus what the
+    CPU estimator says the other layers add, ``est(full) - est(L)``; else the affine fit.  The
+    error column is that of the extrapolation a full-depth measurement replaced."""
+    have = {l: r["reserved_gib"] for l, r in layers.items() if r.get("reserved_gib") is not None}
+    carried = [l for l in sorted(have, reverse=True) if l < full and l in est and full in est]
+    if carried:
+        l = carried[0]
+        value = have[l] + est[full] - est[l]
+        if full in have:
+            return have[full], "measured", (value - have[full]) / have[full]
+        return value, f"L={l} + estimate", None
+    return _fit_full(layers, "reserved_gib", full)
+
+
 def analyze(data: list[dict], net: cm.Network | None = None,
             overlap: bool | tuple[str, ...] = True) -> list[Point]:
     """Full-depth points for every (setting, seq_len) in the loaded files, sorted."""
@@ -231,14 +257,23 @@ def analyze(data: list[dict], net: cm.Network | None = None,
             s = setting_of(spec)
             pt = groups.setdefault((s, spec["seq_len"]), Point(s, spec["seq_len"]))
             depth = spec.get("n_layers") or s.full_layers
-            if run.get("ok"):
+            if run.get("kind") == "estimate":
+                if run.get("ok"):
+                    pt.estimates[depth] = run
+            elif run.get("ok"):
                 pt.layers[depth] = run
             elif run.get("oom"):
                 pt.oom = True
     shapes: dict[str, cm.ModelShape] = {}
     for pt in groups.values():
         s, full = pt.setting, pt.setting.full_layers
-        pt.mem_gib, pt.mem_source, pt.mem_fit_err = _fit_full(pt.layers, "reserved_gib", full)
+        est = {l: r["est_peak_gib"] for l, r in pt.estimates.items()}
+        pt.mem_gib, pt.mem_source, pt.mem_fit_err = _mem_full(pt.layers, est, full)
+        pt.est_gib = est.get(full)
+        pt.est_host_gib = pt.estimates[full]["est_host_gib"] if full in pt.estimates else None
+        active = pt.layers.get(full, {}).get("active_gib")
+        if pt.est_gib is not None and active:
+            pt.est_err = (pt.est_gib - active) / active
         pt.step_s, _, pt.step_fit_err = _fit_full(pt.layers, "step_s", full)
         if pt.step_s and pt.step_s > 0:
             pt.compute_tps = s.batch * pt.seq_len / (s.cp_degree * pt.step_s)
@@ -263,8 +298,15 @@ class MaxContext:
 
 
 def max_context(points: list[Point], device_gib: float = DEVICE_GIB,
-                reserve_gib: float = RESERVE_GIB, grid: tuple[int, ...] = PAPER_GRID) -> list[MaxContext]:
-    """Per setting: the largest grid length with ``peak + reserve <= device`` (see module doc)."""
+                reserve_gib: float = RESERVE_GIB, grid: tuple[int, ...] = PAPER_GRID,
+                estimated: bool = False) -> list[MaxContext]:
+    """Per setting: the largest grid length with ``peak + reserve <= device`` (see module doc);
+    ``estimated``: the CPU estimator's full-depth peaks instead of the GPU's."""
+    if estimated:
+        points = [Point(p.setting, p.seq_len, mem_gib=p.est_gib) for p in points
+                  if p.est_gib is not None]
+    else:
+        points = [p for p in points if p.layers or p.oom]
     by_setting: dict[Setting, list[Point]] = defaultdict(list)
     for p in points:
         by_setting[p.setting].append(p)
@@ -351,6 +393,8 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
     ]
     for d in data:
         for r in d["runs"]:
+            if r.get("kind") == "estimate":
+                continue  # the estimate section below
             sp = r["spec"]
             status = "ok" if r.get("ok") else "OOM" if r.get("oom") else (
                 "timeout" if "timeout" in (r.get("error") or "").lower()[:200] else "failed")
@@ -387,6 +431,39 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
         paper = PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100.get(mc.paper_row) if mc.paper_row else None
         out.append(f"| {mc.label} | {bound}{fmt_len(mc.max_len)} | {fmt_len(mc.first_fail)} "
                    f"| {mc.paper_row or '-'} | {fmt_len(paper)} |")
+    estimated = [p for p in points if p.estimates]
+    if estimated:
+        out += [
+            "",
+            "## CPU memory estimate (fake tensors, no GPU)",
+            "",
+            ("`python -m torchtitan_upipe.estimate` runs the same job options under "
+             "FakeTensorMode on CPU and counts live storage bytes (allocated, not reserved), plus "
+             "the FA2 backward workspace of one attention call.  Error = (estimate - measured "
+             "peak active) / measured, at full depth."),
+            "",
+            "| setting | S | L | estimated peak GiB | host (offloaded) GiB | measured active GiB "
+            "| error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for p in estimated:
+            full = p.setting.full_layers
+            active = p.layers.get(full, {}).get("active_gib")
+            out.append(f"| {names[p.setting]} | {fmt_len(p.seq_len)} | {full} | {_f(p.est_gib)} "
+                       f"| {_f(p.est_host_gib)} | {_f(active)} | {_pct(p.est_err)} |")
+        out += [
+            "",
+            (f"Estimated maximum context (estimated peak + {reserve_gib:g} GiB reserve <= "
+             f"{device_gib:g} GiB):"),
+            "",
+            "| setting | max context | first length that does not fit | paper max context |",
+            "|---|---|---|---|",
+        ]
+        for mc in max_context(points, device_gib, reserve_gib, estimated=True):
+            bound = "" if mc.first_fail or mc.max_len is None else ">= "
+            paper = PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100.get(mc.paper_row) if mc.paper_row else None
+            out.append(f"| {mc.label} | {bound}{fmt_len(mc.max_len)} | {fmt_len(mc.first_fail)} "
+                       f"| {fmt_len(paper)} |")
     out += [
         "",
         "## Paper, Table 3: Llama3-8B on 8xH100, tokens/s per GPU",

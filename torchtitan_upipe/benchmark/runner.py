@@ -62,13 +62,25 @@ class RunResult:
     step_s: float | None = None
     tps: float | None = None
     error: str | None = None
+    kind: str = "measured"  # or "estimate": the CPU estimator's prediction (no GPU)
+    est_peak_gib: float | None = None   # estimate: peak allocated (+ kernel workspaces)
+    est_host_gib: float | None = None   # estimate: host buffers of offloaded activations
 
 
 def command(spec: RunSpec, dump_folder: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--comm.mode", "fake_backend",
+            *train_args(spec, dump_folder)]
+
+
+def estimate_command(spec: RunSpec, dump_folder: str, json_path: str) -> list[str]:
+    """The CPU memory estimator (:mod:`torchtitan_upipe.estimate`) on the run's options."""
+    return [sys.executable, "-m", "torchtitan_upipe.estimate", "--ngpu", str(spec.ngpu),
+            "--json", json_path, *train_args(spec, dump_folder)]
+
+
+def train_args(spec: RunSpec, dump_folder: str) -> list[str]:
     cmd = [
-        sys.executable, os.path.join(ROOT, "train.py"),
         "--job.config_file", spec.config,
-        "--comm.mode", "fake_backend",
         "--training.seq_len", str(spec.seq_len),
         "--training.steps", str(spec.steps),
         "--benchmark.n_layers", str(spec.n_layers),
@@ -123,6 +135,23 @@ def run(spec: RunSpec, timeout: int = 3600) -> RunResult:
             oom = "OutOfMemoryError" in text or "CUDA out of memory" in text
             return RunResult(spec, shown, ok=False, oom=oom, error=text[-3000:])
         return RunResult(spec, shown, ok=True, oom=False, **summarize(_scalars(dump), spec.warmup))
+
+
+def estimate(spec: RunSpec, timeout: int = 3600) -> RunResult:
+    """The CPU estimator's prediction for ``spec`` (fake tensors; see :mod:`torchtitan_upipe.estimate`)."""
+    with tempfile.TemporaryDirectory(prefix="upipe_est_") as dump:
+        path = os.path.join(dump, "estimate.json")
+        cmd = estimate_command(spec, dump, path)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        shown = " ".join(shlex.quote(c) for c in cmd).replace(path, "$OUT").replace(dump, "$DUMP")
+        if proc.returncode != 0:
+            return RunResult(spec, shown, ok=False, oom=False, kind="estimate",
+                             error=(proc.stdout + proc.stderr)[-3000:])
+        with open(path) as f:
+            est = json.load(f)
+        return RunResult(spec, shown, ok=True, oom=False, kind="estimate",
+                         est_peak_gib=est["peak_gib"], est_host_gib=est["host_gib"])
 
 
 def environment() -> dict[str, str]:
