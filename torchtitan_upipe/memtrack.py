@@ -17,6 +17,7 @@ pointer 0: the fake-tensor estimator (:mod:`torchtitan_upipe.estimate`) counts w
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable
 
@@ -26,10 +27,13 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveTensorTracker(TorchDispatchMode):
+    _active: list[LiveTensorTracker] = []  # trackers told about Python-level storage resizes
+
     def __init__(self, ignore: Callable[[torch.Tensor], bool] | None = None) -> None:
         super().__init__()
         self._ignore = ignore
         self._refs: dict[int, weakref.ref] = {}  # id(storage) -> weak reference to it
+        self._sizes: dict[int, int] = {}  # id(storage) -> bytes counted for it
         self._preexisting: dict[int, object] = {}  # id(storage) -> storage, held alive
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -48,41 +52,80 @@ class LiveTensorTracker(TorchDispatchMode):
                     except (RuntimeError, NotImplementedError):
                         continue
                     self._preexisting[id(st)] = st
+        _watch_resizes(self, True)
         return super().__enter__()
 
     def __exit__(self, *exc):
+        _watch_resizes(self, False)
         self._preexisting.clear()  # release the pre-existing storages held during the region
         return super().__exit__(*exc)
 
-    def _refresh(self) -> None:
-        live = 0
-        for key in list(self._refs):
-            st = self._refs[key]()
-            if st is None:
-                del self._refs[key]
-            else:  # current size: a storage can be released or regrown in place (``resize_``)
-                live += st.nbytes()
-        self.live_bytes = live
-        self.peak_bytes = max(self.peak_bytes, live)
+    # The count is kept incrementally: + a storage's bytes when an op first returns it, - them
+    # when the storage dies (weak-reference callback), +/- a change of size when an op returns
+    # it again or Python code resizes it in place (FSDP2 frees and regrows its all-gather
+    # buffers with ``untyped_storage().resize_``; offload.py releases a block output that way).
+    def _count(self, key: int, nbytes: int) -> None:
+        self.live_bytes += nbytes - self._sizes.get(key, 0)
+        self._sizes[key] = nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _release(self, key: int, ref: weakref.ref) -> None:
+        if self._refs.get(key) is ref:  # not a newer storage that reused the id
+            del self._refs[key]
+            self.live_bytes -= self._sizes.pop(key)
+
+    def _resized(self, st) -> None:
+        key = id(st)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is st:
+            self._count(key, st.nbytes())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._refresh()  # frees that happened since the last op
+        if func._schema.is_mutable:  # may have resized an input's storage and returned nothing
+            for t in _plain_tensors(tree_flatten((args, kwargs))[0]):
+                try:
+                    self._resized(t.untyped_storage())
+                except (RuntimeError, NotImplementedError):
+                    continue
         for t in _plain_tensors(tree_flatten(out)[0]):
             try:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
             key = id(st)
-            if key in self._preexisting or key in self._refs:
+            ref = self._refs.get(key)
+            if ref is not None and ref() is st:  # returned again (in place, a view): its size
+                self._count(key, st.nbytes())
+                continue
+            if key in self._preexisting:
                 continue
             if self._ignore is not None and self._ignore(t):
                 continue
             # a weak reference to the storage, not the tensor: tensors with weak references
             # cannot be swapped (``module.to_empty`` swaps parameters)
-            self._refs[key] = weakref.ref(st)
-        self._refresh()
+            self._refs[key] = weakref.ref(st, functools.partial(self._release, key))
+            self._count(key, st.nbytes())
         return out
+
+
+_original_resize = torch.UntypedStorage.resize_
+
+
+def _resize_(self, size):
+    result = _original_resize(self, size)
+    for tracker in LiveTensorTracker._active:
+        tracker._resized(self)
+    return result
+
+
+def _watch_resizes(tracker: LiveTensorTracker, on: bool) -> None:
+    """Route ``UntypedStorage.resize_`` through :func:`_resize_` while any tracker is active."""
+    if on:
+        LiveTensorTracker._active.append(tracker)
+    else:
+        LiveTensorTracker._active.remove(tracker)
+    torch.UntypedStorage.resize_ = _resize_ if LiveTensorTracker._active else _original_resize
 
 
 def _plain_tensors(values):
