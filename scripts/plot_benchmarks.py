@@ -8,8 +8,9 @@ the device memory and the device memory less the reserve as horizontal lines) an
 ``PREFIX_throughput.png`` (tokens/s per GPU: measured compute only, solid; modeled with
 communication from torchtitan_upipe/benchmark/comm_model.py, dashed; the paper's Table 3 rows,
 dotted grey, when the runs are Llama3-8B with C = 8).  Full-depth values are measured or
-extrapolated by the affine layer fit (torchtitan_upipe/benchmark/report.py); a style without
+extrapolated over the layer count (torchtitan_upipe/benchmark/report.py); a style without
 any full-depth value is drawn from its raw runs at their largest depth, labelled ``(L=n)``.
+The CPU estimator's full-depth peaks (``bench_one_rank.py --estimate``) are dashed, with x.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def series(points: list[report.Point]) -> dict[str, dict[str, list]]:
     out: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for p in points:
         s = out[names[p.setting]]
-        if p.mem_gib is not None or p.compute_tps is not None:
+        if p.mem_gib is not None or p.compute_tps is not None or p.est_gib is not None:
             s["seq"].append(p.seq_len)
             s["mem"].append(p.mem_gib)
+            s["est"].append(p.est_gib)
             s["measured"].append(p.mem_source == "measured")
             s["tps"].append(p.compute_tps)
             s["model"].append(p.model["tps"] if p.model else None)
@@ -53,6 +55,7 @@ def series(points: list[report.Point]) -> dict[str, dict[str, list]]:
             if run:
                 s["seq"].append(p.seq_len)
                 s["mem"].append(run.get("reserved_gib"))
+                s["est"].append(None)
                 s["measured"].append(True)
                 s["tps"].append(run.get("tps"))
                 s["model"].append(None)
@@ -82,7 +85,12 @@ def plot_memory(data: dict, path: str, device_gib: float, reserve_gib: float, ti
         color = f"C{i}"
         x, y = _xy(s["seq"], s["mem"])
         lengths += x
-        ax.plot(x, y, "-", color=color, label=label)
+        if x:
+            ax.plot(x, y, "-", color=color, label=label)
+        x, y = _xy(s["seq"], s["est"])
+        lengths += x
+        if x:
+            ax.plot(x, y, "x--", color=color, label=f"{label} CPU estimate (allocated)")
         meas = [(a, b) for a, b, m in zip(s["seq"], s["mem"], s["measured"]) if m and b is not None]
         fit = [(a, b) for a, b, m in zip(s["seq"], s["mem"], s["measured"]) if not m and b is not None]
         if meas:
@@ -94,7 +102,7 @@ def plot_memory(data: dict, path: str, device_gib: float, reserve_gib: float, ti
                label=f"device - {reserve_gib:g} GiB reserve")
     _axis(ax, lengths)
     ax.set_ylabel("peak reserved memory per rank (GiB)")
-    ax.set_title(f"{title}\nfilled: measured, hollow: affine fit over layers")
+    ax.set_title(f"{title}\nfilled: measured, hollow: extrapolated over layers, x: CPU estimate")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -407,6 +407,12 @@ def test_report_carries_a_short_measurement_to_full_depth_with_the_estimator(tmp
     assert [(m.max_len, m.first_fail) for m in est] == [(4 * M, 5 * M)]
     text = report.markdown(report.load([str(path)]))
     assert "## CPU memory estimate" in text and "| upipe(U=8) | 5M | 32 | 79.00 |" in text
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import plot_benchmarks as plot
+
+    assert plot.series(points)["upipe(U=8)"]["est"][-2:] == [70.0, 79.0]
+    for png in plot.main([str(path), "--out-dir", str(tmp_path)]):
+        assert os.path.getsize(png) > 10_000
 
 
 @pytest.mark.slow
