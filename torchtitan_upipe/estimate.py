@@ -119,9 +119,12 @@ class _Counted:
         self.fake = fake
         self.host: set[int] = set()
         self.paused = False
+        self.tracker = None
 
     def add_host_buffer(self, buf) -> None:
+        # the tracker counted the buffer when ``torch.empty`` made it, before we knew
         self.host.add(id(buf.untyped_storage()))
+        self.tracker.untrack(buf)
 
     def ignore(self, t) -> bool:
         from torch._subclasses.fake_tensor import is_fake
@@ -229,7 +232,7 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     job_config.metrics.enable_tensorboard = False
 
     counted = _Counted(fake)
-    tracker = LiveTensorTracker(ignore=counted.ignore)
+    tracker = counted.tracker = LiveTensorTracker(ignore=counted.ignore)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if fake:

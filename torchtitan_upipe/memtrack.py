@@ -74,6 +74,14 @@ class LiveTensorTracker(TorchDispatchMode):
             del self._refs[key]
             self.live_bytes -= self._sizes.pop(key)
 
+    def untrack(self, tensor: torch.Tensor) -> None:
+        """Stop counting ``tensor``'s storage (memory that is not the tracked device's, such as
+        a host buffer); pair it with an ``ignore`` that keeps it out when ops return it again."""
+        key = id(tensor.untyped_storage())
+        if key in self._refs:
+            del self._refs[key]
+            self.live_bytes -= self._sizes.pop(key)
+
     def _resized(self, st) -> None:
         key = id(st)
         ref = self._refs.get(key)
