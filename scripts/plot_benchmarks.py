@@ -101,7 +101,7 @@ def plot_memory(data: dict, path: str, device_gib: float, reserve_gib: float, ti
     ax.axhline(device_gib - reserve_gib, color="k", lw=1, ls=":",
                label=f"device - {reserve_gib:g} GiB reserve")
     _axis(ax, lengths)
-    ax.set_ylabel("peak reserved memory per rank (GiB)")
+    ax.set_ylabel("peak memory per rank (GiB): GPU reserved, estimate allocated")
     ax.set_title(f"{title}\nfilled: measured, hollow: extrapolated over layers, x: CPU estimate")
     ax.legend(fontsize=8)
     fig.tight_layout()

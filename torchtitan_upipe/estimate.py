@@ -20,6 +20,13 @@ How it estimates (the same code as training, with shapes and no data):
    first step creates the optimizer state; the reported peak is the maximum over all steps.
 4. Host buffers of offloaded activations (``memory.offload_activations``) are counted apart:
    they are host memory (:class:`~torchtitan_upipe.memory.offload.HostOffloader`).
+5. UPipe runs without its custom-op boundary (:func:`~torchtitan_upipe.upipe.ops.inline_ops`,
+   same values): under fake tensors a custom op would run only its output-shape function and
+   hide the stages' buffers.  A wrapper tensor (DTensor) is counted by its local tensor.
+
+``--real`` runs the same steps with real tensors on this machine (still one rank, no-op
+collectives): a measurement.  On small shapes the two agree byte for byte
+(``tests/test_estimate.py``), which is what shows the fake run loses nothing.
 
 What fake tensors do not see, and what is added for it:
 
