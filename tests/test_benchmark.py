@@ -407,6 +407,8 @@ def test_report_carries_a_short_measurement_to_full_depth_with_the_estimator(tmp
     assert [(m.max_len, m.first_fail) for m in est] == [(4 * M, 5 * M)]
     text = report.markdown(report.load([str(path)]))
     assert "## CPU memory estimate" in text and "| upipe(U=8) | 5M | 32 | 79.00 |" in text
+    full_depth = text[text.index("## Full depth"):text.index("## Maximum context")]
+    assert "| 1M |" in full_depth and "| 5M |" not in full_depth  # 5M: estimated only
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import plot_benchmarks as plot
 

@@ -7,7 +7,8 @@ is one rank of an ``ngpu``-GPU job at ``n_layers`` layers (0 = all) and ``seq_le
    layer counts ``L1 < L2`` give affine fits (:func:`.fit.fit_two`) of the step time,
    evaluated at the flavor's depth ``L`` (``model.flavor`` of the TOML config, looked up in
    :data:`torchtitan_upipe.models.llama3.FLAVORS`).  Memory is not affine in the layer count
-   (the peak moves from a layer's backward to the optimizer step as layers are added), so a
+   (where in the backward the step peaks, and which gradients and optimizer state are alive
+   there, changes with the depth; docs/benchmarks.md), so a
    measured ``L1``-layer peak is carried to full depth by the CPU estimator's difference
    ``est(L) - est(L1)`` (runs of ``kind == "estimate"``, :mod:`torchtitan_upipe.estimate`);
    without estimates it falls back to the affine fit.  A full-depth run at that length is used
@@ -411,6 +412,8 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
+        if not p.layers and not p.oom:
+            continue  # estimated only: the estimate section below
         out.append(
             f"| {names[p.setting]} | {fmt_len(p.seq_len)} | {p.setting.full_layers} "
             f"| {'OOM' if p.oom and p.mem_gib is None else _f(p.mem_gib)} | {p.mem_source} "
