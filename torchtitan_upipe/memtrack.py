@@ -78,15 +78,18 @@ class LiveTensorTracker(TorchDispatchMode):
         """Stop counting ``tensor``'s storage (memory that is not the tracked device's, such as
         a host buffer); pair it with an ``ignore`` that keeps it out when ops return it again."""
         key = id(tensor.untyped_storage())
-        if key in self._refs:
-            del self._refs[key]
-            self.live_bytes -= self._sizes.pop(key)
+        ref = self._refs.get(key)
+        if ref is not None:
+            self._release(key, ref)
 
-    def _resized(self, st) -> None:
+    def _resized(self, st) -> bool:
+        """Re-read the size of ``st`` if it is counted; return whether it is."""
         key = id(st)
         ref = self._refs.get(key)
-        if ref is not None and ref() is st:
-            self._count(key, st.nbytes())
+        if ref is None or ref() is not st:
+            return False
+        self._count(key, st.nbytes())
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -101,11 +104,9 @@ class LiveTensorTracker(TorchDispatchMode):
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
-            key = id(st)
-            ref = self._refs.get(key)
-            if ref is not None and ref() is st:  # returned again (in place, a view): its size
-                self._count(key, st.nbytes())
+            if self._resized(st):  # returned again (in place, a view): only its size can change
                 continue
+            key = id(st)
             if key in self._preexisting:
                 continue
             if self._ignore is not None and self._ignore(t):
