@@ -139,15 +139,17 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _grads(ctx, dout, backward_fn):
+    """Input grads from the tensors and arguments :func:`_setup_context` saved, by
+    ``backward_fn`` (the backward op, or its implementation for :class:`_InlineAttention`)."""
     x, wq, wk, wv, freqs_cis, out, lse = ctx.saved_tensors
-    a = ctx.static
-    dx, dwq, dwk, dwv = attention_backward(
-        dout, x, wq, wk, wv, freqs_cis, out, lse,
-        a["n_heads"], a["n_kv_heads"], a["chunk_heads"], a["group_name"], a["ring_group_name"],
-        a["causal"], a["scale"], a["kernel"],
-    )
+    dx, dwq, dwk, dwv = backward_fn(dout, x, wq, wk, wv, freqs_cis, out, lse,
+                                    *(ctx.static[k] for k in _ARGS))
     return (dx, dwq, dwk, dwv) + (None,) * (1 + len(_ARGS))
+
+
+def _backward(ctx, dout, _dlse):
+    return _grads(ctx, dout, attention_backward)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -166,10 +168,7 @@ class _InlineAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        x, wq, wk, wv, freqs_cis, out, lse = ctx.saved_tensors
-        grads = _backward_impl(dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
-                               *(ctx.static[k] for k in _ARGS))
-        return tuple(grads) + (None,) * (1 + len(_ARGS))
+        return _grads(ctx, dout, _backward_impl)
 
 
 _INLINE = False
