@@ -58,6 +58,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from torch._subclasses.fake_tensor import is_fake
+
 GiB = 1 << 30
 
 
@@ -77,16 +79,17 @@ class Estimate:
     #                              creates the Adam state)
     workspace_bytes: int         # kernel workspaces added for the target (see module doc)
     host_bytes: int              # pinned host buffers of offloaded activations
-    peak_bytes: int = 0          # max(train + workspace, optim), over the steps
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.peak_bytes = max(max(self.train_peak_bytes) + self.workspace_bytes,
-                              max(self.optim_peak_bytes))
+    @property
+    def peak_bytes(self) -> int:
+        """max(train + workspace, optim), over the steps."""
+        return max(max(self.train_peak_bytes) + self.workspace_bytes, max(self.optim_peak_bytes))
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d["peak_bytes"] = self.peak_bytes
         d["peak_gib"] = self.peak_bytes / GiB
         d["host_gib"] = self.host_bytes / GiB
         return d
@@ -133,9 +136,7 @@ class _Counted:
         self.host.add(id(buf.untyped_storage()))
         self.tracker.untrack(buf)
 
-    def ignore(self, t) -> bool:
-        from torch._subclasses.fake_tensor import is_fake
-
+    def ignore(self, t) -> bool:  # called for every new storage: no import here
         return (self.paused or t.device.type == "meta" or (self.fake and not is_fake(t))
                 or id(t.untyped_storage()) in self.host)
 

@@ -54,9 +54,8 @@ def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
             )
         local_len = positions.shape[-1]
         expected = sharder.indices(local_len * sharder.degree, positions.device)
-        if is_fake(positions):  # the CPU memory estimator: shapes only, no values to compare
-            pass
-        elif not torch.equal(positions[0].to(expected.dtype), expected):
+        # under the CPU memory estimator positions are fake: shapes only, no values to compare
+        if not is_fake(positions) and not torch.equal(positions[0].to(expected.dtype), expected):
             raise RuntimeError(
                 f"context-parallel inputs are not sharded as {type(sharder).__name__} expects "
                 f"(see torchtitan_upipe.sharding); TorchTitan's head-tail load balancer is for "
