@@ -101,8 +101,12 @@ def sweep(style: dict, args, extra: list[str], record) -> None:
             try:
                 res = (runner.estimate if args.estimate else runner.run)(spec, timeout=args.timeout)
             except subprocess.TimeoutExpired:
-                shown = " ".join(runner.command(spec, "$DUMP"))
-                res = runner.RunResult(spec, f"NGPU={spec.ngpu} {shown}", ok=False, oom=False,
+                if args.estimate:
+                    shown = " ".join(runner.estimate_command(spec, "$DUMP", "$OUT"))
+                else:
+                    shown = f"NGPU={spec.ngpu} " + " ".join(runner.command(spec, "$DUMP"))
+                res = runner.RunResult(spec, shown, ok=False, oom=False,
+                                       kind="estimate" if args.estimate else "measured",
                                        error=f"timeout after {args.timeout} s")
             if not res.ok and (res.oom or (res.error or "").startswith("timeout")):
                 blocked.append((seq, _layer_key(layers)))
