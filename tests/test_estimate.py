@@ -9,6 +9,7 @@ measured by the benchmark (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -25,10 +26,11 @@ DEBUG = os.path.join(ROOT, "train_configs", "llama3_debug_upipe.toml")
 DEBUG_STACK = os.path.join(ROOT, "train_configs", "llama3_debug_upipe_memory.toml")
 
 
-def _estimate(tmp_path, ngpu: int, *args: str, real: bool = False, check: bool = True):
-    out = tmp_path / f"est_{'real' if real else 'fake'}.json"
+def _estimate(tmp_path, ngpu: int, *args: str, real: bool = False, check: bool = True,
+              target: str = "cpu"):
+    out = tmp_path / f"est_{'real' if real else 'fake'}_{target}.json"
     cmd = [sys.executable, "-m", "torchtitan_upipe.estimate", "--ngpu", str(ngpu),
-           "--target", "cpu", "--json", str(out), *args] + (["--real"] if real else [])
+           "--target", target, "--json", str(out), *args] + (["--real"] if real else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if not check:
@@ -165,3 +167,108 @@ def test_tracker_counts_fake_tensors_by_storage():
         torch.empty(0)
         assert tracker.live_bytes == 0
     assert tracker.peak_bytes == 5000
+
+
+def test_breakdown_names_what_is_alive_at_the_peak():
+    from torchtitan_upipe import sharding
+
+    x = torch.randn(1000, requires_grad=True)
+    with LiveTensorTracker(attribute=True) as tracker:
+        y = x.exp()  # saved for the backward: alive with mul's output at the peak
+        z = y * 2
+        idx = sharding.ContiguousSharder(rank=1, degree=2).indices(4000)  # int64, 16000 bytes
+        del y, z
+        after = torch.empty(10)  # made after the peak: not in its breakdown
+        rows = tracker.peak_breakdown()
+    assert tracker.peak_bytes == 24000 and sum(r[1] for r in rows) == tracker.peak_bytes
+    source = inspect.getsourcelines(sharding.ContiguousSharder.indices)
+    line = source[1] + next(i for i, t in enumerate(source[0]) if "torch.arange" in t)
+    assert rows == [(f"arange @ torchtitan_upipe/sharding.py:{line} indices", 16000, 1),
+                    ("exp @ ?", 4000, 1), ("mul @ ?", 4000, 1)]  # tests/ is not a source
+    del idx, after
+
+
+def test_breakdown_labels_backward_ops_with_their_autograd_node():
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(8, 64)
+    with LiveTensorTracker(attribute=True) as tracker:
+        (x @ w).sum().backward()
+        rows = tracker.peak_breakdown()
+    assert any("[MmBackward0]" in label for label, _, _ in rows), rows
+    tracker.reset_peak()
+    assert tracker.peak_bytes == tracker.live_bytes
+    assert sum(r[1] for r in tracker.peak_breakdown()) == tracker.live_bytes
+
+
+def test_breakdown_needs_attribution():
+    with LiveTensorTracker() as tracker, pytest.raises(RuntimeError, match="attribute=True"):
+        tracker.peak_breakdown()
+
+
+def _exp_workspace(func, args):
+    return 1000 if func is torch.ops.aten.exp.default else 0
+
+
+def test_a_workspace_counts_only_while_its_op_runs():
+    with LiveTensorTracker(workspace=_exp_workspace, attribute=True) as tracker:
+        a = torch.empty(1000)
+        b = a.exp()  # a, b and exp's workspace: 9000 bytes at once
+        assert tracker.peak_bytes == 9000 and tracker.live_bytes == 8000
+        rows = tracker.peak_breakdown()
+        assert ("exp workspace (modelled)", 1000, 0) in rows
+        assert sum(r[1] for r in rows) == 9000
+        del a, b
+        big = torch.empty(5000)  # a higher peak without any workspace: nothing added to it
+        assert tracker.peak_bytes == 20000 and tracker.workspace_peak == 1000
+        assert all("workspace" not in r[0] for r in tracker.peak_breakdown())
+        del big
+
+
+def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
+    """The CUDA target counts FA2's backward workspace at each attention backward: the peak
+    rises by at most one workspace over the CPU target's, and the workspace is the one of a
+    UPipe stage (U = 4 query heads of the debug model's 2048 / 2 tokens per rank)."""
+    from torchtitan_upipe import memory_model as mm
+    from torchtitan_upipe.models.llama3 import FLAVORS
+
+    args = ("--job.config_file", DEBUG, "--context_parallel.upipe_chunk_heads", "4")
+    cpu = _estimate(tmp_path, 2, *args)
+    cuda = _estimate(tmp_path, 2, *args, target="cuda")
+    a = FLAVORS["debugmodel"]  # 16 heads of 16 dims, no GQA; fp32 in this config
+    st = mm.from_model_args(a, seq_len=512, batch=2, cp=2, world=2, style="upipe",
+                            chunk_heads=4, param_bytes=4, act_bytes=4)
+    ws = 4 * (2 * 512 * 2 * 16) * (1 + 1 / 16)  # dq_accum + softmax_d: 2 heads per rank
+    assert cuda["workspace_bytes"] == mm.attention_workspace_bytes(st) == ws
+    assert cpu["workspace_bytes"] == 0
+    assert cpu["peak_bytes"] <= cuda["peak_bytes"] <= cpu["peak_bytes"] + ws
+    for key in ("init_bytes", "optim_peak_bytes", "host_bytes"):
+        assert cuda[key] == cpu[key], key
+
+
+# ----------------------------------------------- the analytic model against the estimator
+LLAMA8B = os.path.join(ROOT, "train_configs", "llama3_8b_8xh100_upipe.toml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style,heads,seq", [
+    ("upipe", 8, 1 << 17),     # peaks in layer 0's MLP backward (gathered embedding)
+    ("upipe", 8, 1 << 20),     # peaks in an offloaded layer's attention backward
+    ("upipe", 16, 1 << 20),    # tau = 2 and GQA inside a stage (FA2 expands dK/dV)
+    ("ulysses", 0, 1 << 20),
+])
+def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, heads, seq):
+    """Two derivations of one rank's peak: formulas read off the code (memory_model.py) and
+    the code itself run on fake tensors.  Llama3-8B on 8 ranks with the memory stack, four
+    layers (so one offloaded layer prefetches another), CUDA workspaces on both sides."""
+    from torchtitan_upipe import memory_model as mm
+    from torchtitan_upipe.models.llama3 import FLAVORS
+
+    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B,
+                    "--context_parallel.style", style,
+                    "--context_parallel.upipe_chunk_heads", str(heads),
+                    "--training.seq_len", str(seq), "--benchmark.n_layers", "4", target="cuda")
+    st = mm.stack(mm.from_model_args(FLAVORS["8B"], seq_len=seq, cp=8, world=8, style=style,
+                                     chunk_heads=heads))
+    model = mm.breakdown(mm.replace(st, n_layers=4))["peak_device"]
+    assert est["n_layers"] == 4 and est["host_bytes"] == 3 * seq // 8 * 4096 * 2
+    assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])

@@ -267,18 +267,22 @@ def test_upipe_transient_falls_with_u():
 
 @pytest.mark.parametrize("seq", [M, 3 * M, 5 * M])
 def test_offload_without_prefetch_holds_one_block_input_less(seq):
-    """memory.offload_prefetch = false: every layer phase, and so the peak, holds one
-    ``(b, S/C, dim)`` block input less (the previous layer's prefetched input); the loss
-    phase and the host/device split of the checkpointed inputs do not change."""
+    """memory.offload_prefetch = false: every phase of a layer whose previous layer is
+    offloaded holds one ``(b, S/C, dim)`` block input less (that layer's prefetched input);
+    the loss and layers 0 and 1 (keep = 1: layer 0 is not offloaded) do not change.  The peak
+    falls by at most that: it may move down to layer 1, which holds more reduced gradients."""
     for style in ("ulysses", "upipe"):
         st = _8b(style, seq)
-        on, off = mm.breakdown(st), mm.breakdown(mm.replace(st, offload_prefetch=False))
+        no = mm.replace(st, offload_prefetch=False)
+        on, off = mm.breakdown(st), mm.breakdown(no)
         block_input = st.batch * st.s * st.dim * st.act_bytes
-        assert on["peak_device"] - off["peak_device"] == block_input
-        ph_on, ph_off = mm.phases(st), mm.phases(mm.replace(st, offload_prefetch=False))
-        assert {k: ph_on[k] - ph_off[k] for k in ph_on} == {
-            k: 0 if k == "loss" else block_input for k in ph_on}
-        for k in ("checkpointed_inputs_device", "checkpointed_inputs_host", "model_states"):
+        assert 0 < on["peak_device"] - off["peak_device"] <= block_input
+        for layer in range(st.n_layers):
+            ph_on, ph_off = mm.phases(st, layer), mm.phases(no, layer)
+            less = block_input if layer >= 2 else 0
+            assert {k: ph_on[k] - ph_off[k] for k in ph_on} == {
+                k: 0 if k == "loss" else less for k in ph_on}
+        for k in ("checkpointed_inputs_device", "checkpointed_inputs_host"):
             assert on[k] == off[k]
     # nothing to prefetch when only the last layer is offloaded, or without offload
     st = _8b(seq=seq)

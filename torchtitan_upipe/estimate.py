@@ -32,9 +32,12 @@ What fake tensors do not see, and what is added for it:
 
 * **Kernel workspaces.**  Memory an attention kernel allocates inside itself is invisible
   (the fake run dispatches to the CPU kernels' shape functions).  For a CUDA target
-  (``--target cuda``, the default) we add the FlashAttention-2 backward workspace of one
-  attention call, :func:`torchtitan_upipe.memory_model.attention_workspace_bytes`, as if it
-  coincided with the peak (an upper bound; it exists only during the attention backward).
+  (``--target cuda``, the default) every call of the attention backward op
+  (``_scaled_dot_product_flash_attention_for_cpu_backward``, what the ``sdpa`` kernel runs
+  on CPU) also counts what FlashAttention-2's backward would allocate for that call's shapes,
+  :func:`torchtitan_upipe.memory_model.fa2_backward_workspace_bytes`, at that moment: on top
+  of the live tensors, the op's inputs and its dq, dk, dv.  So the workspace raises the peak
+  only where an attention backward is the peak.
 * **The caching allocator.**  Fragmentation and the rounding of blocks, the CUDA context,
   cuBLAS workspaces and NCCL buffers are not modelled: the estimate is of *allocated* bytes.
   Compare it with TorchTitan's ``memory/max_active(GiB)``; the benchmark's fit keeps an
@@ -77,15 +80,18 @@ class Estimate:
     train_peak_bytes: list[int]  # per step: peak live bytes in forward + backward
     optim_peak_bytes: list[int]  # per step: peak in grad clipping + optimizer step (step 1
     #                              creates the Adam state)
-    workspace_bytes: int         # kernel workspaces added for the target (see module doc)
+    workspace_bytes: int         # the largest kernel workspace counted (see module doc)
     host_bytes: int              # pinned host buffers of offloaded activations
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
+    # ``breakdown=N``: the N largest groups of storages live at the highest phase peak, as
+    # (op [autograd node] @ source line, bytes, storages); the rest summed in one last row
+    breakdown: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def peak_bytes(self) -> int:
-        """max(train + workspace, optim), over the steps."""
-        return max(max(self.train_peak_bytes) + self.workspace_bytes, max(self.optim_peak_bytes))
+        """The highest peak of any phase of any step."""
+        return max(max(self.train_peak_bytes), max(self.optim_peak_bytes))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -189,18 +195,26 @@ def _shape_only_init():
         init.trunc_normal_ = original
 
 
-def _workspace_bytes(trainer, target: str) -> int:
-    if target != "cuda":
-        return 0
-    from .memory_model import attention_workspace_bytes, setup_from_job
+def _fa2_workspace(func, args) -> int:
+    """FlashAttention-2's backward workspace for a call of the CPU flash backward op
+    (``grad_out, q, k, v, ...`` in ``(B, H, S, D)``); 0 for any other op."""
+    import torch
 
-    return attention_workspace_bytes(setup_from_job(trainer.job_config, trainer.model_args,
-                                                    trainer.parallel_dims))
+    if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+        return 0
+    from .memory_model import fa2_backward_workspace_bytes
+
+    q, k = args[1], args[2]
+    return fa2_backward_workspace_bytes(q.numel(), q.shape[-1], q.shape[1] != k.shape[1],
+                                        q.element_size())
 
 
 def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
-                    fake: bool = True) -> Estimate:
+                    fake: bool = True, breakdown: int = 0) -> Estimate:
     """Estimate the per-rank memory of ``train.py argv`` on ``ngpu`` ranks (see module doc).
+
+    ``breakdown > 0`` labels every storage with the op and source line that made it and
+    returns the ``breakdown`` largest groups alive at the highest peak (slower).
 
     ``fake=False`` runs the same steps with real tensors on this machine's device (the
     collectives are still no-ops): a measurement, used to check the fake run on small shapes.
@@ -240,7 +254,9 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     job_config.metrics.enable_tensorboard = False
 
     counted = _Counted(fake)
-    tracker = counted.tracker = LiveTensorTracker(ignore=counted.ignore)
+    tracker = counted.tracker = LiveTensorTracker(
+        ignore=counted.ignore, attribute=breakdown > 0,
+        workspace=_fa2_workspace if target == "cuda" else None)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if fake:
@@ -256,17 +272,25 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         # where training moves the batch; fake tensors tell "cpu" and "cpu:0" apart
         device = trainer.device if trainer.device.type == "cuda" else torch.device("cpu")
         train_peaks, optim_peaks = [], []
+        at_peak, highest = [], -1
+
+        def end_phase(peaks: list[int]) -> None:
+            nonlocal at_peak, highest
+            peaks.append(tracker.peak_bytes)
+            if breakdown and tracker.peak_bytes > highest:
+                highest, at_peak = tracker.peak_bytes, tracker.peak_breakdown()
+            tracker.reset_peak()
+
         for _ in range(steps):  # Trainer.train_step without the logging
             trainer.optimizers.zero_grad()
-            tracker.peak_bytes = tracker.live_bytes
+            tracker.reset_peak()
             input_dict, labels = _fake_batch(job_config, device)
             global_valid_tokens = torch.tensor(float(labels.numel()), device=device)
             loss = trainer.forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens
             )
             del loss
-            train_peaks.append(tracker.peak_bytes)
-            tracker.peak_bytes = tracker.live_bytes
+            end_phase(train_peaks)
             dist_utils.clip_grad_norm_(
                 [p for m in model_parts for p in m.parameters()],
                 job_config.training.max_norm,
@@ -275,10 +299,9 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
                 ep_enabled=parallel_dims.ep_enabled,
             )
             trainer.optimizers.step()
-            optim_peaks.append(tracker.peak_bytes)
+            end_phase(optim_peaks)
         offloader = getattr(model_parts[0], "host_offloader", None)
         host = offloader.host_bytes() if offloader is not None else 0
-        workspace = _workspace_bytes(trainer, target)
     est = Estimate(
         ngpu=ngpu,
         seq_len=job_config.training.seq_len,
@@ -289,14 +312,33 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         init_bytes=init_bytes,
         train_peak_bytes=train_peaks,
         optim_peak_bytes=optim_peaks,
-        workspace_bytes=workspace,
+        workspace_bytes=tracker.workspace_peak,
         host_bytes=host,
         seconds=time.perf_counter() - start,
         argv=list(argv),
+        breakdown=_top(at_peak, breakdown),
     )
     with contextlib.suppress(Exception):
         trainer.close()
     return est
+
+
+def _top(rows: list[tuple[str, int, int]], n: int) -> list[tuple[str, int, int]]:
+    if len(rows) <= n:
+        return rows
+    rest = rows[n:]
+    return [*rows[:n], (f"({len(rest)} other groups)", sum(r[1] for r in rest),
+                        sum(r[2] for r in rest))]
+
+
+def format_breakdown(est: Estimate) -> str:
+    """The breakdown as a markdown table, GiB per group."""
+    lines = ["| GiB | storages | made by (op [autograd node] @ source) |", "|---:|---:|---|"]
+    lines += [f"| {b / GiB:.3f} | {n} | `{label}` |" for label, b, n in est.breakdown]
+    total = sum(b for _, b, _ in est.breakdown)
+    peak = est.peak_bytes
+    lines.append(f"| {total / GiB:.3f} | | total (the peak: {peak / GiB:.3f}) |")
+    return "\n".join(lines)
 
 
 def main(args: list[str] | None = None) -> Estimate:
@@ -312,10 +354,18 @@ def main(args: list[str] | None = None) -> Estimate:
     parser.add_argument("--real", action="store_true",
                         help="measure with real tensors instead (small shapes; checks the estimate)")
     parser.add_argument("--json", help="also write the estimate to this JSON file")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="print the N largest groups of tensors alive at the peak, by the "
+                        "op and source line that made them")
     ours, rest = parser.parse_known_args(sys.argv[1:] if args is None else args)
-    est = estimate_memory(rest, ours.ngpu, ours.steps, ours.target, fake=not ours.real)
+    if ours.breakdown < 0:
+        parser.error(f"--breakdown must be >= 0, got {ours.breakdown}")
+    est = estimate_memory(rest, ours.ngpu, ours.steps, ours.target, fake=not ours.real,
+                          breakdown=ours.breakdown)
     out = est.to_json()
     print(json.dumps(out, indent=1))
+    if est.breakdown:
+        print(format_breakdown(est))
     if ours.json:
         with open(ours.json, "w") as f:
             json.dump(out, f, indent=1)

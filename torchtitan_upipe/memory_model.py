@@ -42,6 +42,7 @@ class Setup:
     style: str = "upipe"         # "ulysses" | "usp" | "upipe" | "ring" (= usp with u = 1)
     chunk_heads: int = 0         # U (0 = u)
     param_bytes: int = 2         # bf16 compute params / unsharded grads
+    reduce_bytes: int = 4        # FSDP's reduce-scatter dtype (mixed_precision_reduce)
     act_bytes: int = 2
     offload: bool = False
     keep_layers: int = 1
@@ -88,11 +89,12 @@ def setup_from_job(job_config, model_args, parallel_dims) -> Setup:
     cp, mem, tr = job_config.context_parallel, job_config.memory, job_config.training
     style = cp.style if parallel_dims.cp_enabled else "ulysses"
     e = 4 if tr.mixed_precision_param == "float32" else 2
+    r = 4 if tr.mixed_precision_reduce == "float32" else 2
     return from_model_args(
         model_args, seq_len=tr.seq_len, batch=tr.local_batch_size, cp=parallel_dims.cp,
         ulysses=cp.ulysses_degree if style in ULYSSES_FAMILY else 0,
         world=parallel_dims.world_size, style=style, chunk_heads=cp.upipe_chunk_heads,
-        param_bytes=e, act_bytes=e, offload=mem.offload_activations,
+        param_bytes=e, reduce_bytes=r, act_bytes=e, offload=mem.offload_activations,
         keep_layers=mem.offload_keep_layers, offload_prefetch=mem.offload_prefetch,
         tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles, tiled_norm=mem.tiled_norm,
         norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
@@ -118,11 +120,18 @@ def _kv_rep(st):
     return 1 if st.n_kv_heads % st.u == 0 else st.u // st.n_kv_heads  # heads.py
 
 
+def fa2_backward_workspace_bytes(nq: int, head_dim: int, gqa: bool, act_bytes: int) -> int:
+    """What FlashAttention-2's backward (``mha_bwd``) allocates besides dq, dk, dv for a query
+    of ``nq`` elements: fp32 ``dq_accum`` ``4 nq``, fp32 ``softmax_d`` ``4 nq / D`` and, when
+    query heads share KV heads (GQA), dK/dV expanded to every query head ``2 e nq`` before
+    they are summed per group.  (Tile rounding of the sequence and head dims is ignored.)"""
+    return 4 * nq + 4 * nq // head_dim + (2 * act_bytes * nq if gqa else 0)
+
+
 def _fa2_ws(st, nq, gqa):
-    """FA2 backward: fp32 dq_accum ``4 nq`` + softmax_d + (GQA) dK/dV expanded, ``2 e nq``."""
     if not st.cuda_workspaces:
         return 0
-    return 4 * nq + 4 * nq // st.head_dim + (2 * nq * st.act_bytes if gqa else 0)
+    return fa2_backward_workspace_bytes(nq, st.head_dim, gqa, st.act_bytes)
 
 
 def attention_workspace_bytes(st: Setup) -> int:
@@ -332,54 +341,107 @@ def param_counts(st: Setup) -> dict:
             "total": st.n_layers * block + emb + out}
 
 
-def model_states_bytes(st: Setup) -> int:
-    """``16 P / N``: fp32 params, grads, Adam m and v, sharded over all N ranks (the paper's
-    "Model"), + FSDP's bf16 window in a block's backward: its all-gathered params and the
-    prefetched next block ``2 p P_block``, its unsharded grads and their fp32 reduce-scatter
-    input ``(p + 4) P_block`` (mixed_precision_reduce = float32).  The loss phase adds
-    [norm, output]'s excess over a block (:func:`phases`)."""
-    pc, p = param_counts(st), st.param_bytes
-    return 16 * pc["total"] // st.world + (3 * p + 4) * pc["block"]
+_GRADS_AFTER = {"norm_bwd": "mlp", "attention_bwd": "block"}  # made so far in a block
 
 
-def phases(st: Setup) -> dict:
-    """Bytes on top of model_states + rope_table + checkpointed_inputs_device, per phase.
+def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attention_bwd") -> int:
+    """Parameters, gradients and optimizer state alive in phase ``phase`` of layer
+    ``layer``'s recompute + backward (``None``: the loss), in a steady-state step (Adam's
+    state exists).
+
+    * always: fp32 params and Adam m and v, sharded over all N ranks, ``12 P / N``;
+    * in the loss: no gradients yet (``zero_grad`` sets them to None); [norm, output] and the
+      last block stay gathered after forward (TorchTitan reshards neither), ``p (P_out +
+      P_block)``;
+    * in layer k's backward: the fp32 sharded gradients of the units already reduced
+      (output and layers above k) ``4 (P_out + (L - 1 - k) P_block) / N``; the previous
+      unit's reduce-scatter input, which FSDP2 holds until the next reduce-scatter,
+      ``r P_prev`` (r = 4 with ``mixed_precision_reduce = float32``; P_prev = P_out for the
+      last layer, so the last layer holds the output's fp32 gradient); this block's
+      unsharded gradients as far as its backward has made them: none in the recompute and
+      the MLP's backward (tiled_mlp.py accumulates in fp32 and casts at its end), the MLP's
+      ``3 p F dim`` in ffn_norm's backward, all ``p P_block`` in the attention's (an upper
+      bound: its q/k/v/o gradients come at its end); this block gathered and the next one
+      prefetched (the embedding after layer 0) ``p (P_block + P_next)``.
+
+    Summed over the whole step, ``16 P / N`` is what the paper calls "Model"."""
+    pc, p, n = param_counts(st), st.param_bytes, st.world
+    static = 12 * pc["total"] // n
+    if layer is None:
+        return static + p * (pc["output"] + pc["block"])
+    done = pc["output"] + (st.n_layers - 1 - layer) * pc["block"]
+    prev = pc["output"] if layer == st.n_layers - 1 else pc["block"]
+    nxt = pc["block"] if layer > 0 else pc["embedding"]
+    grads = {"mlp": 3 * st.ffn_hidden * st.dim, "block": pc["block"]}.get(
+        _GRADS_AFTER.get(phase), 0)
+    return (static + 4 * done // n + st.reduce_bytes * prev + p * grads
+            + p * (pc["block"] + nxt))
+
+
+def _offloaded(st: Setup, layer: int) -> bool:
+    return st.offload and 0 <= layer and layer >= st.keep_layers
+
+
+def phases(st: Setup, layer: int | None = None) -> dict:
+    """Activation bytes on top of model states + rope_table + checkpointed_inputs_device, per
+    phase of layer ``layer``'s recompute + backward, and of the loss.  ``None``: the last
+    layer (the most block-boundary tensors; every offloaded layer's phases are the same
+    except for ``io``).
 
     ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input
     (memory/offload.py:129) and, with ``offload_prefetch`` and an offloaded layer before it,
     that layer's prefetched input (:130-131): ``4 e T dim``, or ``3 e T dim`` without prefetch.
     The recomputed block output (:134) is not held: its producer is the residual add, so
-    :136 (``_release_if_unsaved``, :100-105) frees it before the inner backward.  Block order (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and
-    backward in reverse; the MLP and ffn_norm steps also hold the attention's saved tensors.
+    :136 (``_release_if_unsaved``, :100-105) frees it before the inner backward.  Block order
+    (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and backward in
+    reverse; the MLP and ffn_norm steps also hold the attention's saved tensors.  In the
+    MLP's backward, ``dh`` does not exist yet: the MLP's dx (in ``mlp_bytes``'s backward, or
+    made after its peak when untiled) becomes it.
     """
     e, T, dim = st.act_bytes, st.tokens, st.dim
-    offloaded = st.offload and st.n_layers > st.keep_layers
-    prefetched = offloaded and st.offload_prefetch and st.n_layers - st.keep_layers >= 2
+    k = st.n_layers - 1 if layer is None else layer
+    offloaded = _offloaded(st, k)
+    prefetched = offloaded and st.offload_prefetch and _offloaded(st, k - 1)
     io = e * T * dim * (2 + offloaded + prefetched)
-    a, m, nm, pc = attention_bytes(st), mlp_bytes(st), norm_bytes(st), param_counts(st)
+    a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
     held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
     return {
         "attention_fwd": io + nm["saved"] + a["fwd"],
         "norm_fwd": held + nm["fwd"],
         "mlp_fwd": held + nm["saved"] + m["fwd"],
-        "mlp_bwd": held + nm["saved"] + m["bwd"],
+        "mlp_bwd": held + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
         "norm_bwd": held + nm["bwd"],
         "attention_bwd": io + nm["saved"] + a["bwd"],
-        "loss": 2 * e * T * dim + nm["saved"] + logits_bytes(st)
-        + st.param_bytes * (pc["output"] - pc["block"]),
+        "loss": 2 * e * T * dim + nm["saved"] + logits_bytes(st),
     }
+
+
+def peak_location(st: Setup) -> tuple[int | None, str]:
+    """Where the step peaks: ``(layer, phase)``, or ``(None, "loss")``.  The model states
+    fall as the backward descends (more gradients reduced) while the activation phases are
+    the same for every offloaded layer, so the peak is in the first offloaded layers (or
+    layer 0, which holds the gathered embedding), or in the loss."""
+    best, where = model_states_bytes(st) + phases(st)["loss"], (None, "loss")
+    for k in range(st.n_layers):
+        for name, nbytes in phases(st, k).items():
+            total = nbytes + model_states_bytes(st, k, name) if name != "loss" else 0
+            if total > best:
+                best, where = total, (k, name)
+    return where
 
 
 def breakdown(st: Setup) -> dict:
     """Per-rank bytes.  peak_device = model_states + rope_table (the complex64 freqs_cis:
     this rank's (S/C, D/2) rows, models/llama3.py _precompute_freqs_cis, or TorchTitan's
-    (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase; the
-    *_transient and logits entries are each component's own peak (they do not add up)."""
+    (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase, where
+    ``model_states`` and ``max_phase`` are taken where the step peaks (:func:`peak_location`);
+    the *_transient and logits entries are each component's own peak (they do not add up)."""
     e, T, L = st.act_bytes, st.tokens, st.n_layers
     keep = min(st.keep_layers, L) if st.offload else L
     a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
+    layer, phase = peak_location(st)
     d = {
-        "model_states": model_states_bytes(st),
+        "model_states": model_states_bytes(st, layer, phase),
         "rope_table": 4 * (st.s if st.local_rope else st.seq_len) * st.head_dim,
         "checkpointed_inputs_device": keep * e * T * st.dim,
         "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
@@ -387,7 +449,7 @@ def breakdown(st: Setup) -> dict:
         "mlp_transient": max(m["fwd"], m["bwd"]),
         "norm_transient": max(nm["fwd"], nm["saved"] + nm["bwd"]),
         "logits": logits_bytes(st),
-        "max_phase": max(phases(st).values()),
+        "max_phase": phases(st, layer)[phase],
     }
     d["peak_device"] = sum(d[k] for k in ("model_states", "rope_table",
                                           "checkpointed_inputs_device", "max_phase"))

@@ -13,11 +13,22 @@ Storages are identified by their Python object (one per ``StorageImpl``; views s
 by address, so the tracker also works under ``FakeTensorMode``, where every storage has data
 pointer 0: the fake-tensor estimator (:mod:`torchtitan_upipe.estimate`) counts with it.
 ``ignore(tensor)`` excludes storages from the count (meta tensors, host buffers).
+
+``workspace(func, args)`` returns bytes an op allocates inside itself and frees before it
+returns (a kernel's workspace, invisible to the dispatcher); they are counted at that op, on
+top of what is live with its inputs and outputs, and raise the peak if they reach it.
+
+``attribute=True`` also labels every counted storage with where it was made (the aten op, the
+autograd node running it in a backward, and the innermost ``torchtitan``/``torchtitan_upipe``
+source line) and keeps the live storages of the highest peak: :meth:`peak_breakdown` answers
+"what is alive at the peak", which the estimator prints with ``--breakdown``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import weakref
 from typing import Callable
 
@@ -29,9 +40,16 @@ from torch.utils._pytree import tree_flatten
 class LiveTensorTracker(TorchDispatchMode):
     _active: list[LiveTensorTracker] = []  # trackers told about Python-level storage resizes
 
-    def __init__(self, ignore: Callable[[torch.Tensor], bool] | None = None) -> None:
+    def __init__(self, ignore: Callable[[torch.Tensor], bool] | None = None,
+                 attribute: bool = False,
+                 workspace: Callable[[object, tuple], int] | None = None) -> None:
         super().__init__()
         self._ignore = ignore
+        self._workspace = workspace
+        self.workspace_peak = 0  # the largest workspace counted
+        self._attribute = attribute
+        self._labels: dict[int, str] = {}  # id(storage) -> where it was made (attribute=True)
+        self._at_peak: dict[str, list[int]] = {}  # label -> [bytes, storages] at the peak
         self._refs: dict[int, weakref.ref] = {}  # id(storage) -> weak reference to it
         self._sizes: dict[int, int] = {}  # id(storage) -> bytes counted for it
         self._preexisting: dict[int, object] = {}  # id(storage) -> storage, held alive
@@ -67,12 +85,49 @@ class LiveTensorTracker(TorchDispatchMode):
     def _count(self, key: int, nbytes: int) -> None:
         self.live_bytes += nbytes - self._sizes.get(key, 0)
         self._sizes[key] = nbytes
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            if self._attribute:
+                self._snapshot()
+
+    def _count_workspace(self, func, args) -> None:
+        nbytes = self._workspace(func, args)
+        if not nbytes:
+            return
+        self.workspace_peak = max(self.workspace_peak, nbytes)
+        if self.live_bytes + nbytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes + nbytes
+            if self._attribute:
+                self._snapshot()
+                self._at_peak[f"{func._opname} workspace (modelled)"] = [nbytes, 0]
 
     def _release(self, key: int, ref: weakref.ref) -> None:
         if self._refs.get(key) is ref:  # not a newer storage that reused the id
             del self._refs[key]
             self.live_bytes -= self._sizes.pop(key)
+            self._labels.pop(key, None)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now (a new phase); the breakdown follows."""
+        self.peak_bytes = self.live_bytes
+        if self._attribute:
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        at_peak: dict[str, list[int]] = {}
+        for key, nbytes in self._sizes.items():
+            entry = at_peak.setdefault(self._labels.get(key, "?"), [0, 0])
+            entry[0] += nbytes
+            entry[1] += 1
+        self._at_peak = at_peak
+
+    def peak_breakdown(self) -> list[tuple[str, int, int]]:
+        """``(label, bytes, storages)`` of the storages counted at the current peak, largest
+        first, and the workspace (0 storages) if an op's workspace made the peak
+        (``attribute=True``).  Their bytes add up to ``peak_bytes``."""
+        if not self._attribute:
+            raise RuntimeError("peak_breakdown needs LiveTensorTracker(attribute=True)")
+        return sorted(((k, v[0], v[1]) for k, v in self._at_peak.items()), key=lambda r: -r[1])
 
     def untrack(self, tensor: torch.Tensor) -> None:
         """Stop counting ``tensor``'s storage (memory that is not the tracked device's, such as
@@ -114,8 +169,32 @@ class LiveTensorTracker(TorchDispatchMode):
             # a weak reference to the storage, not the tensor: tensors with weak references
             # cannot be swapped (``module.to_empty`` swaps parameters)
             self._refs[key] = weakref.ref(st, functools.partial(self._release, key))
+            if self._attribute:
+                self._labels[key] = _label(func)
             self._count(key, st.nbytes())
+        if self._workspace is not None:
+            self._count_workspace(func, args)
         return out
+
+
+_SOURCES = tuple(os.sep + d + os.sep for d in ("torchtitan_upipe", "torchtitan"))
+_SKIP = (__file__, os.path.join(os.path.dirname(__file__), "estimate.py"))
+
+
+def _label(func) -> str:
+    """``op [autograd node] @ file:line function`` for a storage made by ``func`` now."""
+    node = torch._C._current_autograd_node()
+    where = "?"
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path not in _SKIP and any(d in path for d in _SOURCES):
+            tail = path[path.rindex(os.sep + "torchtitan"):].lstrip(os.sep)
+            where = f"{tail}:{frame.f_lineno} {frame.f_code.co_name}"
+            break
+        frame = frame.f_back
+    op = func._opname if node is None else f"{func._opname} [{node.name()}]"
+    return f"{op} @ {where}"
 
 
 _original_resize = torch.UntypedStorage.resize_
