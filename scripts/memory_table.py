@@ -2,6 +2,8 @@
 
     python scripts/memory_table.py              # aligned text
     python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
+    python scripts/memory_table.py --estimates docs/results/NAME*.json
+        # the model next to the CPU estimator's full-depth estimates (docs/benchmarks.md)
 
 Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
 (U = 8), with the whole [memory] stack on, on with ``memory.offload_prefetch = false``, and
@@ -85,10 +87,57 @@ def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
+def setup_of_run(spec: dict) -> Setup:
+    """The model's Setup for a benchmark run spec (``runner.RunSpec`` as saved in JSON): the
+    job options parsed as train.py parses them, rank 0 of ``ngpu`` ranks, nothing built."""
+    from types import SimpleNamespace
+
+    from torchtitan.config import ConfigManager
+
+    import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
+    from torchtitan_upipe.benchmark import runner
+    from torchtitan_upipe.memory_model import setup_from_job
+    from torchtitan_upipe.validation import model_args
+
+    job = ConfigManager().parse_args(runner.train_args(runner.RunSpec(**spec), "/tmp/unused"))
+    cp = job.parallelism.context_parallel_degree
+    dims = SimpleNamespace(cp_enabled=cp > 1, cp=cp, world_size=spec["ngpu"])
+    st = setup_from_job(job, model_args(job), dims)
+    return replace(st, n_layers=spec["n_layers"] or st.n_layers)
+
+
+def estimate_table(paths: list[str]) -> str:
+    """Full-depth estimates of the runs in ``paths`` (bench_one_rank.py --estimate JSON) next
+    to the model's peak for the same options, as a markdown table."""
+    import json
+
+    rows = ["| run | estimate | analytic model | model / estimate - 1 | host |",
+            "|---|---:|---:|---:|---:|"]
+    for path in paths:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for run in runs:
+            spec = run["spec"]
+            if run.get("kind") != "estimate" or not run["ok"] or spec["n_layers"]:
+                continue
+            model = breakdown(setup_of_run(spec))["peak_device"] / GiB
+            est = run["est_peak_gib"]
+            extra = " ".join(spec["extra"])
+            rows.append(f"| {run['label']}{' ' + extra if extra else ''} | {est:.2f} | "
+                        f"{model:.2f} | {100 * (model / est - 1):+.1f}% | "
+                        f"{run['est_host_gib']:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--markdown", action="store_true", help="emit markdown tables")
+    ap.add_argument("--estimates", nargs="+", metavar="JSON",
+                    help="compare the model with these estimator results instead")
     args = ap.parse_args(argv)
+    if args.estimates:
+        print(estimate_table(args.estimates))
+        return
     print("Llama3-8B, 8 ranks (C = N = 8, b = 1), per-rank GiB, derived (not measured)\n")
     print(table(llama8b_rows(), args.markdown))
     print("\n32B flavor, 16 ranks (Ulysses 8 x ring 2, N = 16, b = 1), per-rank GiB, derived\n")

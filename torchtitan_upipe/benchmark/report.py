@@ -441,9 +441,9 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
             "## CPU memory estimate (fake tensors, no GPU)",
             "",
             ("`python -m torchtitan_upipe.estimate` runs the same job options under "
-             "FakeTensorMode on CPU and counts live storage bytes (allocated, not reserved), plus "
-             "the FA2 backward workspace of one attention call.  Error = (estimate - measured "
-             "peak active) / measured, at full depth."),
+             "FakeTensorMode on CPU and counts live storage bytes (allocated, not reserved), "
+             "with FA2's backward workspace counted at each attention backward.  Error = "
+             "(estimate - measured peak active) / measured, at full depth."),
             "",
             "| setting | S | L | estimated peak GiB | host (offloaded) GiB | measured active GiB "
             "| error |",
