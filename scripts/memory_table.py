@@ -26,7 +26,7 @@ from torchtitan_upipe.memory_model import (
     Setup,
     breakdown,
     from_flavor,
-    phases,
+    peak_location,
     stack,
 )
 
@@ -67,12 +67,13 @@ def qwen32b_rows() -> list[tuple[str, Setup]]:
 
 
 def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
-    head = ["config"] + [c for _, c in COLUMNS] + ["peak phase", "PEAK dev"]
+    head = ["config"] + [c for _, c in COLUMNS] + ["peak at", "PEAK dev"]
     body = []
     for name, st in rows:
-        d, ph = breakdown(st), phases(st)
+        d, (layer, phase) = breakdown(st), peak_location(st)
         cells = [f"{d[k] / GiB:.1f}" for k, _ in COLUMNS]
-        body.append([name] + cells + [max(ph, key=ph.get), f"{d['peak_device'] / GiB:.1f}"])
+        where = phase if layer is None else f"layer {layer} {phase}"
+        body.append([name] + cells + [where, f"{d['peak_device'] / GiB:.1f}"])
     if markdown:
         rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
         out = ["| " + " | ".join(head) + " |", rule]
@@ -142,9 +143,9 @@ def main(argv=None) -> None:
     print(table(llama8b_rows(), args.markdown))
     print("\n32B flavor, 16 ranks (Ulysses 8 x ring 2, N = 16, b = 1), per-rank GiB, derived\n")
     print(table(qwen32b_rows(), args.markdown))
-    print("\nPEAK dev = model + rope tbl + ckpt dev + the largest phase of one layer's recompute "
-          "+ backward or the loss; the transient columns are each component's own peak and do "
-          "not add up.  ckpt host = pinned host memory per rank.  \"prefetch off\" = "
+    print("\nPEAK dev = model + rope tbl + ckpt dev + the phase where the step peaks (a phase of "
+          "one layer's recompute + backward, or the loss); model = the model states alive "
+          "there; the transient columns are each component's own peak and do not add up.  ckpt host = pinned host memory per rank.  \"prefetch off\" = "
           "memory.offload_prefetch = false: one block input less during a layer's backward.")
 
 
