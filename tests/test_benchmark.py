@@ -364,6 +364,30 @@ def test_bench_one_rank_end_to_end(tmp_path):
     assert "| upipe(U=4) | 512 | 6 |" in text  # extrapolated to the debug model's 6 layers
 
 
+def test_runs_that_differ_in_an_option_are_different_settings(tmp_path):
+    """A run with an extra train.py option (here the memory stack's prefetch off) is its own
+    setting: never merged into the same style's point, its own maximum context."""
+    spec = functools.partial(runner.RunSpec, CONFIG_8B, 8, style="upipe", chunk_heads=8)
+    off = ["--memory.no-offload-prefetch"]
+    results = [_estimate_run(spec(4 * M), 67.0), _estimate_run(spec(5 * M), 79.5),
+               _estimate_run(spec(5 * M, extra=off), 74.6),
+               _estimate_run(spec(6 * M, extra=off), 86.2)]
+    path = tmp_path / "est.json"
+    runner.save(results, str(path), ["python", "scripts/bench_one_rank.py", "--estimate"])
+    points = report.analyze(report.load([str(path)]))
+    by = {(p.label, p.seq_len): p.est_gib for p in points}
+    assert by == {("upipe(U=8)", 4 * M): 67.0, ("upipe(U=8)", 5 * M): 79.5,
+                  ("upipe(U=8) [memory.no_offload_prefetch=true]", 5 * M): 74.6,
+                  ("upipe(U=8) [memory.no_offload_prefetch=true]", 6 * M): 86.2}
+    est = report.max_context(points, device_gib=80, reserve_gib=4, estimated=True)
+    assert sorted((m.label, m.max_len, m.first_fail) for m in est) == [
+        ("upipe(U=8)", 4 * M, 5 * M),
+        ("upipe(U=8) [memory.no_offload_prefetch=true]", 5 * M, 6 * M)]
+    ring = report.setting_of({"config": CONFIG_8B, "ngpu": 8, "style": "ulysses",
+                              "extra": ["--parallelism.context_parallel_rotate_method", "alltoall"]})
+    assert ring.options == () and ring.label == "ulysses"  # resolved, not an option
+
+
 def _estimate_run(spec, peak, host=0.5):
     return runner.RunResult(spec, "est-cmd", ok=True, oom=False, kind="estimate",
                             est_peak_gib=peak, est_host_gib=host)

@@ -83,15 +83,20 @@ class Setting:
     batch: int
     act_bytes: int
     rotate_method: str = "allgather"
+    options: tuple[str, ...] = ()
+    """Any other ``section.key=value`` overrides of the run (``memory.offload_prefetch``...):
+    runs that differ in them are different settings, never merged into one point."""
 
     @property
     def label(self) -> str:
         u = self.ulysses_degree or self.cp_degree
         if self.style == "upipe":
-            return f"upipe(U={self.chunk_heads or u}" + (f",u={u})" if u != self.cp_degree else ")")
-        if self.style == "usp":
-            return f"usp(u={u})"
-        return self.style
+            name = f"upipe(U={self.chunk_heads or u}" + (f",u={u})" if u != self.cp_degree else ")")
+        elif self.style == "usp":
+            name = f"usp(u={u})"
+        else:
+            name = self.style
+        return f"{name} [{', '.join(self.options)}]" if self.options else name
 
     def paper_row(self) -> str | None:
         """The Table 3 row this setting reproduces (only for Llama3-8B with C = 8)."""
@@ -143,6 +148,14 @@ def _config_path(path: str) -> str:
     return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(ROOT, path)
 
 
+# overrides that setting_of resolves into Setting fields (the rotate method matters to "ring"
+# only; gpu_bench.sh passes it to every style)
+_RESOLVED = {"model.flavor", "context_parallel.style", "context_parallel.ulysses_degree",
+             "context_parallel.upipe_chunk_heads", "parallelism.context_parallel_degree",
+             "training.mixed_precision_param", "training.local_batch_size",
+             "parallelism.context_parallel_rotate_method"}
+
+
 def setting_of(spec: dict) -> Setting:
     """Resolve a run's spec (as saved) against its TOML config: what the job really was."""
     from ..models.llama3 import FLAVORS
@@ -163,6 +176,7 @@ def setting_of(spec: dict) -> Setting:
     chunk = get("context_parallel", "upipe_chunk_heads", 0) if chunk is None else chunk
     cp = get("parallelism", "context_parallel_degree", 1)
     dtype = get("training", "mixed_precision_param", "bfloat16")
+    options = tuple(sorted(f"{k}={v}" for k, v in ov.items() if k not in _RESOLVED))
     return Setting(
         config=spec["config"], flavor=flavor, full_layers=FLAVORS[flavor].n_layers, style=style,
         cp_degree=cp, ngpu=int(spec.get("ngpu") or cp), ulysses_degree=u,
@@ -170,6 +184,7 @@ def setting_of(spec: dict) -> Setting:
         batch=get("training", "local_batch_size", 1), act_bytes=4 if dtype == "float32" else 2,
         rotate_method=get("parallelism", "context_parallel_rotate_method", "allgather")
         if style == "ring" else "allgather",
+        options=options,
     )
 
 
