@@ -226,9 +226,11 @@ def test_a_workspace_counts_only_while_its_op_runs():
 
 
 def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
-    """The CUDA target counts FA2's backward workspace at each attention backward: the peak
-    rises by at most one workspace over the CPU target's, and the workspace is the one of a
-    UPipe stage (U = 4 query heads of the debug model's 2048 / 2 tokens per rank)."""
+    """The CUDA target counts FA2's backward workspace at each attention backward, sized for
+    a UPipe stage (U = 4 query heads, 2 per rank, over 2 samples of 512 tokens).  This job
+    peaks outside the attention (the debug model's MLP and loss), so the workspace must not
+    raise the peak; the estimator used to add it anyway.  Where an attention backward is the
+    peak, the Llama3-8B agreement tests below need the workspace to match the model."""
     from torchtitan_upipe import memory_model as mm
     from torchtitan_upipe.models.llama3 import FLAVORS
 
@@ -241,8 +243,7 @@ def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
     ws = 4 * (2 * 512 * 2 * 16) * (1 + 1 / 16)  # dq_accum + softmax_d: 2 heads per rank
     assert cuda["workspace_bytes"] == mm.attention_workspace_bytes(st) == ws
     assert cpu["workspace_bytes"] == 0
-    assert cpu["peak_bytes"] <= cuda["peak_bytes"] <= cpu["peak_bytes"] + ws
-    for key in ("init_bytes", "optim_peak_bytes", "host_bytes"):
+    for key in ("peak_bytes", "train_peak_bytes", "init_bytes", "optim_peak_bytes", "host_bytes"):
         assert cuda[key] == cpu[key], key
 
 

@@ -2,6 +2,7 @@
 
     python -m torchtitan_upipe.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
         [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option] [--json out.json]
+        [--breakdown N]   # also print the N largest groups of tensors alive at the peak
 
 How it estimates (the same code as training, with shapes and no data):
 

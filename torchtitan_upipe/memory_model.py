@@ -418,9 +418,10 @@ def phases(st: Setup, layer: int | None = None) -> dict:
 
 def peak_location(st: Setup) -> tuple[int | None, str]:
     """Where the step peaks: ``(layer, phase)``, or ``(None, "loss")``.  The model states
-    fall as the backward descends (more gradients reduced) while the activation phases are
-    the same for every offloaded layer, so the peak is in the first offloaded layers (or
-    layer 0, which holds the gathered embedding), or in the loss."""
+    grow as the backward descends (each reduced layer leaves its sharded gradients until the
+    optimizer step) while the activation phases are the same for every offloaded layer, so
+    the peak is in the lowest offloaded layers (the first that also prefetches), in layer 0
+    (which holds the gathered embedding), or in the loss."""
     best, where = model_states_bytes(st) + phases(st)["loss"], (None, "loss")
     for k in range(st.n_layers):
         for name, nbytes in phases(st, k).items():
