@@ -145,7 +145,8 @@ def main(argv=None) -> None:
     print(table(qwen32b_rows(), args.markdown))
     print("\nPEAK dev = model + rope tbl + ckpt dev + the phase where the step peaks (a phase of "
           "one layer's recompute + backward, or the loss); model = the model states alive "
-          "there; the transient columns are each component's own peak and do not add up.  ckpt host = pinned host memory per rank.  \"prefetch off\" = "
+          "there; the transient columns are each component's own peak and do not add up.  "
+          "ckpt host = pinned host memory per rank.  \"prefetch off\" = "
           "memory.offload_prefetch = false: one block input less during a layer's backward.")
 
 

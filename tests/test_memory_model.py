@@ -397,3 +397,30 @@ def test_memory_table_script_runs(capsys):
     out = capsys.readouterr().out
     assert "| upipe 5M stack on |" in out and "| usp 8x2 4M stack on |" in out
     assert "| upipe 5M stack on, prefetch off |" in out
+
+
+def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
+    """``--estimates``: each full-depth estimator run next to the model of the same options
+    (parsed from its config and overrides as train.py parses them)."""
+    import importlib.util
+    import pathlib
+
+    from torchtitan_upipe.benchmark import runner
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("memory_table", root / "scripts" / "memory_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = functools.partial(runner.RunSpec, "train_configs/llama3_8b_8xh100_upipe.toml", 8,
+                            3 * M, style="upipe", chunk_heads=8)
+    results = [runner.RunResult(run(extra=["--memory.no-offload-prefetch"]), "cmd", ok=True,
+                                oom=False, kind="estimate", est_peak_gib=50.0, est_host_gib=93.0),
+               runner.RunResult(run(n_layers=2), "cmd", ok=True, oom=False, kind="estimate",
+                                est_peak_gib=40.0, est_host_gib=3.0)]  # not full depth: left out
+    path = tmp_path / "est.json"
+    runner.save(results, str(path), ["test"])
+    mod.main(["--estimates", str(path)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| upipe")]
+    model = mm.breakdown(mm.replace(_8b("upipe", 3 * M), offload_prefetch=False))["peak_device"]
+    assert rows == [f"| upipe(U=8) S={3 * M} L=all --memory.no-offload-prefetch | 50.00 | "
+                    f"{model / mm.GiB:.2f} | {100 * (model / mm.GiB / 50 - 1):+.1f}% | 93.00 |"]
