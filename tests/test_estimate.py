@@ -55,6 +55,11 @@ CASES = {
     "upipe_ring_2x2": (4, DEBUG_STACK, "--context_parallel.ulysses_degree", "2",
                        "--parallelism.context_parallel_degree", "4",
                        "--training.seq_len", "1024"),
+    # another ring rank: its zigzag shard, its groups and the merges it does are its own
+    "usp_2x2_rank2": (4, DEBUG_STACK, "--rank", "2", "--context_parallel.style", "usp",
+                      "--context_parallel.ulysses_degree", "2",
+                      "--parallelism.context_parallel_degree", "4",
+                      "--training.seq_len", "1024"),
 }
 
 
@@ -121,6 +126,31 @@ def test_host_buffers_are_not_counted_as_device_memory():
         y = offloader.reload(0)  # the copy back is device memory
         assert tracker.live_bytes == 4000 and torch.equal(y, x)
     assert offloader.host_bytes() == 4000 and len(counted.host) == 1
+
+
+def test_ranks_of_a_ring_differ_and_all_to_all_ranks_do_not(tmp_path):
+    """``--rank``: the estimate of another rank of the job.  UPipe over all-to-alls treats
+    every rank alike; a causal zigzag ring does not (rank 0 merges half blocks where later
+    ring ranks merge whole ones), so a one-rank simulation must pick its rank."""
+    def peak(*args):
+        d = tmp_path / "_".join(a.strip("-").replace(".", "_") for a in args)
+        d.mkdir()
+        est = _estimate(d, 4, "--job.config_file", DEBUG_STACK,
+                        "--parallelism.context_parallel_degree", "4",
+                        "--training.seq_len", "1024", *args)
+        return est["rank"], est["peak_bytes"]
+
+    a2a = [peak("--rank", r) for r in ("0", "3")]
+    assert a2a[0][0] == 0 and a2a[1][0] == 3 and a2a[0][1] == a2a[1][1]
+    usp = ("--context_parallel.style", "usp", "--context_parallel.ulysses_degree", "2")
+    ring = [peak(*usp, "--rank", r)[1] for r in ("0", "2")]
+    assert ring[0] != ring[1], ring
+
+
+def test_a_rank_outside_the_job_is_refused(tmp_path):
+    proc = _estimate(tmp_path, 2, "--rank", "2", "--job.config_file", DEBUG, check=False)
+    assert proc.returncode != 0
+    assert "--rank 2 is not a rank of the 2-rank job; valid: 0 to 1" in proc.stderr
 
 
 def test_ring_style_is_refused_with_the_alternative(tmp_path):

@@ -85,6 +85,7 @@ class Estimate:
     host_bytes: int              # pinned host buffers of offloaded activations
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
+    rank: int = 0                # the simulated rank (ring styles are not symmetric over ranks)
     # ``breakdown=N``: the N largest groups of storages live at the highest phase peak, as
     # (op [autograd node] @ source line, bytes, storages); the rest summed in one last row
     breakdown: list[tuple[str, int, int]] = field(default_factory=list)
@@ -108,15 +109,39 @@ def _parse(argv: list[str]):
     return ConfigManager().parse_args(argv)
 
 
-def _ensure_fake_world(ngpu: int) -> None:
+def _ensure_fake_world(ngpu: int, rank: int) -> None:
     import torch.distributed as dist
 
+    if not 0 <= rank < ngpu:
+        raise ValueError(f"--rank {rank} is not a rank of the {ngpu}-rank job; valid: 0 to {ngpu - 1}")
     if dist.is_initialized():
-        if dist.get_backend() != "fake" or dist.get_world_size() != ngpu:
+        if (dist.get_backend() != "fake" or dist.get_world_size() != ngpu
+                or dist.get_rank() != rank):
             raise RuntimeError(
-                f"the estimator needs a fake process group of {ngpu} ranks; this process already "
-                f"has a {dist.get_backend()!r} group of {dist.get_world_size()}"
+                f"the estimator needs a fake process group of {ngpu} ranks as rank {rank}; this "
+                f"process already has a {dist.get_backend()!r} group of {dist.get_world_size()} "
+                f"as rank {dist.get_rank()}"
             )
+
+
+@contextlib.contextmanager
+def _fake_group_as(rank: int):
+    """TorchTitan's fake process group always makes this process rank 0; make it ``rank``."""
+    import torch.distributed as dist
+    from torchtitan.distributed import utils
+
+    original = utils.init_fake_mode
+
+    def init_fake_mode(world_size: int, comm_mode: str = "fake_backend"):
+        if comm_mode != "fake_backend":
+            return original(world_size, comm_mode)
+        dist.init_process_group("fake", rank=rank, world_size=world_size)
+
+    utils.init_fake_mode = init_fake_mode
+    try:
+        yield
+    finally:
+        utils.init_fake_mode = original
 
 
 def _fake_batch(job_config, device):  # token values do not change memory
@@ -148,9 +173,10 @@ class _Counted:
                 or id(t.untyped_storage()) in self.host)
 
 
-def _estimating_trainer(job_config, counted: _Counted):
-    """:class:`UPipeTrainer` whose device meshes are built with real tensors (``DeviceMesh``
-    reads its rank layout back from a tensor, which a fake tensor cannot answer)."""
+def _estimating_trainer(job_config, counted: _Counted, rank: int):
+    """:class:`UPipeTrainer` as rank ``rank``, whose device meshes are built with real tensors
+    (``DeviceMesh`` reads its rank layout back from a tensor, which a fake tensor cannot
+    answer)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .mesh import cp_groups
@@ -161,7 +187,7 @@ def _estimating_trainer(job_config, counted: _Counted):
             from torch.distributed.tensor import _random
 
             counted.paused = True
-            with unset_fake_temporarily():
+            with unset_fake_temporarily(), _fake_group_as(rank):
                 parallel_dims = super().init_distributed()
                 parallel_dims.build_mesh()
                 if parallel_dims.cp_enabled:  # the hybrids' 2-D CP mesh, memoized for later
@@ -211,16 +237,17 @@ def _fa2_workspace(func, args) -> int:
 
 
 def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
-                    fake: bool = True, breakdown: int = 0) -> Estimate:
+                    fake: bool = True, breakdown: int = 0, rank: int = 0) -> Estimate:
     """Estimate the per-rank memory of ``train.py argv`` on ``ngpu`` ranks (see module doc).
 
+    ``rank`` is the simulated rank (TorchTitan's fake group would make every process rank 0).
     ``breakdown > 0`` labels every storage with the op and source line that made it and
     returns the ``breakdown`` largest groups alive at the highest peak (slower).
 
     ``fake=False`` runs the same steps with real tensors on this machine's device (the
     collectives are still no-ops): a measurement, used to check the fake run on small shapes.
     Initializes TorchTitan's fake process group in this process (once; later calls must use
-    the same ``ngpu``).
+    the same ``ngpu`` and ``rank``).
     """
     from .compat import cpu
 
@@ -239,7 +266,7 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (step 1 creates the optimizer state), got {steps}")
-    _ensure_fake_world(ngpu)
+    _ensure_fake_world(ngpu, rank)
     os.environ["NGPU"] = str(ngpu)
     os.environ.setdefault("LOCAL_RANK", "0")
     job_config = _parse([*argv, "--comm.mode", "fake_backend"])
@@ -267,7 +294,7 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         stack.enter_context(HostOffloader.on_new_buffer(counted.add_host_buffer))
         stack.enter_context(inline_ops())
 
-        trainer = _estimating_trainer(job_config, counted)
+        trainer = _estimating_trainer(job_config, counted, rank)
         init_bytes = tracker.live_bytes
         model_parts, parallel_dims = trainer.model_parts, trainer.parallel_dims
         # where training moves the batch; fake tensors tell "cpu" and "cpu:0" apart
@@ -317,6 +344,7 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         host_bytes=host,
         seconds=time.perf_counter() - start,
         argv=list(argv),
+        rank=rank,
         breakdown=_top(at_peak, breakdown),
     )
     with contextlib.suppress(Exception):
@@ -355,6 +383,9 @@ def main(args: list[str] | None = None) -> Estimate:
     parser.add_argument("--real", action="store_true",
                         help="measure with real tensors instead (small shapes; checks the estimate)")
     parser.add_argument("--json", help="also write the estimate to this JSON file")
+    parser.add_argument("--rank", type=int, default=0,
+                        help="simulate this rank of the job (default 0); ranks of a ring "
+                        "differ in memory (the causal zigzag ring merges more on some ranks)")
     parser.add_argument("--breakdown", type=int, default=0, metavar="N",
                         help="print the N largest groups of tensors alive at the peak, by the "
                         "op and source line that made them")
@@ -362,7 +393,7 @@ def main(args: list[str] | None = None) -> Estimate:
     if ours.breakdown < 0:
         parser.error(f"--breakdown must be >= 0, got {ours.breakdown}")
     est = estimate_memory(rest, ours.ngpu, ours.steps, ours.target, fake=not ours.real,
-                          breakdown=ours.breakdown)
+                          breakdown=ours.breakdown, rank=ours.rank)
     out = est.to_json()
     print(json.dumps(out, indent=1))
     if est.breakdown:
