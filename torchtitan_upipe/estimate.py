@@ -222,18 +222,20 @@ def _shape_only_init():
         init.trunc_normal_ = original
 
 
-def _fa2_workspace(func, args) -> int:
-    """FlashAttention-2's backward workspace for a call of the CPU flash backward op
-    (``grad_out, q, k, v, ...`` in ``(B, H, S, D)``); 0 for any other op."""
-    import torch
-
-    if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
-        return 0
+def _fa2_workspace(backward_op):
+    """The tracker's workspace hook: FlashAttention-2's backward workspace for a call of
+    ``backward_op``, the CPU flash backward (``grad_out, q, k, v, ...`` in ``(B, H, S, D)``);
+    0 for any other op.  It runs for every op, so it only compares ``func`` with the op."""
     from .memory_model import fa2_backward_workspace_bytes
 
-    q, k = args[1], args[2]
-    return fa2_backward_workspace_bytes(q.numel(), q.shape[-1], q.shape[1] != k.shape[1],
-                                        q.element_size())
+    def workspace(func, args) -> int:
+        if func is not backward_op:
+            return 0
+        q, k = args[1], args[2]
+        return fa2_backward_workspace_bytes(q.numel(), q.shape[-1], q.shape[1] != k.shape[1],
+                                            q.element_size())
+
+    return workspace
 
 
 def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
@@ -284,7 +286,9 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     counted = _Counted(fake)
     tracker = counted.tracker = LiveTensorTracker(
         ignore=counted.ignore, attribute=breakdown > 0,
-        workspace=_fa2_workspace if target == "cuda" else None)
+        workspace=_fa2_workspace(
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+        if target == "cuda" else None)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if fake:

@@ -425,7 +425,9 @@ def peak_location(st: Setup) -> tuple[int | None, str]:
     best, where = model_states_bytes(st) + phases(st)["loss"], (None, "loss")
     for k in range(st.n_layers):
         for name, nbytes in phases(st, k).items():
-            total = nbytes + model_states_bytes(st, k, name) if name != "loss" else 0
+            if name == "loss":  # counted once, above
+                continue
+            total = nbytes + model_states_bytes(st, k, name)
             if total > best:
                 best, where = total, (k, name)
     return where

@@ -178,7 +178,6 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 _SOURCES = tuple(os.sep + d + os.sep for d in ("torchtitan_upipe", "torchtitan"))
-_SKIP = (__file__, os.path.join(os.path.dirname(__file__), "estimate.py"))
 
 
 def _label(func) -> str:
@@ -188,7 +187,7 @@ def _label(func) -> str:
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
-        if path not in _SKIP and any(d in path for d in _SOURCES):
+        if path != __file__ and any(d in path for d in _SOURCES):
             tail = path[path.rindex(os.sep + "torchtitan"):].lstrip(os.sep)
             where = f"{tail}:{frame.f_lineno} {frame.f_code.co_name}"
             break
