@@ -13,8 +13,10 @@ sweep keeps what it measured); summarize them with
 
 Styles: ``NAME[:ARGS]`` with ``NAME`` in ulysses | upipe | ring | usp | config (the config's own
 style) and ``ARGS`` comma-separated: a bare integer or ``U=n`` (UPipe's chunk heads), ``u=n``
-(all-to-all degree of the hybrids).  Any config serves every style: ulysses/ring/usp reset
-UPipe's chunk heads to 0 and ulysses its all-to-all degree.  ``--layers 0`` is the flavor's
+(all-to-all degree of the hybrids), ``r=n`` (run rank ``n`` of the job instead of rank 0:
+a causal ring's ranks differ in memory, so ``ring ring:r=7`` measures both ends).  Any config
+serves every style: ulysses/ring/usp reset UPipe's chunk heads to 0 and ulysses its all-to-all
+degree.  ``--layers 0`` is the flavor's
 full depth.  Arguments after ``--`` go to train.py unchanged.
 
 ``--estimate`` runs the CPU memory estimator (``python -m torchtitan_upipe.estimate``: the same
@@ -57,7 +59,7 @@ def parse_len(text: str) -> int:
 
 
 def parse_style(text: str) -> dict:
-    """``upipe:8`` / ``upipe:U=16,u=8`` / ``usp:u=8`` / ``ulysses`` -> RunSpec fields."""
+    """``upipe:8`` / ``upipe:U=16,u=8`` / ``usp:u=8,r=7`` / ``ulysses`` -> RunSpec fields."""
     name, _, args = text.partition(":")
     if name not in ("ulysses", "upipe", "ring", "usp", "config"):
         raise argparse.ArgumentTypeError(f"unknown style {name!r} in {text!r}")
@@ -74,6 +76,8 @@ def parse_style(text: str) -> dict:
             out["chunk_heads"] = int(val)
         elif key == "u":
             out["ulysses_degree"] = int(val)
+        elif key == "r":
+            out["rank"] = int(val)
         else:
             raise argparse.ArgumentTypeError(f"unknown style argument {item!r} in {text!r}")
     return out
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(own)
     if args.ngpu is None:
         args.ngpu = config_cp_degree(args.config)
+    for style in args.styles:
+        if not 0 <= style.get("rank", 0) < args.ngpu:
+            ap.error(f"--styles: rank r={style['rank']} is not a rank of the {args.ngpu}-rank "
+                     f"job; valid: 0 to {args.ngpu - 1}")
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup (the time is the median of the steps after it)")
 

@@ -339,6 +339,31 @@ def test_bench_cli_parsing():
     assert b.parse_style("ring") == {"style": "ring", "chunk_heads": 0}
     assert b.parse_style("config") == {"style": None}
     assert b.parse_style("upipe:U=8,u=4") == {"style": "upipe", "chunk_heads": 8, "ulysses_degree": 4}
+    assert b.parse_style("ring:r=7") == {"style": "ring", "chunk_heads": 0, "rank": 7}
+
+
+def test_another_rank_is_its_own_setting():
+    """``r=n``: rank n of the job (``benchmark.fake_rank``), which writes its own TensorBoard
+    folder (TorchTitan's metrics are rank 0's only); a different setting from rank 0's."""
+    spec = runner.RunSpec(CONFIG_8B, 8, 4 * M, style="ring", chunk_heads=0, rank=7)
+    args = runner.train_args(spec, "/dump")
+    i = args.index("--benchmark.fake_rank")
+    assert args[i + 1] == "7" and "--metrics.save_for_all_ranks" in args
+    assert "--benchmark.fake_rank" not in runner.train_args(
+        runner.RunSpec(CONFIG_8B, 8, 4 * M, style="ring"), "/dump")
+    assert spec.label() == "ring rank 7 S=4194304 L=all"
+    as_saved = {"config": CONFIG_8B, "ngpu": 8, "style": "ring", "chunk_heads": 0}
+    last, first = report.setting_of(dict(as_saved, rank=7)), report.setting_of(as_saved)
+    assert (last.rank, last.label, last.options) == (7, "ring rank 7", ())
+    assert first.rank == 0 and first.label == "ring" and first != last
+    by_option = report.setting_of(dict(as_saved, extra=["--benchmark.fake_rank", "3"]))
+    assert by_option.rank == 3 and by_option.options == ()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench_one_rank.py"), "--config", CONFIG_8B,
+         "--styles", "ring:r=8", "--seq-lens", "128K", "--out", "/dev/null"],
+        check=False, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "rank r=8 is not a rank of the 8-rank job; valid: 0 to 7" in proc.stderr
 
 
 # ------------------------------------------------------------------------------- end to end (CPU)
@@ -362,6 +387,23 @@ def test_bench_one_rank_end_to_end(tmp_path):
         assert isinstance(r["reserved_gib"], float) and isinstance(r["active_gib"], float)
     text = report.markdown(report.load([str(out)]))
     assert "| upipe(U=4) | 512 | 6 |" in text  # extrapolated to the debug model's 6 layers
+
+
+@pytest.mark.slow
+def test_train_py_on_the_fake_backend_is_the_chosen_rank(tmp_path):
+    """``benchmark.fake_rank``: train.py really is rank 3 of the 4-rank job (TorchTitan names
+    the TensorBoard folder by ``dist.get_rank()``), and the runner reads its scalars."""
+    spec = runner.RunSpec("train_configs/llama3_debug_upipe.toml", 4, 512, n_layers=1, style="usp",
+                          chunk_heads=0, ulysses_degree=1, steps=3, warmup=1, rank=3,
+                          extra=["--parallelism.context_parallel_degree", "4"])
+    env = dict(os.environ, NGPU="4", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(runner.command(spec, str(tmp_path)), env=env, check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = [os.path.basename(p) for p in (tmp_path / "tb").glob("*/*")]
+    assert folders == ["rank_3"]
+    got = runner.summarize(runner._scalars(str(tmp_path)), spec.warmup)
+    assert got["step_s"] > 0 and got["tps"] > 0 and got["reserved_gib"] > 0
 
 
 def test_runs_that_differ_in_an_option_are_different_settings(tmp_path):

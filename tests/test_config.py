@@ -132,3 +132,17 @@ def test_unsupported_combinations():
     _fails(r"model.flavor='9B' is not a flavor", "--model.flavor=9B")
     _fails(r"set context_parallel.time_attention=false", "--compile.enable")
     validate_job_config(_config("--compile.enable", "--context_parallel.no-time-attention"), world_size=2, cuda=False)
+
+
+def test_fake_rank_needs_the_fake_backend_and_a_rank_of_the_job():
+    # a causal ring's ranks differ in memory, so a one-rank measurement may simulate any rank
+    _fails(r"benchmark.fake_rank=1 simulates one rank of a job and needs comm.mode='fake_backend'",
+           "--benchmark.fake_rank=1")
+    fake = ("--comm.mode=fake_backend", "--parallelism.context_parallel_degree=4")
+    _fails(r"benchmark.fake_rank=4 is not a rank of the 4-rank job \(NGPU=4\); valid: 0 to 3",
+           *fake, "--benchmark.fake_rank=4", world=4)
+    validate_job_config(_config(*fake, "--benchmark.fake_rank=3"), world_size=4, cuda=False)
+    from torchtitan_upipe.config import Benchmark
+
+    with pytest.raises(ValueError, match=r"benchmark.fake_rank=-1 must be an integer >= 0"):
+        Benchmark(fake_rank=-1)

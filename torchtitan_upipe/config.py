@@ -113,9 +113,17 @@ class Benchmark:
     """Build only the first n transformer layers of the flavor (per-layer scaling
     measurements: time and memory at 1 and 2 layers, then extrapolate); 0 = all layers."""
 
+    fake_rank: int = 0
+    """With ``comm.mode = "fake_backend"`` (this process is one rank of an NGPU-rank job, its
+    collectives no-ops), be rank ``fake_rank`` of the job instead of TorchTitan's rank 0.
+    All-to-all styles do the same work on every rank; a causal zigzag ring does not (ranks
+    merge different blocks), so a one-rank measurement of a ring must choose its rank."""
+
     def __post_init__(self) -> None:
-        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 0:
-            raise ValueError(f"benchmark.n_layers={self.n_layers!r} must be an integer >= 0 (0 = all)")
+        for name in ("n_layers", "fake_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"benchmark.{name}={value!r} must be an integer >= 0")
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""CPU memory estimator: rank 0 of an N-rank job, run under ``FakeTensorMode`` (no GPU).
+"""CPU memory estimator: one rank of an N-rank job, run under ``FakeTensorMode`` (no GPU).
 
     python -m torchtitan_upipe.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
         [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option] [--json out.json]
         [--breakdown N]   # also print the N largest groups of tensors alive at the peak
+        [--rank R]        # simulate rank R (default 0; same as --benchmark.fake_rank R)
 
 How it estimates (the same code as training, with shapes and no data):
 
 1. The command line is ``train.py``'s, parsed by TorchTitan's ``ConfigManager``, with
    ``comm.mode = "fake_backend"`` and ``NGPU = N``: the process group is TorchTitan's fake
-   backend, so this process is rank 0 of ``N`` and collectives do nothing.
+   backend, so this process is rank ``R`` (``--rank``, default 0) of ``N`` and collectives
+   do nothing.
 2. Under ``FakeTensorMode``, :class:`~torchtitan_upipe.trainer.UPipeTrainer` is built as in
    training: config validation, the train spec's model, ``parallelize_llama_cp`` (the CP
    style, the ``[memory]`` stack, activation checkpointing, FSDP2 with the config's mixed
@@ -69,7 +71,8 @@ GiB = 1 << 30
 
 @dataclass
 class Estimate:
-    """Per-rank bytes for rank 0 of an ``ngpu``-rank job (``*_bytes``) and what produced them."""
+    """Per-rank bytes for rank ``rank`` of an ``ngpu``-rank job (``*_bytes``) and what produced
+    them."""
 
     ngpu: int
     seq_len: int
@@ -109,11 +112,14 @@ def _parse(argv: list[str]):
     return ConfigManager().parse_args(argv)
 
 
+def _check_rank(ngpu: int, rank: int) -> None:
+    if not 0 <= rank < ngpu:
+        raise ValueError(f"--rank {rank} is not a rank of the {ngpu}-rank job; valid: 0 to {ngpu - 1}")
+
+
 def _ensure_fake_world(ngpu: int, rank: int) -> None:
     import torch.distributed as dist
 
-    if not 0 <= rank < ngpu:
-        raise ValueError(f"--rank {rank} is not a rank of the {ngpu}-rank job; valid: 0 to {ngpu - 1}")
     if dist.is_initialized():
         if (dist.get_backend() != "fake" or dist.get_world_size() != ngpu
                 or dist.get_rank() != rank):
@@ -122,26 +128,6 @@ def _ensure_fake_world(ngpu: int, rank: int) -> None:
                 f"process already has a {dist.get_backend()!r} group of {dist.get_world_size()} "
                 f"as rank {dist.get_rank()}"
             )
-
-
-@contextlib.contextmanager
-def _fake_group_as(rank: int):
-    """TorchTitan's fake process group always makes this process rank 0; make it ``rank``."""
-    import torch.distributed as dist
-    from torchtitan.distributed import utils
-
-    original = utils.init_fake_mode
-
-    def init_fake_mode(world_size: int, comm_mode: str = "fake_backend"):
-        if comm_mode != "fake_backend":
-            return original(world_size, comm_mode)
-        dist.init_process_group("fake", rank=rank, world_size=world_size)
-
-    utils.init_fake_mode = init_fake_mode
-    try:
-        yield
-    finally:
-        utils.init_fake_mode = original
 
 
 def _fake_batch(job_config, device):  # token values do not change memory
@@ -173,10 +159,10 @@ class _Counted:
                 or id(t.untyped_storage()) in self.host)
 
 
-def _estimating_trainer(job_config, counted: _Counted, rank: int):
-    """:class:`UPipeTrainer` as rank ``rank``, whose device meshes are built with real tensors
-    (``DeviceMesh`` reads its rank layout back from a tensor, which a fake tensor cannot
-    answer)."""
+def _estimating_trainer(job_config, counted: _Counted):
+    """:class:`UPipeTrainer` (rank ``benchmark.fake_rank`` of the job), whose device meshes
+    are built with real tensors (``DeviceMesh`` reads its rank layout back from a tensor,
+    which a fake tensor cannot answer)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from .mesh import cp_groups
@@ -187,7 +173,7 @@ def _estimating_trainer(job_config, counted: _Counted, rank: int):
             from torch.distributed.tensor import _random
 
             counted.paused = True
-            with unset_fake_temporarily(), _fake_group_as(rank):
+            with unset_fake_temporarily():  # UPipeTrainer is benchmark.fake_rank
                 parallel_dims = super().init_distributed()
                 parallel_dims.build_mesh()
                 if parallel_dims.cp_enabled:  # the hybrids' 2-D CP mesh, memoized for later
@@ -239,10 +225,11 @@ def _fa2_workspace(backward_op):
 
 
 def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
-                    fake: bool = True, breakdown: int = 0, rank: int = 0) -> Estimate:
+                    fake: bool = True, breakdown: int = 0, rank: int | None = None) -> Estimate:
     """Estimate the per-rank memory of ``train.py argv`` on ``ngpu`` ranks (see module doc).
 
-    ``rank`` is the simulated rank (TorchTitan's fake group would make every process rank 0).
+    ``rank`` is the simulated rank, ``--benchmark.fake_rank`` of ``argv`` if None (default 0;
+    TorchTitan's fake group would make every process rank 0).
     ``breakdown > 0`` labels every storage with the op and source line that made it and
     returns the ``breakdown`` largest groups alive at the highest peak (slower).
 
@@ -268,10 +255,14 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (step 1 creates the optimizer state), got {steps}")
-    _ensure_fake_world(ngpu, rank)
+    if rank is not None:
+        _check_rank(ngpu, rank)
+        argv = [*argv, "--benchmark.fake_rank", str(rank)]
     os.environ["NGPU"] = str(ngpu)
     os.environ.setdefault("LOCAL_RANK", "0")
     job_config = _parse([*argv, "--comm.mode", "fake_backend"])
+    rank = job_config.benchmark.fake_rank  # checked against NGPU by the trainer's validation
+    _ensure_fake_world(ngpu, rank)
     cp = job_config.context_parallel
     if cp.style == "ring" and job_config.parallelism.context_parallel_degree > 1:
         raise ValueError(
@@ -298,7 +289,7 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
         stack.enter_context(HostOffloader.on_new_buffer(counted.add_host_buffer))
         stack.enter_context(inline_ops())
 
-        trainer = _estimating_trainer(job_config, counted, rank)
+        trainer = _estimating_trainer(job_config, counted)
         init_bytes = tracker.live_bytes
         model_parts, parallel_dims = trainer.model_parts, trainer.parallel_dims
         # where training moves the batch; fake tensors tell "cpu" and "cpu:0" apart
@@ -387,9 +378,10 @@ def main(args: list[str] | None = None) -> Estimate:
     parser.add_argument("--real", action="store_true",
                         help="measure with real tensors instead (small shapes; checks the estimate)")
     parser.add_argument("--json", help="also write the estimate to this JSON file")
-    parser.add_argument("--rank", type=int, default=0,
-                        help="simulate this rank of the job (default 0); ranks of a ring "
-                        "differ in memory (the causal zigzag ring merges more on some ranks)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="simulate this rank of the job (default: --benchmark.fake_rank, 0); "
+                        "ranks of a ring differ in memory (the causal zigzag ring merges more "
+                        "on some ranks)")
     parser.add_argument("--breakdown", type=int, default=0, metavar="N",
                         help="print the N largest groups of tensors alive at the peak, by the "
                         "op and source line that made them")

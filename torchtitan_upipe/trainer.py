@@ -1,6 +1,6 @@
 """TorchTitan's trainer with this plugin's config checks and sequence sharding.
 
-:class:`UPipeTrainer` changes two things in ``torchtitan.train.Trainer``:
+:class:`UPipeTrainer` changes three things in ``torchtitan.train.Trainer``:
 
 1. it validates the ``[context_parallel]`` and ``[memory]`` options (and the degrees, model
    and device they imply) before TorchTitan initializes distributed or builds anything;
@@ -14,10 +14,15 @@ Loss normalization is TorchTitan's: the valid-token count is taken on the unshar
 and summed over the data-parallel ranks, each CP rank divides its local loss sum by it, and
 the logged loss is summed over data-parallel x CP ranks, so a CP run reports the same loss
 as a single-device run.
+
+With ``comm.mode = "fake_backend"`` (one real rank of an NGPU-rank job, collectives no-ops:
+``scripts/bench_one_rank.py``) it is rank ``benchmark.fake_rank`` of the job, where TorchTitan
+always makes it rank 0 (:func:`fake_group_as`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -39,6 +44,12 @@ class UPipeTrainer(Trainer):
         validate_job_config(job_config)
         self._sharder: SequenceSharder | None = None
         super().__init__(job_config)
+
+    def init_distributed(self):
+        if self.job_config.comm.mode != "fake_backend":
+            return super().init_distributed()
+        with fake_group_as(self.job_config.benchmark.fake_rank):
+            return super().init_distributed()
 
     @property
     def sequence_sharder(self) -> SequenceSharder:
@@ -65,3 +76,23 @@ class UPipeTrainer(Trainer):
         if self.job_config.memory.chunked_loss:
             self.model_parts[0].output.set_labels(labels)
         return inputs, labels, extra_inputs, extra_kwargs
+
+
+@contextlib.contextmanager
+def fake_group_as(rank: int):
+    """While active, TorchTitan's fake process group makes this process ``rank`` (not 0)."""
+    import torch.distributed as dist
+    from torchtitan.distributed import utils
+
+    original = utils.init_fake_mode
+
+    def init_fake_mode(world_size: int, comm_mode: str = "fake_backend"):
+        if comm_mode != "fake_backend":
+            return original(world_size, comm_mode)
+        dist.init_process_group("fake", rank=rank, world_size=world_size)
+
+    utils.init_fake_mode = init_fake_mode
+    try:
+        yield
+    finally:
+        utils.init_fake_mode = original

@@ -71,6 +71,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"valid: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
     _validate_memory(job_config)
+    _validate_benchmark(job_config, world)
     if style == "none":
         if degree > 1:
             raise ConfigError(
@@ -208,6 +209,22 @@ def _validate_memory(job_config) -> None:
         )
     if mem.chunked_loss and job_config.parallelism.tensor_parallel_degree > 1:
         raise ConfigError("memory.chunked_loss=true does not support tensor parallelism (loss parallel)")
+
+
+def _validate_benchmark(job_config, world: int) -> None:
+    bench = getattr(job_config, "benchmark", None)
+    if bench is None or bench.fake_rank == 0:
+        return
+    if job_config.comm.mode != "fake_backend":
+        raise ConfigError(
+            f"benchmark.fake_rank={bench.fake_rank} simulates one rank of a job and needs "
+            f"comm.mode='fake_backend' (got {job_config.comm.mode!r}); leave it at 0 otherwise"
+        )
+    if bench.fake_rank >= world:
+        raise ConfigError(
+            f"benchmark.fake_rank={bench.fake_rank} is not a rank of the {world}-rank job "
+            f"(NGPU={world}); valid: 0 to {world - 1}"
+        )
 
 
 __all__ = ["ConfigError", "validate_job_config", "valid_chunk_heads"]

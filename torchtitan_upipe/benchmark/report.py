@@ -83,6 +83,8 @@ class Setting:
     batch: int
     act_bytes: int
     rotate_method: str = "allgather"
+    rank: int = 0
+    """The simulated rank (``benchmark.fake_rank``): a causal ring's ranks differ in memory."""
     options: tuple[str, ...] = ()
     """Any other ``section.key=value`` overrides of the run (``memory.offload_prefetch``...):
     runs that differ in them are different settings, never merged into one point."""
@@ -96,6 +98,8 @@ class Setting:
             name = f"usp(u={u})"
         else:
             name = self.style
+        if self.rank:
+            name += f" rank {self.rank}"
         return f"{name} [{', '.join(self.options)}]" if self.options else name
 
     def paper_row(self) -> str | None:
@@ -149,11 +153,12 @@ def _config_path(path: str) -> str:
 
 
 # overrides that setting_of resolves into Setting fields (the rotate method matters to "ring"
-# only; gpu_bench.sh passes it to every style)
+# only; gpu_bench.sh passes it to every style), or that do not change what is measured
 _RESOLVED = {"model.flavor", "context_parallel.style", "context_parallel.ulysses_degree",
              "context_parallel.upipe_chunk_heads", "parallelism.context_parallel_degree",
              "training.mixed_precision_param", "training.local_batch_size",
-             "parallelism.context_parallel_rotate_method"}
+             "parallelism.context_parallel_rotate_method", "benchmark.fake_rank",
+             "metrics.save_for_all_ranks"}
 
 
 def setting_of(spec: dict) -> Setting:
@@ -184,6 +189,7 @@ def setting_of(spec: dict) -> Setting:
         batch=get("training", "local_batch_size", 1), act_bytes=4 if dtype == "float32" else 2,
         rotate_method=get("parallelism", "context_parallel_rotate_method", "allgather")
         if style == "ring" else "allgather",
+        rank=int(spec.get("rank") or get("benchmark", "fake_rank", 0)),
         options=options,
     )
 

@@ -1,11 +1,11 @@
 """Run one rank of an N-GPU job for real with TorchTitan's fake process group, and read it back.
 
-``python train.py --comm.mode fake_backend`` with ``NGPU=N`` builds rank 0 of an ``N``-rank
-job: real kernels, real activations, real FSDP shards and all-gather buffers, but collectives
-are no-ops (their time and NCCL's buffers are not measured).  Each run's per-step TensorBoard
-scalars give the peak memory TorchTitan's monitor reads from the caching allocator, the step
-time and TorchTitan's tokens/s per GPU (``tps``: tokens / (time * non-data-parallel size), the
-paper's unit).  The step time is compute only; :mod:`.comm_model` adds communication.
+``python train.py --comm.mode fake_backend`` with ``NGPU=N`` builds rank 0 (or
+``benchmark.fake_rank``) of an ``N``-rank job: real kernels, real activations, real FSDP
+shards and all-gather buffers, but collectives are no-ops (their time and NCCL's buffers are
+not measured).  Each run's per-step TensorBoard scalars give the peak memory TorchTitan's
+monitor reads from the caching allocator, the step time and TorchTitan's tokens/s per GPU
+(``tps``: tokens / (time * non-data-parallel size), the paper's unit).  The step time is compute only; :mod:`.comm_model` adds communication.
 """
 
 from __future__ import annotations
@@ -43,11 +43,14 @@ class RunSpec:
     steps: int = 6
     warmup: int = 2
     extra: list[str] = field(default_factory=list)
+    rank: int = 0  # the simulated rank of the job (benchmark.fake_rank); ring ranks differ
 
     def label(self) -> str:
         style = self.style or "config"
         if self.chunk_heads:
             style += f"(U={self.chunk_heads})"
+        if self.rank:
+            style += f" rank {self.rank}"
         return f"{style} S={self.seq_len} L={self.n_layers or 'all'}"
 
 
@@ -94,6 +97,9 @@ def train_args(spec: RunSpec, dump_folder: str) -> list[str]:
         cmd += ["--context_parallel.upipe_chunk_heads", str(spec.chunk_heads)]
     if spec.ulysses_degree is not None:
         cmd += ["--context_parallel.ulysses_degree", str(spec.ulysses_degree)]
+    if spec.rank:
+        # TorchTitan writes TensorBoard on rank 0 only, unless every rank saves its own
+        cmd += ["--benchmark.fake_rank", str(spec.rank), "--metrics.save_for_all_ranks"]
     return cmd + list(spec.extra)
 
 
