@@ -90,7 +90,8 @@ def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
 
 def setup_of_run(spec: dict) -> Setup:
     """The model's Setup for a benchmark run spec (``runner.RunSpec`` as saved in JSON): the
-    job options parsed as train.py parses them, rank 0 of ``ngpu`` ranks, nothing built."""
+    job options parsed as train.py parses them, ``ngpu`` ranks, nothing built.  The model is of
+    the job's worst rank (a causal ring's ranks differ; the spec's ``rank`` does not enter)."""
     from types import SimpleNamespace
 
     from torchtitan.config import ConfigManager

@@ -7,7 +7,7 @@ Writes ``PREFIX_memory.png`` (full-depth peak reserved memory per style, log2 se
 the device memory and the device memory less the reserve as horizontal lines) and
 ``PREFIX_throughput.png`` (tokens/s per GPU: measured compute only, solid; modeled with
 communication from torchtitan_upipe/benchmark/comm_model.py, dashed; the paper's Table 3 rows,
-dotted grey, when the runs are Llama3-8B with C = 8).  Full-depth values are measured or
+dotted grey, when every run is of one setup the table has: Llama3-8B on 8, 32B on 16).  Full-depth values are measured or
 extrapolated over the layer count (torchtitan_upipe/benchmark/report.py); a style without
 any full-depth value is drawn from its raw runs at their largest depth, labelled ``(L=n)``.
 The CPU estimator's full-depth peaks (``bench_one_rank.py --estimate``) are dashed, with x.
@@ -109,7 +109,7 @@ def plot_memory(data: dict, path: str, device_gib: float, reserve_gib: float, ti
     plt.close(fig)
 
 
-def plot_throughput(data: dict, path: str, title: str, paper: bool) -> None:
+def plot_throughput(data: dict, path: str, title: str, paper: dict | None) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     lengths = []
     for i, (label, s) in enumerate(sorted(data.items())):
@@ -121,7 +121,7 @@ def plot_throughput(data: dict, path: str, title: str, paper: bool) -> None:
         if x:
             ax.plot(x, y, "s--", color=color, mfc="none", label=f"{label} modeled with comm")
     if paper:
-        for j, (row, vals) in enumerate(report.PAPER_TABLE3_LLAMA3_8B_8XH100.items()):
+        for j, (row, vals) in enumerate(paper.items()):
             x, y = _xy(*zip(*[(k, v if isinstance(v, float) else None) for k, v in vals.items()]))
             ax.plot(x, y, ":", color=str(0.3 + 0.12 * j), marker="*", label=f"paper {row}")
             lengths += x
@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     prefix = args.prefix or os.path.splitext(os.path.basename(args.json[0]))[0]
     os.makedirs(out_dir, exist_ok=True)
     settings = {p.setting for p in points}
-    paper = any(s.paper_row() for s in settings)
+    # the paper's Table 3 rows when every setting is of one of its setups
+    keys = {s.paper_key for s in settings}
+    paper = report.PAPER_TABLE3.get(keys.pop()) if len(keys) == 1 else None
     title = ", ".join(sorted({f"{s.flavor} C={s.cp_degree} NGPU={s.ngpu}" for s in settings}))
     paths = [os.path.join(out_dir, f"{prefix}_memory.png"), os.path.join(out_dir, f"{prefix}_throughput.png")]
     plot_memory(data, paths[0], args.device_gib, args.reserve_gib, title)

@@ -318,6 +318,36 @@ def test_setting_reads_overrides():
     assert report.fmt_len(5 * M) == "5M" and report.fmt_len(128 * 1024) == "128K"
 
 
+def test_paper_rows_of_the_16_gpu_setups(tmp_path):
+    """On 16 GPUs the paper's "Ulysses" and "UPipe" are the 8 x 2 hybrids; its 32B table and
+    maximum contexts are the 32B flavor's, Fig. 5's the 8B flavor's on 16."""
+    def of(config, **spec):
+        return report.setting_of(dict({"config": config, "ngpu": 16}, **spec))
+
+    c32 = "train_configs/llama3_32b_16xh100_usp.toml"
+    got = {s.label: (s.paper_row(), s.paper_max_context()) for s in (
+        of(c32), of(c32, style="upipe", chunk_heads=8), of(c32, style="usp", ulysses_degree=1),
+        of(c32, style="ring", chunk_heads=0), of(c32, style="usp", ulysses_degree=4))}
+    assert got == {"usp(u=8)": ("Ulysses", 2 * M), "upipe(U=8,u=8)": ("UPipe", 4 * M),
+                   "usp(u=1)": ("Ring", 2 * M), "ring": ("Native PyTorch", 512 * 1024),
+                   "usp(u=4)": (None, None)}
+    c8 = "train_configs/llama3_8b_16xh100_usp.toml"
+    assert (of(c8).paper_row(), of(c8).paper_max_context()) == ("Ulysses", 6 * M)
+    assert of(c8, style="usp", ulysses_degree=1).paper_row() is None  # not in Fig. 5
+    assert report._paper_tps(("32B", 16), "UPipe", 3 * M) == "40.42"
+    assert report._paper_tps(("32B", 16), "UPipe", 5 * M) == "OOM"
+    assert report._paper_tps(("8B", 16), "UPipe", 3 * M) == ""  # Fig. 5 has no throughput
+    # a 32B run gets the 32B paper figures, never the 8B table's
+    spec = runner.RunSpec(c32, 16, 3 * M, style="upipe", chunk_heads=8, ulysses_degree=8, rank=8)
+    run = runner.RunResult(spec, "cmd", ok=True, oom=False, reserved_gib=60.0, active_gib=58.0,
+                           step_s=100.0, tps=1.0)
+    runner.save([run], str(tmp_path / "r.json"), ["bench"])
+    text = report.markdown(report.load([str(tmp_path / "r.json")]))
+    assert "| upipe(U=8,u=8) rank 8 | 3M | 64 | 60.00 |" in text and "| 40.42 |" in text
+    assert "| upipe(U=8,u=8) rank 8 | >= 3M | - | UPipe | 4M |" in text
+    assert "## Paper, Table 3: Qwen3-32B" in text
+
+
 def test_plot_writes_pngs(synthetic_json, tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "plot_benchmarks.py"), str(synthetic_json),

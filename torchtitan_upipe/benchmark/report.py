@@ -65,6 +65,27 @@ PAPER_TABLE3_LLAMA3_8B_8XH100: dict[str, dict[int, float | str | None]] = {
 PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100 = {
     "Native PyTorch": 1 * M, "Ring": 3 * M, "Ulysses": 3 * M, "FPDT": 4 * M, "UPipe": 5 * M,
 }
+# the same section: "Qwen3-32B" (the Llama3 architecture at Qwen3-32B sizes, our flavor "32B")
+# on 16xH100, where "Ulysses" is the USP hybrid 8 x 2 and UPipe is 8 x 2
+PAPER_TABLE3_32B_16XH100: dict[str, dict[int, float | str | None]] = {
+    row: dict(zip(_SEQ8, vals)) for row, vals in {
+        "Native PyTorch": (127.03, 112.20, 91.39, "OOM", None, None, None, None),
+        "Ring": (418.39, 308.88, 194.44, 110.27, 58.45, "OOM", None, None),
+        "Ulysses": (545.29, 370.70, 217.04, 117.02, 59.98, "OOM", None, None),
+        "FPDT": (286.40, 217.85, 151.91, 95.88, 55.41, 38.86, 27.66, None),
+        "UPipe": (483.29, 339.56, 204.46, 113.26, 59.56, 40.42, 29.97, "OOM"),
+    }.items()
+}
+# the paper's tables by (flavor, CP degree); Llama3-8B on 16xH100 is its Fig. 5 (memory only)
+PAPER_TABLE3 = {("8B", 8): PAPER_TABLE3_LLAMA3_8B_8XH100, ("32B", 16): PAPER_TABLE3_32B_16XH100}
+PAPER_MAX_CONTEXT: dict[tuple[str, int], dict[str, int]] = {
+    ("8B", 8): PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100,
+    ("32B", 16): {"Native PyTorch": 512 * K, "Ring": 2 * M, "Ulysses": 2 * M, "FPDT": 4 * M,
+                  "UPipe": 4 * M},
+    ("8B", 16): {"Ulysses": 6 * M, "UPipe": 8 * M},
+}
+PAPER_SETUP = {("8B", 8): "Llama3-8B on 8xH100", ("32B", 16): "Qwen3-32B on 16xH100",
+               ("8B", 16): "Llama3-8B on 16xH100 (Fig. 5)"}
 
 
 # --------------------------------------------------------------------------------- settings
@@ -102,14 +123,33 @@ class Setting:
             name += f" rank {self.rank}"
         return f"{name} [{', '.join(self.options)}]" if self.options else name
 
+    @property
+    def paper_key(self) -> tuple[str, int]:
+        return self.flavor, self.cp_degree
+
     def paper_row(self) -> str | None:
-        """The Table 3 row this setting reproduces (only for Llama3-8B with C = 8)."""
-        if self.flavor != "8B" or self.cp_degree != 8:
+        """The paper's row this setting reproduces, for the paper's setups
+        (:data:`PAPER_MAX_CONTEXT`).  On 8 GPUs "Ulysses" and "UPipe" are all-to-all over the 8;
+        on 16 they are the 8 x 2 hybrids (all-to-all inside a node, a ring of 2 across)."""
+        known = PAPER_MAX_CONTEXT.get(self.paper_key)
+        if known is None:
             return None
         u = self.ulysses_degree or self.cp_degree
-        return {"ulysses": "Ulysses", "ring": "Native PyTorch"}.get(self.style) or (
-            "UPipe" if self.style == "upipe" and u == self.cp_degree
-            else "Ring" if self.style == "usp" and u == 1 else None)
+        if self.style == "ring":
+            row = "Native PyTorch"
+        elif self.style == "usp" and u == 1:
+            row = "Ring"
+        elif self.cp_degree == 8:
+            row = ("Ulysses" if self.style == "ulysses" else
+                   "UPipe" if self.style == "upipe" and u == 8 else None)
+        else:
+            row = ("Ulysses" if self.style == "usp" and u == 8 else
+                   "UPipe" if self.style == "upipe" and u == 8 else None)
+        return row if row in known else None
+
+    def paper_max_context(self) -> int | None:
+        row = self.paper_row()
+        return PAPER_MAX_CONTEXT[self.paper_key][row] if row else None
 
     def job(self, seq_len: int) -> cm.Job:
         return cm.Job(self.style, seq_len, self.cp_degree, self.ngpu, self.ulysses_degree,
@@ -371,20 +411,22 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:+.1f}%"
 
 
-def _paper_tps(row: str | None, seq_len: int) -> str:
-    if row is None or seq_len not in PAPER_TABLE3_LLAMA3_8B_8XH100[row]:
+def _paper_tps(key: tuple[str, int], row: str | None, seq_len: int) -> str:
+    table = PAPER_TABLE3.get(key, {}).get(row, {})
+    if seq_len not in table:
         return ""
-    v = PAPER_TABLE3_LLAMA3_8B_8XH100[row][seq_len]
+    v = table[seq_len]
     return "—" if v is None else v if isinstance(v, str) else f"{v:.2f}"
 
 
-def paper_table() -> str:
+def paper_table(key: tuple[str, int] = ("8B", 8)) -> str:
+    """The paper's Table 3 for ``key`` (flavor, CP degree) with its maximum contexts."""
     head = "| Method | " + " | ".join(fmt_len(s) for s in _SEQ8) + " | max context |"
     lines = [head, "|" + "---|" * (len(_SEQ8) + 2)]
-    for row in PAPER_TABLE3_LLAMA3_8B_8XH100:
-        cells = [_paper_tps(row, s) for s in _SEQ8]
+    for row in PAPER_TABLE3[key]:
+        cells = [_paper_tps(key, row, s) for s in _SEQ8]
         lines.append(f"| {row} | " + " | ".join(cells)
-                     + f" | {fmt_len(PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100[row])} |")
+                     + f" | {fmt_len(PAPER_MAX_CONTEXT[key][row])} |")
     return "\n".join(lines)
 
 
@@ -442,7 +484,7 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
             f"| {_f(p.compute_tps, '.1f')} | {_f(p.model and p.model['comm_s'], '.3f')} "
             f"| {_f(p.model and p.model['tps'], '.1f')} "
             f"| {_f(p.model_overlap and p.model_overlap['tps'], '.1f')} "
-            f"| {_paper_tps(p.setting.paper_row(), p.seq_len)} |")
+            f"| {_paper_tps(p.setting.paper_key, p.setting.paper_row(), p.seq_len)} |")
     out += [
         "",
         f"## Maximum context (full-depth peak + {reserve_gib:g} GiB reserve <= {device_gib:g} GiB)",
@@ -452,9 +494,8 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
     ]
     for mc in max_context(points, device_gib, reserve_gib):
         bound = "" if mc.first_fail or mc.max_len is None else ">= "
-        paper = PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100.get(mc.paper_row) if mc.paper_row else None
         out.append(f"| {mc.label} | {bound}{fmt_len(mc.max_len)} | {fmt_len(mc.first_fail)} "
-                   f"| {mc.paper_row or '-'} | {fmt_len(paper)} |")
+                   f"| {mc.paper_row or '-'} | {fmt_len(mc.setting.paper_max_context())} |")
     estimated = [p for p in points if p.estimates]
     if estimated:
         out += [
@@ -485,9 +526,8 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
         ]
         for mc in max_context(points, device_gib, reserve_gib, estimated=True):
             bound = "" if mc.first_fail or mc.max_len is None else ">= "
-            paper = PAPER_MAX_CONTEXT_LLAMA3_8B_8XH100.get(mc.paper_row) if mc.paper_row else None
             out.append(f"| {mc.label} | {bound}{fmt_len(mc.max_len)} | {fmt_len(mc.first_fail)} "
-                       f"| {fmt_len(paper)} |")
+                       f"| {fmt_len(mc.setting.paper_max_context())} |")
     out += [
         "",
         "## Paper, Table 3: Llama3-8B on 8xH100, tokens/s per GPU",
@@ -500,6 +540,15 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
         paper_table(),
         "",
     ]
+    keys = {p.setting.paper_key for p in points}
+    if ("32B", 16) in keys:
+        out += ["## Paper, Table 3: Qwen3-32B (our flavor 32B) on 16xH100, tokens/s per GPU", "",
+                ("Same source.  Ulysses = `usp` with u = 8 (the paper's USP-Hybrid 8 x 2), UPipe = "
+                 "`upipe` with u = 8 (8 x 2), Ring = `usp` with u = 1, Native PyTorch = `ring`."),
+                "", paper_table(("32B", 16)), ""]
+    if ("8B", 16) in keys:
+        out += ["## Paper, Fig. 5: Llama3-8B on 16xH100, maximum context", "",
+                "USP-Hybrid 8 x 2 (`usp` with u = 8): 6M; UPipe 8 x 2: 8M.", ""]
     return "\n".join(out)
 
 
