@@ -282,25 +282,31 @@ LLAMA8B = os.path.join(ROOT, "train_configs", "llama3_8b_8xh100_upipe.toml")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style,heads,seq", [
-    ("upipe", 8, 1 << 17),     # peaks in layer 0's MLP backward (gathered embedding)
-    ("upipe", 8, 1 << 20),     # peaks in an offloaded layer's attention backward
-    ("upipe", 16, 1 << 20),    # tau = 2 and GQA inside a stage (FA2 expands dK/dV)
-    ("ulysses", 0, 1 << 20),
+@pytest.mark.parametrize("style,heads,seq,ring_rank", [
+    ("upipe", 8, 1 << 17, None),     # peaks in layer 0's MLP backward (gathered embedding)
+    ("upipe", 8, 1 << 20, None),     # peaks in an offloaded layer's attention backward
+    ("upipe", 16, 1 << 20, None),    # tau = 2 and GQA inside a stage (FA2 expands dK/dV)
+    ("ulysses", 0, 1 << 20, None),
+    # a zigzag ring over the 8 (usp, u = 1) at its worst rank: a ring step's kernel call must
+    # not overlap the previous step's block gradients (the model counts one set)
+    ("usp", 0, 1 << 20, 7),
 ])
-def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, heads, seq):
+def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, heads, seq,
+                                                                ring_rank):
     """Two derivations of one rank's peak: formulas read off the code (memory_model.py) and
     the code itself run on fake tensors.  Llama3-8B on 8 ranks with the memory stack, four
     layers (so one offloaded layer prefetches another), CUDA workspaces on both sides."""
     from torchtitan_upipe import memory_model as mm
     from torchtitan_upipe.models.llama3 import FLAVORS
 
+    ring = () if ring_rank is None else ("--context_parallel.ulysses_degree", "1",
+                                         "--rank", str(ring_rank))
     est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B,
                     "--context_parallel.style", style,
-                    "--context_parallel.upipe_chunk_heads", str(heads),
+                    "--context_parallel.upipe_chunk_heads", str(heads), *ring,
                     "--training.seq_len", str(seq), "--benchmark.n_layers", "4", target="cuda")
     st = mm.stack(mm.from_model_args(FLAVORS["8B"], seq_len=seq, cp=8, world=8, style=style,
-                                     chunk_heads=heads))
+                                     chunk_heads=heads, ulysses=0 if ring_rank is None else 1))
     model = mm.breakdown(mm.replace(st, n_layers=4))["peak_device"]
     assert est["n_layers"] == 4 and est["host_bytes"] == 3 * seq // 8 * 4096 * 2
     assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])

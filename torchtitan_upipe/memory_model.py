@@ -243,9 +243,9 @@ def ulysses_bytes(st: Setup) -> dict:
     ``e nq + 4 e nk'`` (comm.py:52-54); the kernel's out ``e nq`` + lse ``4 T H`` (:72, +
     ring); head_to_seq's receive + re-laid-out copy ``2 e nq`` (+ send buffer if b > 1, :75).
     ``saved`` (autograd): qh, kvh, out, lse and (u > 1) wo's input.  ``bwd``: max(saved + dO
-    + its all-to-all; saved + doh, dq, dk, dv + FA2 workspace (GQA when H != H_kv rho, + ring);
-    dq + the two select-backward K|V grads (+ head_to_seq); RoPE backward: fp32 dq and
-    products of q and k + conj(freqs) ``4 T D``).
+    + its all-to-all; saved + doh, dq, dk, dv (half a block's dk, dv in a ring) + FA2
+    workspace (GQA when H != H_kv rho, + ring); dq + the two select-backward K|V grads (+
+    head_to_seq); RoPE backward: fp32 dq and products of q and k + conj(freqs) ``4 T D``).
     """
     e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
     rho = _kv_rep(st)
@@ -258,8 +258,11 @@ def ulysses_bytes(st: Setup) -> dict:
               base + heads + max((2 + hb) * e * nq if a2a else 0, _ring_fwd(st, nq, nk2)))
     saved = 2 * e * nq + 2 * e * nk2 + lse
     gqa = st.n_heads != st.n_kv_heads * rho
+    # the kernel's dK, dV: on the worst rank of a causal ring, every step after the first
+    # sees half of the block (ring.py:214), and the first holds no ring buffers yet
+    dkv = 2 * e * nk2 if st.ring == 1 else e * nk2
     bwd = max(saved + e * nq * (3 if a2a else 1),
-              saved + 2 * e * nq + 2 * e * nk2 + _fa2_ws(st, nq, gqa) + _ring_bwd(st, nq, nk2),
+              saved + 2 * e * nq + dkv + _fa2_ws(st, nq, gqa) + _ring_bwd(st, nq, nk2),
               e * nq + 6 * e * nk2 + (2 * (2 + hb) * e * nk2 if a2a else 0),
               (8 if e < 4 else 4) * nq + 4 * nk + 4 * T * st.head_dim)
     return {"fwd": fwd, "bwd": bwd, "saved": saved + (e * nq if a2a else 0)}

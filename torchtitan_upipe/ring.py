@@ -153,6 +153,9 @@ def ring_forward(
             o1, l1 = merge(out[:, half:], lse[:, :, half:], block_out, block_lse)
             out = torch.cat((out[:, :half], o1), dim=1)
             lse = torch.cat((lse[:, :, :half], l1), dim=2)
+            del o1, l1
+        # merged: free the block's output before the next block's kernel call
+        del block_out, block_lse
         if step + 1 < world:
             comm.wait()
             kv, spare = next_kv, kv
@@ -222,6 +225,8 @@ def ring_backward(
             n = half if causal and src < rank else kv.shape[2]
             dkv[0, :, :n] += bdk
             dkv[1, :, :n] += bdv
+        # accumulated: free the block's gradients before the next block's kernel call
+        del bdq, bdk, bdv
         if step + 1 < world:
             kv_comm.wait()
             kv, kv_spare = next_kv, kv
