@@ -16,8 +16,8 @@ style) and ``ARGS`` comma-separated: a bare integer or ``U=n`` (UPipe's chunk he
 (all-to-all degree of the hybrids), ``r=n`` (run rank ``n`` of the job instead of rank 0:
 a causal ring's ranks differ in memory, so ``ring ring:r=7`` measures both ends).  Any config
 serves every style: ulysses/ring/usp reset UPipe's chunk heads to 0 and ulysses its all-to-all
-degree.  ``--layers 0`` is the flavor's
-full depth.  Arguments after ``--`` go to train.py unchanged.
+degree.  ``--layers 0`` is the flavor's full depth.  Arguments after ``--`` go to train.py
+unchanged.
 
 ``--estimate`` runs the CPU memory estimator (``python -m torchtitan_upipe.estimate``: the same
 options under fake tensors, no GPU) instead of training, and records its predicted peak and

@@ -7,9 +7,10 @@ Writes ``PREFIX_memory.png`` (full-depth peak reserved memory per style, log2 se
 the device memory and the device memory less the reserve as horizontal lines) and
 ``PREFIX_throughput.png`` (tokens/s per GPU: measured compute only, solid; modeled with
 communication from torchtitan_upipe/benchmark/comm_model.py, dashed; the paper's Table 3 rows,
-dotted grey, when every run is of one setup the table has: Llama3-8B on 8, 32B on 16).  Full-depth values are measured or
-extrapolated over the layer count (torchtitan_upipe/benchmark/report.py); a style without
-any full-depth value is drawn from its raw runs at their largest depth, labelled ``(L=n)``.
+dotted grey, when every run is of one setup the table has: Llama3-8B on 8, 32B on 16).
+Full-depth values are measured or extrapolated over the layer count
+(torchtitan_upipe/benchmark/report.py); a style without any full-depth value is drawn from
+its raw runs at their largest depth, labelled ``(L=n)``.
 The CPU estimator's full-depth peaks (``bench_one_rank.py --estimate``) are dashed, with x.
 """
 

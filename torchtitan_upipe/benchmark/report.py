@@ -84,8 +84,6 @@ PAPER_MAX_CONTEXT: dict[tuple[str, int], dict[str, int]] = {
                   "UPipe": 4 * M},
     ("8B", 16): {"Ulysses": 6 * M, "UPipe": 8 * M},
 }
-PAPER_SETUP = {("8B", 8): "Llama3-8B on 8xH100", ("32B", 16): "Qwen3-32B on 16xH100",
-               ("8B", 16): "Llama3-8B on 16xH100 (Fig. 5)"}
 
 
 # --------------------------------------------------------------------------------- settings

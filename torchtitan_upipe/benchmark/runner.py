@@ -5,7 +5,8 @@
 shards and all-gather buffers, but collectives are no-ops (their time and NCCL's buffers are
 not measured).  Each run's per-step TensorBoard scalars give the peak memory TorchTitan's
 monitor reads from the caching allocator, the step time and TorchTitan's tokens/s per GPU
-(``tps``: tokens / (time * non-data-parallel size), the paper's unit).  The step time is compute only; :mod:`.comm_model` adds communication.
+(``tps``: tokens / (time * non-data-parallel size), the paper's unit).  The step time is
+compute only; :mod:`.comm_model` adds communication.
 """
 
 from __future__ import annotations
