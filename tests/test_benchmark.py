@@ -331,6 +331,10 @@ def test_paper_rows_of_the_16_gpu_setups(tmp_path):
     assert got == {"usp(u=8)": ("Ulysses", 2 * M), "upipe(U=8,u=8)": ("UPipe", 4 * M),
                    "usp(u=1)": ("Ring", 2 * M), "ring": ("Native PyTorch", 512 * 1024),
                    "usp(u=4)": (None, None)}
+    # the paper's UPipe is U = 8: U = 16 is ours alone
+    assert of(c32, style="upipe", chunk_heads=16).paper_row() is None
+    assert report.setting_of({"config": CONFIG_8B, "ngpu": 8, "style": "upipe",
+                              "chunk_heads": 16}).paper_row() is None
     c8 = "train_configs/llama3_8b_16xh100_usp.toml"
     assert (of(c8).paper_row(), of(c8).paper_max_context()) == ("Ulysses", 6 * M)
     assert of(c8, style="usp", ulysses_degree=1).paper_row() is None  # not in Fig. 5

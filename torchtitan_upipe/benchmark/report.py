@@ -137,12 +137,12 @@ class Setting:
             row = "Native PyTorch"
         elif self.style == "usp" and u == 1:
             row = "Ring"
+        elif self.style == "upipe":  # the paper's UPipe: U = u = 8 on 8 and on 16 GPUs
+            row = "UPipe" if u == self.chunk_heads == 8 else None
         elif self.cp_degree == 8:
-            row = ("Ulysses" if self.style == "ulysses" else
-                   "UPipe" if self.style == "upipe" and u == 8 else None)
+            row = "Ulysses" if self.style == "ulysses" else None
         else:
-            row = ("Ulysses" if self.style == "usp" and u == 8 else
-                   "UPipe" if self.style == "upipe" and u == 8 else None)
+            row = "Ulysses" if self.style == "usp" and u == 8 else None
         return row if row in known else None
 
     def paper_max_context(self) -> int | None:
