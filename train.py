@@ -20,14 +20,14 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 if not any(a.split("=")[0] in ("--job.config_file", "--job.config-file") for a in sys.argv[1:]):
     sys.argv[1:1] = ["--job.config_file", DEFAULT_CONFIG]
 
-from torchtitan_upipe.compat import cpu  # noqa: E402
+from torchtitan_upipe.titan import cpu_compat as cpu  # noqa: E402
 
 cpu.install()  # must precede any torchtitan import; a no-op when CUDA is present
 
 import torchtitan_upipe.train_spec  # noqa: E402,F401  (registers model.name = "upipe_llama3")
 from torchtitan.train import main  # noqa: E402
 
-from torchtitan_upipe.trainer import UPipeTrainer  # noqa: E402
+from torchtitan_upipe.titan.trainer import UPipeTrainer  # noqa: E402
 
 if __name__ == "__main__":
     main(UPipeTrainer)

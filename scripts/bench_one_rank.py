@@ -45,7 +45,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from torchtitan_upipe.benchmark import runner
+from benchmarks import runner
 
 UNITS = {"K": 2**10, "M": 2**20}
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchtitan_upipe.memory_model import (
+from torchtitan_upipe.tools.perf_model.memory import (
     GiB,
     Setup,
     breakdown,
@@ -97,9 +97,9 @@ def setup_of_run(spec: dict) -> Setup:
     from torchtitan.config import ConfigManager
 
     import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
-    from torchtitan_upipe.benchmark import runner
-    from torchtitan_upipe.memory_model import setup_from_job
-    from torchtitan_upipe.validation import model_args
+    from benchmarks import runner
+    from torchtitan_upipe.tools.perf_model.memory import setup_from_job
+    from torchtitan_upipe.titan.checks import model_args
 
     job = ConfigManager().parse_args(runner.train_args(runner.RunSpec(**spec), "/tmp/unused"))
     cp = job.parallelism.context_parallel_degree

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from torchtitan_upipe.benchmark import report
+from benchmarks import report
 
 
 def series(points: list[report.Point]) -> dict[str, dict[str, list]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from torchtitan_upipe.upipe import UPipeSchedule
+from torchtitan_upipe.cp.upipe import UPipeSchedule
 
 
 def _ids(heads: list[int]) -> str:

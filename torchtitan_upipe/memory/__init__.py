@@ -33,7 +33,6 @@ from .tiled_mlp import (
 )
 from .head import ChunkedLossOutput, apply_chunked_loss
 from .offload import HostOffloader, apply_offloaded_ac
-from .stack import apply_tiling
 from .tiled_norm import (
     TiledRMSNorm,
     apply_tiled_rms_norm,
@@ -48,7 +47,6 @@ __all__ = [
     "IGNORE_INDEX",
     "apply_chunked_loss",
     "apply_offloaded_ac",
-    "apply_tiling",
     "chunked_cross_entropy",
     "chunked_cross_entropy_backward",
     "chunked_cross_entropy_forward",

@@ -1,0 +1,148 @@
+"""Config validation: every bad option fails at config time with a message naming it."""
+
+import os
+
+import pytest
+
+import torchtitan_upipe.train_spec  # noqa: F401  (registers upipe_llama3)
+from torchtitan.config import ConfigManager
+from torchtitan_upipe.titan.config import ContextParallel
+from torchtitan_upipe.titan.checks import ConfigError, validate_job_config
+
+from tests.helpers.paths import CONFIGS
+
+
+def _config(*args, config="llama3_debug_upipe.toml"):
+    return ConfigManager().parse_args(["--job.config_file", os.path.join(CONFIGS, config), *args])
+
+
+def _fails(match, *args, world=2, cuda=False, config="llama3_debug_upipe.toml"):
+    with pytest.raises(ConfigError, match=match):
+        validate_job_config(_config(*args, config=config), world_size=world, cuda=cuda)
+
+
+def test_shipped_debug_configs_validate():
+    validate_job_config(_config(), world_size=2, cuda=False)
+    validate_job_config(_config(config="llama3_debug_ulysses.toml"), world_size=2, cuda=False)
+    validate_job_config(_config(config="llama3_debug_none.toml"), world_size=1, cuda=False)
+
+
+def test_unknown_style_and_kernel_name_the_option_and_choices(capsys):
+    with pytest.raises(ValueError, match=r"context_parallel.style='ulyses' is not one of \['none', 'ulysses', 'upipe', 'ring', 'usp'\]"):
+        ContextParallel(style="ulyses")
+    with pytest.raises(ValueError, match=r"context_parallel.kernel='fa3' is not one of"):
+        ContextParallel(kernel="fa3")
+    with pytest.raises(ValueError, match="context_parallel.upipe_chunk_heads=-1"):
+        ContextParallel(upipe_chunk_heads=-1)
+    # from the command line, tyro reports our message and exits with status 2
+    with pytest.raises(SystemExit):
+        _config("--context_parallel.style", "ulyses")
+    assert "context_parallel.style='ulyses' is not one" in capsys.readouterr().err.replace("\n", "").replace("│", "").replace("  ", " ")
+
+
+def test_seq_len_not_divisible_by_degree():
+    _fails(r"training.seq_len=511 is not divisible by parallelism.context_parallel_degree=2", "--training.seq_len=511")
+
+
+def test_heads_not_divisible_by_degree():
+    # debugmodel has 16 heads: 3 ranks cannot split them
+    _fails(r"context_parallel_degree=3.*n_heads=16 is not divisible", "--parallelism.context_parallel_degree=3",
+           "--training.seq_len=510", world=3)
+
+
+def test_kv_heads_incompatible_with_degree():
+    # Llama3-8B: 32 heads, 8 KV heads; degree 16 replicates (ok), 32 heads / degree 32 ok; use 3B-like mismatch
+    from torchtitan_upipe.titan import checks as validation
+
+    class Args:
+        n_heads, n_kv_heads, attn_type = 24, 6, "sdpa"
+
+    orig = validation.model_args
+    validation.model_args = lambda job_config: Args
+    try:
+        _fails(r"n_kv_heads=6 and the all-to-all degree 4 are incompatible",
+               "--parallelism.context_parallel_degree=4", world=4)
+    finally:
+        validation.model_args = orig
+
+
+def test_upipe_chunk_heads_rules():
+    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the all-to-all degree 2.*valid: \[2, 4, 8, 16\]",
+           "--context_parallel.upipe_chunk_heads=3")
+    _fails(r"upipe_chunk_heads=6 must divide n_heads=16", "--context_parallel.upipe_chunk_heads=6")
+    _fails(r"upipe_chunk_heads=4 is only used by style='upipe'", "--context_parallel.upipe_chunk_heads=4",
+           config="llama3_debug_ulysses.toml")
+
+
+def test_ring_needs_cuda():
+    _fails(r"style='ring'.*needs CUDA.*Valid on CPU: \['none', 'ulysses', 'upipe', 'usp'\]",
+           "--context_parallel.style=ring")
+    validate_job_config(_config("--context_parallel.style=ring"), world_size=2, cuda=True)
+    _fails(r"kernel='math' has no effect with style='ring'", "--context_parallel.style=ring",
+           "--context_parallel.kernel=math", cuda=True)
+
+
+def test_degree_must_divide_world():
+    _fails(r"parallelism.context_parallel_degree=2 does not divide the world size 3; valid: \[1, 3\]", world=3)
+
+
+def test_style_and_degree_must_agree():
+    _fails(r"context_parallel.style='upipe' needs parallelism.context_parallel_degree > 1",
+           "--parallelism.context_parallel_degree=1", world=1)
+    _fails(r"context_parallel_degree=2 but context_parallel.style='none'", config="llama3_debug_none.toml",
+           *["--parallelism.context_parallel_degree=2"])
+
+
+def test_hybrid_degrees():
+    # valid: usp 2 x 2, upipe 2 x 2, pure ring (u = 1) through usp
+    for style in ("usp", "upipe"):
+        validate_job_config(_config(f"--context_parallel.style={style}", "--parallelism.context_parallel_degree=4",
+                                    "--context_parallel.ulysses_degree=2"), world_size=4, cuda=False)
+    validate_job_config(_config("--context_parallel.style=usp", "--context_parallel.ulysses_degree=1"),
+                        world_size=2, cuda=False)
+    _fails(r"ulysses_degree=3 does not divide parallelism.context_parallel_degree=4; valid: \[1, 2, 4\]",
+           "--context_parallel.style=usp", "--parallelism.context_parallel_degree=4",
+           "--context_parallel.ulysses_degree=3", world=4)
+    _fails(r"style='usp' with ulysses_degree=2 = context_parallel_degree leaves a ring of one rank",
+           "--context_parallel.style=usp")
+    _fails(r"style='ulysses' uses all 4 CP ranks.*use style='usp'", "--context_parallel.style=ulysses",
+           "--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2", world=4)
+    # the ring needs zigzag chunks: seq_len % 2C
+    _fails(r"training.seq_len=516 must be divisible by 2 \* context_parallel_degree = 8",
+           "--context_parallel.style=usp", "--parallelism.context_parallel_degree=4",
+           "--context_parallel.ulysses_degree=2", "--training.seq_len=516", world=4)
+    # UPipe's U is counted over the all-to-all group
+    _fails(r"upipe_chunk_heads=3 must be a positive multiple of the all-to-all degree 2",
+           "--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2",
+           "--context_parallel.upipe_chunk_heads=3", world=4)
+
+
+def test_float32_on_cuda_needs_the_math_kernel():
+    # the debug configs train in float32: on CUDA the flash kernels would reject it at the first step
+    _fails(r"kernel='auto' resolves to 'sdpa'.*mixed_precision_param='float32'", cuda=True)
+    validate_job_config(_config("--context_parallel.kernel=math"), world_size=2, cuda=True)
+    validate_job_config(_config("--training.mixed_precision_param=bfloat16"), world_size=2, cuda=True)
+
+
+def test_unsupported_combinations():
+    _fails(r"supported with FSDP/HSDP only", "--parallelism.tensor_parallel_degree=2", world=4)
+    _fails(r"attn_type='flex'", "--model.flavor=debugmodel_flex_attn")
+    _fails(r"kernel='cudnn' cannot run on cpu", "--context_parallel.kernel=cudnn")
+    _fails(r"validation.enable=true is not supported", "--validation.enable")
+    _fails(r"model.flavor='9B' is not a flavor", "--model.flavor=9B")
+    _fails(r"set context_parallel.time_attention=false", "--compile.enable")
+    validate_job_config(_config("--compile.enable", "--context_parallel.no-time-attention"), world_size=2, cuda=False)
+
+
+def test_fake_rank_needs_the_fake_backend_and_a_rank_of_the_job():
+    # a causal ring's ranks differ in memory, so a one-rank measurement may simulate any rank
+    _fails(r"benchmark.fake_rank=1 simulates one rank of a job and needs comm.mode='fake_backend'",
+           "--benchmark.fake_rank=1")
+    fake = ("--comm.mode=fake_backend", "--parallelism.context_parallel_degree=4")
+    _fails(r"benchmark.fake_rank=4 is not a rank of the 4-rank job \(NGPU=4\); valid: 0 to 3",
+           *fake, "--benchmark.fake_rank=4", world=4)
+    validate_job_config(_config(*fake, "--benchmark.fake_rank=3"), world_size=4, cuda=False)
+    from torchtitan_upipe.titan.config import Benchmark
+
+    with pytest.raises(ValueError, match=r"benchmark.fake_rank=-1 must be an integer >= 0"):
+        Benchmark(fake_rank=-1)

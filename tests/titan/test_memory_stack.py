@@ -1,0 +1,140 @@
+"""The [memory] stack applied to a real TorchTitan Llama3 model: same loss and gradients.
+
+Tiled MLP, tiled RMSNorm, the chunked-loss output layer and host-offloaded block
+checkpointing together must give the loss and every parameter gradient of the plain model
+(float64, single process), with an unchanged state dict.
+"""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from torchtitan_upipe.memory import apply_offloaded_ac
+from torchtitan_upipe.titan.memory_stack import apply_tiling
+from torchtitan_upipe.titan.llama3 import FLAVORS, LlamaArgs, Transformer
+
+
+def _model(head_dim=None):
+    args = LlamaArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=24,
+                     multiple_of=16, rope_theta=10000, head_dim=head_dim)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Transformer(args).to(torch.float64)
+        with torch.no_grad():
+            model.init_weights()
+    return model
+
+
+def _mem(**kw):
+    base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True, tiled_mlp=False, mlp_tiles=0,
+                tiled_norm=False, norm_tiles=0, chunked_loss=False, loss_chunks=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _loss_and_grads(model, tokens, labels, chunked):
+    model.zero_grad()
+    if chunked:
+        model.output.set_labels(labels)
+        loss = model(tokens)
+    else:
+        # TorchTitan's loss (sum over non-ignored tokens), kept in float64 for an exact check
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(0, 1), reduction="sum", ignore_index=-100
+        )
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("head_dim", [None, 12])
+@pytest.mark.parametrize(
+    "mem",
+    [
+        _mem(tiled_mlp=True, mlp_tiles=5),
+        _mem(tiled_norm=True, norm_tiles=7),
+        _mem(chunked_loss=True, loss_chunks=3),
+        _mem(offload_activations=True, offload_keep_layers=1),
+        _mem(offload_activations=True, offload_keep_layers=2, offload_prefetch=False),
+        _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
+             chunked_loss=True),
+    ],
+    ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "everything"],
+)
+def test_memory_stack_is_exact(mem, head_dim):
+    ref = _model(head_dim)
+    model = copy.deepcopy(ref)
+    keys = list(ref.state_dict())
+    apply_tiling(model, mem, local_seq_len=22)
+    if mem.offload_activations:
+        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device("cpu"), mem.offload_prefetch)
+    assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 97, (2, 22), generator=g)
+    labels = torch.randint(0, 97, (2, 22), generator=g)
+    labels[0, :5] = -100  # ignored positions
+    loss_ref, grads_ref = _loss_and_grads(ref, tokens, labels, chunked=False)
+    loss, grads = _loss_and_grads(model, tokens, labels, chunked=mem.chunked_loss)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    for name, gr in grads_ref.items():
+        torch.testing.assert_close(grads[name], gr, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_offload_keeps_only_host_copies_between_forward_and_backward():
+    model = _model()
+    offloader = apply_offloaded_ac(model, keep_layers=1, device=torch.device("cpu"))
+    tokens = torch.randint(0, 97, (1, 16))
+    out = model(tokens)
+    # layers 1 and 2 were offloaded, layer 0 kept
+    assert sorted(offloader._host) == [1, 2]
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_chunked_loss_without_labels_is_an_error():
+    model = _model()
+    apply_tiling(model, _mem(chunked_loss=True), local_seq_len=8)
+    with pytest.raises(RuntimeError, match="set_labels"):
+        model(torch.randint(0, 97, (1, 8)))
+
+
+def test_paper_32b_flavor_shapes():
+    with torch.device("meta"):
+        model = Transformer(FLAVORS["32B"])
+    attn = model.layers["0"].attention
+    assert (attn.n_heads, attn.n_kv_heads, attn.head_dim) == (64, 8, 128)
+    assert attn.wq.weight.shape == (64 * 128, 5120)
+    assert attn.wk.weight.shape == (8 * 128, 5120)
+    assert model.layers["0"].feed_forward.w1.weight.shape == (25600, 5120)
+    assert len(model.layers) == 64 and model.freqs_cis.shape[-1] == 64
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - 32.76) < 0.01
+
+
+def test_recomputed_block_output_is_released_before_the_inner_backward():
+    """The offloaded checkpoint frees the recomputed output (only the backward's root): the
+    backward's peak drops by about one block-sized tensor, and the gradients do not change."""
+    from torchtitan_upipe.memory.offload import _OffloadedCheckpoint
+    from torchtitan_upipe.tools.memtrack import LiveTensorTracker
+
+    def run(release):
+        model = _model()
+        apply_offloaded_ac(model, keep_layers=0, device=torch.device("cpu"))
+        tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+        out = model(tokens)
+        _OffloadedCheckpoint.release_output = release
+        try:
+            with LiveTensorTracker() as tracker:
+                out.sum().backward()
+        finally:
+            _OffloadedCheckpoint.release_output = True
+        return tracker.peak_bytes, [p.grad.clone() for p in model.parameters()]
+
+    kept_peak, kept_grads = run(False)
+    freed_peak, freed_grads = run(True)
+    block_bytes = 2 * 24 * 32 * 8  # (b, s, dim) float64
+    assert kept_peak - freed_peak >= block_bytes, (kept_peak, freed_peak)
+    for a, b in zip(kept_grads, freed_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

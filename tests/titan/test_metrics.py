@@ -1,0 +1,28 @@
+"""The attention timer brackets forward, recompute and backward of every CP attention layer."""
+
+import torch
+
+from torchtitan_upipe.titan.metrics import AttentionTimer, timed
+
+
+def test_timer_pairs_forward_and_backward():
+    timer = AttentionTimer()
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def attention_like(h):
+        return torch.tanh(h @ w)
+
+    out = timed(timer, attention_like, x)
+    torch.testing.assert_close(out, attention_like(x))  # identity wrappers change nothing
+    assert len(timer._pairs) == 1  # the forward
+    (out * 2).sum().backward()
+    assert len(timer._pairs) == 2  # ... and the backward
+    torch.testing.assert_close(x.grad, torch.autograd.grad((attention_like(x) * 2).sum(), x)[0])
+    seconds = timer.consume()
+    assert seconds > 0 and timer._pairs == [] and timer.consume() == 0.0
+
+
+def test_no_timer_is_a_plain_call():
+    x = torch.randn(3, requires_grad=True)
+    assert timed(None, lambda h: h * 3, x).grad_fn.name().startswith("Mul")

@@ -1,0 +1,149 @@
+"""Which heads each UPipe stage computes on which rank: the GQA-aware stage schedule.
+
+Notation: ``C`` ranks, ``H`` query heads, ``H_kv`` KV heads, ``U`` query heads per stage
+across all ranks (``U % C == 0``, ``H % U == 0``), ``m = U / C`` query heads per rank per stage.
+
+KV heads are first made divisible by ``C``: ``rho = 1`` if ``H_kv % C == 0``, else each KV head
+is replicated ``rho = C / H_kv`` times (requires ``C % H_kv == 0``), giving ``H_kv' = H_kv*rho``
+*virtual* KV heads; virtual head ``v`` is real head ``v // rho``.  ``g = H / H_kv'`` query heads
+share a virtual KV head (canonical GQA: query head ``h`` uses virtual KV head ``h // g``).
+
+Per rank, a stage pairs ``m`` query heads with ``kappa`` KV heads, ``gamma = gcd(m, g)`` query
+heads per KV head (``m = kappa * gamma``).  A **KV chunk** is ``C * kappa`` virtual KV heads
+(``kappa`` per rank), projected and all-to-all'd **once** and reused by the ``tau = g / gamma``
+consecutive stages that cover all ``g`` query heads of each of them.  Stage ``s`` is step
+``t = s % tau`` of chunk ``c = s // tau``; on rank ``r``::
+
+    kv_head(c, r, j)       = c*C*kappa + r*kappa + j                      j < kappa
+    query_head(s, r, j, i) = kv_head(c, r, j) * g + t*gamma + i           i < gamma
+
+so ``query_head // g == kv_head`` (correct GQA pairing), every query head is computed exactly
+once, and each rank's local query heads ``j*gamma + i`` use local KV head ``j`` (the kernel's
+own GQA ratio is ``gamma``).  Example, H=16, H_kv=4, C=4, U=4 (the paper's figure)::
+
+    stage 0: ranks 0..3 compute q 0, 4, 8, 12   with kv 0..3   (K/V sent here, once)
+    stage 1:                    q 1, 5, 9, 13   with kv 0..3   (only Q sent)
+    stage 2:                    q 2, 6, 10, 14
+    stage 3:                    q 3, 7, 11, 15
+
+A chunk's virtual KV heads are a contiguous range, and a stage's query heads are the
+strided block ``wq.view(H_kv', g, D, dim)[chunk range, t*gamma:(t+1)*gamma]``: weights stay in
+canonical order and outputs are written back to canonical head positions, so no
+re-parameterization or output permutation exists anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..gqa import kv_replication
+
+
+@dataclass(frozen=True)
+class UPipeSchedule:
+    n_heads: int
+    n_kv_heads: int
+    degree: int
+    chunk_heads: int
+
+    def __post_init__(self) -> None:
+        c, u, h = self.degree, self.chunk_heads, self.n_heads
+        if u <= 0 or u % c != 0:
+            raise ValueError(
+                f"context_parallel.upipe_chunk_heads={u} must be a positive multiple of the "
+                f"all-to-all degree {c} (each rank takes U/C heads per stage); "
+                f"valid: {valid_chunk_heads(h, c)}"
+            )
+        if h % u != 0:
+            raise ValueError(
+                f"context_parallel.upipe_chunk_heads={u} must divide n_heads={h}; "
+                f"valid: {valid_chunk_heads(h, c)}"
+            )
+        kv_replication(h, self.n_kv_heads, c)  # raises for incompatible KV heads
+        # with replicated KV heads each rank holds one virtual KV head: a single chunk
+        assert self.rho == 1 or self.n_chunks == 1
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def rho(self) -> int:
+        """Replication factor of each real KV head."""
+        return kv_replication(self.n_heads, self.n_kv_heads, self.degree)
+
+    @property
+    def virtual_kv_heads(self) -> int:
+        return self.n_kv_heads * self.rho
+
+    @property
+    def group_size(self) -> int:
+        """g: query heads per virtual KV head."""
+        return self.n_heads // self.virtual_kv_heads
+
+    @property
+    def heads_per_rank(self) -> int:
+        """m = U / C: query heads per rank per stage."""
+        return self.chunk_heads // self.degree
+
+    @property
+    def gamma(self) -> int:
+        return math.gcd(self.heads_per_rank, self.group_size)
+
+    @property
+    def kappa(self) -> int:
+        """KV heads per rank per chunk."""
+        return self.heads_per_rank // self.gamma
+
+    @property
+    def stages_per_chunk(self) -> int:
+        """tau: consecutive stages that reuse one KV chunk."""
+        return self.group_size // self.gamma
+
+    @property
+    def n_stages(self) -> int:
+        return self.n_heads // self.chunk_heads
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_stages // self.stages_per_chunk
+
+    @property
+    def chunk_kv_heads(self) -> int:
+        """Virtual KV heads per chunk across all ranks (C * kappa)."""
+        return self.degree * self.kappa
+
+    # ---- head maps -----------------------------------------------------------------------
+    def kv_range(self, chunk: int) -> range:
+        """Virtual KV heads of ``chunk``, in all-to-all order (rank-major)."""
+        start = chunk * self.chunk_kv_heads
+        return range(start, start + self.chunk_kv_heads)
+
+    def query_slot(self, stage: int) -> slice:
+        """Slice of the ``g`` axis of ``wq.view(H_kv', g, D, dim)`` that ``stage`` covers."""
+        t = stage % self.stages_per_chunk
+        return slice(t * self.gamma, (t + 1) * self.gamma)
+
+    def kv_head(self, chunk: int, rank: int, j: int) -> int:
+        return chunk * self.chunk_kv_heads + rank * self.kappa + j
+
+    def query_head(self, stage: int, rank: int, j: int, i: int) -> int:
+        chunk, t = divmod(stage, self.stages_per_chunk)
+        return self.kv_head(chunk, rank, j) * self.group_size + t * self.gamma + i
+
+    def stage_query_heads(self, stage: int) -> list[list[int]]:
+        """Per rank, the canonical query heads ``stage`` computes, in local order."""
+        return [
+            [self.query_head(stage, r, j, i) for j in range(self.kappa) for i in range(self.gamma)]
+            for r in range(self.degree)
+        ]
+
+    def chunk_kv_heads_per_rank(self, chunk: int) -> list[list[int]]:
+        """Per rank, the real KV heads of ``chunk``, in local order."""
+        return [
+            [self.kv_head(chunk, r, j) // self.rho for j in range(self.kappa)]
+            for r in range(self.degree)
+        ]
+
+
+def valid_chunk_heads(n_heads: int, degree: int) -> list[int]:
+    """All valid U for ``n_heads`` and degree ``C``: multiples of C that divide n_heads."""
+    return [u for u in range(degree, n_heads + 1, degree) if n_heads % u == 0]

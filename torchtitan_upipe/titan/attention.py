@@ -1,0 +1,139 @@
+"""The attention module a context-parallel style installs in every transformer block.
+
+:class:`ContextParallelAttention` takes over a TorchTitan Llama3 ``Attention``'s ``wq``, ``wk``,
+``wv`` and ``wo`` children under the same names, so parameter FQNs, ``init_weights`` and the
+state dict are exactly TorchTitan's (checkpoints move freely between this plugin, plain
+TorchTitan and, through TorchTitan's adapter, HF Llama).  What happens between the block's
+normed input and ``wo`` is delegated to a strategy:
+
+* :class:`UlyssesStrategy` -- project, RoPE, :func:`~torchtitan_upipe.ulysses_attention`
+  (style ``ulysses``; with a ring group, style ``usp``: each head group's attention is a
+  ring pass, :class:`~torchtitan_upipe.ring.RingKernel`).
+* :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
+  projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).
+
+Inputs follow the trainer's sharding contract (:mod:`torchtitan_upipe.sharding`): ``x`` is
+``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
+:func:`check_sharding_once` installs a hook on the model that checks, on the first forward
+only (one host synchronization), that ``positions`` is the shard the sharder defines, so a
+trainer that shards differently fails loudly instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+
+from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
+
+from ..cp.kernels import AttentionKernel
+from .metrics import AttentionTimer, timed
+from .groups import CPGroups
+from ..cp.ring import RingKernel
+from .sharding import SequenceSharder
+from ..cp.ulysses import ulysses_attention
+from ..cp.upipe import upipe_attention
+
+
+def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
+    """Verify on the model's first forward that ``positions`` follows ``sharder``.
+
+    Runs outside the compiled transformer blocks (a hook on the root module) and removes
+    itself after the first call.
+    """
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("positions")
+        if positions is None:
+            raise RuntimeError(
+                "context-parallel attention needs the global positions of the local tokens; "
+                "launch through torchtitan_upipe's train.py (UPipeTrainer), which shards them"
+            )
+        local_len = positions.shape[-1]
+        expected = sharder.indices(local_len * sharder.degree, positions.device)
+        # under the CPU memory estimator positions are fake: shapes only, no values to compare
+        if not is_fake(positions) and not torch.equal(positions[0].to(expected.dtype), expected):
+            raise RuntimeError(
+                f"context-parallel inputs are not sharded as {type(sharder).__name__} expects "
+                f"(see torchtitan_upipe.sharding); TorchTitan's head-tail load balancer is for "
+                f"style='ring' only"
+            )
+        handle.remove()
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class CPAttentionStrategy(abc.ABC):
+    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
+
+    def __init__(self, groups: CPGroups) -> None:
+        self.groups = groups
+
+    @abc.abstractmethod
+    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
+        ...
+
+
+class UlyssesStrategy(CPAttentionStrategy):
+    def __init__(self, groups: CPGroups, kernel: AttentionKernel) -> None:
+        super().__init__(groups)
+        self.kernel = RingKernel(groups.ring, kernel) if groups.ring is not None else kernel
+
+    def __call__(self, attn, x, freqs_cis, positions):
+        bs, seqlen, _ = x.shape
+        xq = attn.wq(x).view(bs, seqlen, -1, attn.head_dim)
+        xk = attn.wk(x).view(bs, seqlen, -1, attn.head_dim)
+        xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
+        out = ulysses_attention(xq, xk, xv, group=self.groups.ulysses, causal=True, kernel=self.kernel)
+        return out.reshape(bs, seqlen, -1)
+
+
+class UPipeStrategy(CPAttentionStrategy):
+    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int) -> None:
+        super().__init__(groups)
+        self.kernel, self.chunk_heads = kernel, chunk_heads
+
+    def __call__(self, attn, x, freqs_cis, positions):
+        seqlen = x.shape[1]
+        # every batch row of a shard holds the same positions (SequenceSharder.positions); with
+        # the local RoPE table (models/llama3.py) positions is None and the table is local
+        local_freqs = freqs_cis[positions[0]] if positions is not None else freqs_cis[:seqlen]
+        return upipe_attention(
+            x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
+            n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
+            group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
+        )
+
+
+class ContextParallelAttention(nn.Module):
+    """Drop-in for TorchTitan's Llama3 ``Attention`` with the same parameters and FQNs."""
+
+    def __init__(
+        self, attention: Attention, strategy: CPAttentionStrategy, timer: AttentionTimer | None = None
+    ) -> None:
+        super().__init__()
+        self.n_heads = attention.n_heads
+        self.n_kv_heads = attention.n_kv_heads
+        self.head_dim = attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.strategy = strategy
+        self.timer = timer  # the attention-time metric (CPMetricsProcessor); None = off
+
+    def init_weights(self, init_std: float) -> None:
+        Attention.init_weights(self, init_std)  # same initialization as TorchTitan's module
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        if attention_masks is not None:
+            raise ValueError(
+                "context-parallel styles compute causal attention only; use a model flavor with "
+                "attn_type='sdpa' (no flex/varlen document masks)"
+            )
+        out = timed(self.timer, lambda h: self.strategy(self, h, freqs_cis, positions), x)
+        return self.wo(out)
+
+    def extra_repr(self) -> str:
+        return f"strategy={type(self.strategy).__name__}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"

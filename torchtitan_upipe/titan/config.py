@@ -1,0 +1,135 @@
+"""The ``[context_parallel]`` section this plugin adds to TorchTitan's JobConfig.
+
+TorchTitan merges it in through ``--job.custom_config_module torchtitan_upipe.config`` (or
+``[job] custom_config_module`` in TOML), so every field is set from TOML or the command line
+like any TorchTitan option, e.g. ``--context_parallel.style upipe``::
+
+    [parallelism]
+    context_parallel_degree = 2     # TorchTitan's own option: C, the CP degree
+    [context_parallel]
+    style = "upipe"                 # "none" | "ulysses" | "upipe" | "ring" | "usp"
+    upipe_chunk_heads = 0           # U for "upipe": query heads per stage across all C ranks (0 = C)
+    ulysses_degree = 0              # hybrids: size of the all-to-all group (0 = C); ring = C / this
+    kernel = "auto"                 # "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"
+
+Only choices are checked here; everything that depends on the model, the world size or the
+device is checked by :func:`torchtitan_upipe.validation.validate_job_config` before training
+starts.
+"""
+
+
+from dataclasses import dataclass, field
+
+from ..cp.kernels import KERNEL_CHOICES
+
+STYLES = ("none", "ulysses", "upipe", "ring", "usp")
+ULYSSES_FAMILY = ("ulysses", "upipe", "usp")
+
+
+@dataclass
+class ContextParallel:
+    style: str = "none"
+    """Context-parallel attention: "none" | "ulysses" | "upipe" | "ring" (TorchTitan's built-in
+    ring attention, CUDA only) | "usp" (Ulysses x ring hybrid)."""
+
+    upipe_chunk_heads: int = 0
+    """U for style "upipe": query heads processed per stage across all C ranks. A multiple of
+    C that divides n_heads; 0 means C (the smallest, most memory-saving choice)."""
+
+    ulysses_degree: int = 0
+    """For hybrid styles: size of the all-to-all group (0 = C). Ring degree = C / this."""
+
+    kernel: str = "auto"
+    """Attention kernel: "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"."""
+
+    time_attention: bool = True
+    """Log the attention share of step time (time_metrics/attention(%)) for the Ulysses-family
+    styles; CUDA events, read only when metrics are logged."""
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(
+                f"context_parallel.style={self.style!r} is not one of {list(STYLES)}"
+            )
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(
+                f"context_parallel.kernel={self.kernel!r} is not one of {list(KERNEL_CHOICES)}"
+            )
+        for name in ("upipe_chunk_heads", "ulysses_degree"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"context_parallel.{name}={value!r} must be an integer >= 0 (0 = default)"
+                )
+
+
+@dataclass
+class Memory:
+    """The long-context memory stack (any style can use it, so comparisons are fair)::
+
+        [memory]
+        offload_activations = true   # block inputs of full AC kept in pinned host memory
+        offload_keep_layers = 1      # ... except the first k layers, kept on the device
+        tiled_mlp = true             # MLP over sequence tiles (mlp_tiles, 0 = ceil(S/C / dim))
+        tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
+        chunked_loss = true          # output projection + loss over chunks (loss_chunks, 0 = 1K-token chunks)
+    """
+
+    offload_activations: bool = False
+    """Offload each checkpointed block input to pinned host memory (needs
+    activation_checkpoint.mode = "full"); copies run on a side stream."""
+
+    offload_keep_layers: int = 1
+    """Keep the inputs of the first k layers on the device."""
+
+    offload_prefetch: bool = True
+    """Copy the previous layer's input back while a layer runs its backward (overlap); false
+    saves one block input of device memory at the step's peak for an exposed copy per layer."""
+
+    tiled_mlp: bool = False
+    mlp_tiles: int = 0
+    """Tiles for tiled_mlp; 0 = ceil(local sequence length / dim)."""
+
+    tiled_norm: bool = False
+    norm_tiles: int = 0
+    """Tiles for tiled_norm; 0 = ceil(local sequence length / dim)."""
+
+    chunked_loss: bool = False
+    loss_chunks: int = 0
+    """Chunks for chunked_loss; 0 = chunks of about 1024 tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("offload_keep_layers", "mlp_tiles", "norm_tiles", "loss_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"memory.{name}={value!r} must be an integer >= 0")
+
+
+@dataclass
+class Benchmark:
+    """Options for measuring (scripts/bench_one_rank.py); leave at defaults for training."""
+
+    n_layers: int = 0
+    """Build only the first n transformer layers of the flavor (per-layer scaling
+    measurements: time and memory at 1 and 2 layers, then extrapolate); 0 = all layers."""
+
+    fake_rank: int = 0
+    """With ``comm.mode = "fake_backend"`` (this process is one rank of an NGPU-rank job, its
+    collectives no-ops), be rank ``fake_rank`` of the job instead of TorchTitan's rank 0.
+    All-to-all styles do the same work on every rank; a causal zigzag ring does not (ranks
+    merge different blocks), so a one-rank measurement of a ring must choose its rank."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "fake_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"benchmark.{name}={value!r} must be an integer >= 0")
+
+
+@dataclass
+class JobConfig:
+    """Merged into TorchTitan's JobConfig by its ConfigManager."""
+
+    context_parallel: ContextParallel = field(default_factory=ContextParallel)
+    memory: Memory = field(default_factory=Memory)
+    benchmark: Benchmark = field(default_factory=Benchmark)

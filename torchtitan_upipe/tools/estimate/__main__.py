@@ -1,0 +1,3 @@
+from .estimator import main
+
+main()
