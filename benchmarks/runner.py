@@ -6,7 +6,10 @@ shards and all-gather buffers, but collectives are no-ops (their time and NCCL's
 not measured).  Each run's per-step TensorBoard scalars give the peak memory TorchTitan's
 monitor reads from the caching allocator, the step time and TorchTitan's tokens/s per GPU
 (``tps``: tokens / (time * non-data-parallel size), the paper's unit).  The step time is
-compute only; :mod:`.comm_model` adds communication.
+compute only; :mod:`torchtitan_upipe.tools.perf_model.comm` adds communication.
+
+Commands are recorded as a user would type them: ``python`` for the interpreter, ``$DUMP``
+and ``$OUT`` for the temporary folders, no machine paths.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def command(spec: RunSpec, dump_folder: str) -> list[str]:
 
 
 def estimate_command(spec: RunSpec, dump_folder: str, json_path: str) -> list[str]:
-    """The CPU memory estimator (:mod:`torchtitan_upipe.estimate`) on the run's options."""
+    """The CPU memory estimator (:mod:`torchtitan_upipe.tools.estimate`) on the run's options."""
     return [sys.executable, "-m", "torchtitan_upipe.tools.estimate", "--ngpu", str(spec.ngpu),
             "--json", json_path, *train_args(spec, dump_folder)]
 
@@ -137,7 +140,7 @@ def run(spec: RunSpec, timeout: int = 3600) -> RunResult:
                    PYTHONUNBUFFERED="1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         text = proc.stdout + proc.stderr
-        shown = "NGPU=%d " % spec.ngpu + " ".join(shlex.quote(c) for c in cmd).replace(dump, "$DUMP")
+        shown = f"NGPU={spec.ngpu} " + shown_command(cmd).replace(dump, "$DUMP")
         if proc.returncode != 0:
             oom = "OutOfMemoryError" in text or "CUDA out of memory" in text
             return RunResult(spec, shown, ok=False, oom=oom, error=text[-3000:])
@@ -145,13 +148,14 @@ def run(spec: RunSpec, timeout: int = 3600) -> RunResult:
 
 
 def estimate(spec: RunSpec, timeout: int = 3600) -> RunResult:
-    """The CPU estimator's prediction for ``spec`` (fake tensors; see :mod:`torchtitan_upipe.estimate`)."""
+    """The CPU estimator's prediction for ``spec`` (fake tensors; see
+    :mod:`torchtitan_upipe.tools.estimate`)."""
     with tempfile.TemporaryDirectory(prefix="upipe_est_") as dump:
         path = os.path.join(dump, "estimate.json")
         cmd = estimate_command(spec, dump, path)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        shown = " ".join(shlex.quote(c) for c in cmd).replace(path, "$OUT").replace(dump, "$DUMP")
+        shown = shown_command(cmd).replace(path, "$OUT").replace(dump, "$DUMP")
         if proc.returncode != 0:
             return RunResult(spec, shown, ok=False, oom=False, kind="estimate",
                              error=(proc.stdout + proc.stderr)[-3000:])
@@ -159,6 +163,13 @@ def estimate(spec: RunSpec, timeout: int = 3600) -> RunResult:
             est = json.load(f)
         return RunResult(spec, shown, ok=True, oom=False, kind="estimate",
                          est_peak_gib=est["peak_gib"], est_host_gib=est["host_gib"])
+
+
+def shown_command(cmd: list[str]) -> str:
+    """``cmd`` as recorded: ``python`` for this interpreter, the checkout's paths relative."""
+    words = ["python" if c == sys.executable else os.path.relpath(c, ROOT) if c.startswith(ROOT + os.sep)
+             else c for c in cmd]
+    return " ".join(shlex.quote(c) for c in words)
 
 
 def environment() -> dict[str, str]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measure every context-parallel style of Llama3-8B as an 8xH100 job, on ONE GPU: each run is
 # rank 0 of the 8-rank job (TorchTitan's fake backend: real compute and memory, no-op
-# collectives; see torchtitan_upipe/benchmark/runner.py).
+# collectives; see benchmarks/runner.py).
 #
 # Before: on a machine with network, scripts/gpu_bundle.sh (fills .whl/, git-ignored).
 # On the GPU machine, from the repo root, with .whl/ carried along:
@@ -87,7 +87,7 @@ for phase in "${@:-smoke}"; do
         ;;
     fit)
         # two steps: the second one holds the optimizer state, part of the per-layer memory.
-        # A causal ring's ranks differ in memory (tests/test_estimate.py): TorchTitan's ring is
+        # A causal ring's ranks differ in memory (tests/tools/test_estimate.py): TorchTitan's ring is
         # also measured as the job's last rank, and its maximum context is the lower of the two
         fit_styles=$STYLES
         [[ " $STYLES " == *" ring "* ]] && fit_styles="$STYLES ring:r=7"
@@ -96,7 +96,7 @@ for phase in "${@:-smoke}"; do
             --steps 2 --warmup 1
         ;;
     report)
-        python3 -m torchtitan_upipe.benchmark.report "$OUT"/${NAME}_*.json --out "$OUT/$NAME.md"
+        python3 -m benchmarks.report "$OUT"/${NAME}_*.json --out "$OUT/$NAME.md"
         python3 scripts/plot_benchmarks.py "$OUT"/${NAME}_*.json --out-dir "$OUT" --prefix "$NAME"
         ;;
     *)

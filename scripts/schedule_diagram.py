@@ -1,6 +1,6 @@
 """Print the UPipe GQA stage schedule as a table: which rank computes which heads at each stage.
 
-Every entry comes from :class:`torchtitan_upipe.upipe.UPipeSchedule`, the object the op itself
+Every entry comes from :class:`torchtitan_upipe.cp.upipe.UPipeSchedule`, the object the op itself
 runs, so the table cannot disagree with the code.  One row per stage, one column per rank of
 the all-to-all group.  A cell ``q4,5 kv1`` means: at this stage the rank computes canonical
 query heads 4 and 5 against canonical (real) KV head 1, over the whole sequence.  The

@@ -7,6 +7,10 @@ from torchtitan_upipe.cp.comm import (
     all_to_all_head_to_seq,
     all_to_all_seq_to_head,
     group_rank,
+    pack_pair,
+    pair_head_to_seq,
+    pair_seq_to_head,
+    unpack_pair,
 )
 from tests.helpers.dist import run_distributed
 
@@ -58,3 +62,19 @@ def test_identity_without_group():
     x = torch.randn(1, 4, 2, 3)
     assert all_to_all_seq_to_head(x, None) is x
     assert all_to_all_head_to_seq(x, None) is x
+
+
+def test_pack_pair_interleaves_heads_so_head_groups_stay_whole():
+    a = torch.arange(2 * 3 * 4 * 2, dtype=torch.float64).view(2, 3, 4, 2)
+    b = -a
+    pair = pack_pair(a, b)
+    assert pair.shape == (2, 3, 8, 2)
+    for h in range(4):
+        assert torch.equal(pair[:, :, 2 * h], a[:, :, h]) and torch.equal(pair[:, :, 2 * h + 1], b[:, :, h])
+    # head group r of the pair (C = 2: heads 4r .. 4r+3) is head group r of a and of b
+    for r in range(2):
+        ga, gb = unpack_pair(pair[:, :, 4 * r:4 * r + 4])
+        assert torch.equal(ga, a[:, :, 2 * r:2 * r + 2]) and torch.equal(gb, b[:, :, 2 * r:2 * r + 2])
+    ua, ub = unpack_pair(pair)
+    assert torch.equal(ua, a) and torch.equal(ub, b)
+    assert pair_seq_to_head(a, b, None)[0].equal(a) and pair_head_to_seq(a, b, None)[1].equal(b)

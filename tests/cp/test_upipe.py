@@ -1,21 +1,18 @@
 """UPipe forward and backward against a single-device reference (float64), its GQA schedule,
 its collective counts and its transient memory."""
 
-
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
 
-import torchtitan_upipe.cp.comm as comm
-from torchtitan_upipe import upipe_attention
-from torchtitan_upipe.cp.kernels import get_kernel
-from torchtitan_upipe.tools.memtrack import LiveTensorTracker
-from torchtitan_upipe.cp.upipe import UPipeSchedule, valid_chunk_heads
-from torchtitan_upipe.cp.upipe.functional import upipe_backward, upipe_forward
 from tests.helpers.dist import run_distributed
 from tests.helpers.reference import projected_attention
+from torchtitan_upipe import upipe_attention
+from torchtitan_upipe.cp.kernels import get_kernel
+from torchtitan_upipe.cp.upipe import UPipeSchedule, valid_chunk_heads
+from torchtitan_upipe.cp.upipe.functional import upipe_backward, upipe_forward
+from torchtitan_upipe.tools.memtrack import LiveTensorTracker
 
 HEADS = [(4, 4), (8, 2), (8, 8), (16, 4), (32, 8)]
 S_LOCAL, HEAD_DIM, DIM = 3, 4, 12
@@ -148,35 +145,30 @@ def test_schedule_matches_the_papers_example():
     assert sched.n_chunks == 1
 
 
+def _all_to_alls(fn) -> int:
+    with CommDebugMode() as comm_mode:
+        result = fn()
+    return result, comm_mode.get_comm_counts()[torch.ops.c10d.alltoall_base_]
+
+
 def _count_collectives(rank, c):
-    calls = []
-    original = comm._all_to_all
-
-    def counting(buf, group):
-        calls.append(tuple(buf.shape))
-        return original(buf, group)
-
-    comm._all_to_all = counting
-    try:
-        group = dist.group.WORLD
-        kernel = get_kernel("math")
-        for h, hkv, u in [(32, 8, 4), (16, 4, 4), (8, 8, 4), (8, 2, 4), (32, 8, 8)]:
-            sched = UPipeSchedule(h, hkv, c, u)
-            x, wq, wk, wv, dout = _tensors(1, S_LOCAL * c, h, hkv, seed=0)
-            x = x[:, :S_LOCAL]
-            freqs = _freqs(S_LOCAL * c, HEAD_DIM)[:S_LOCAL]
-            calls.clear()
-            out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, 0.5)
-            # per KV chunk one fused K|V all-to-all; per stage one Q and one O all-to-all
-            assert len(calls) == sched.n_chunks + 2 * sched.n_stages, (h, hkv, u, calls)
-            calls.clear()
-            upipe_backward(dout[:, :S_LOCAL], x, wq, wk, wv, freqs, out, lse, sched, group, kernel, True, 0.5)
-            # backward: K|V recompute and dK|dV per chunk; Q, O|dO and dQ per stage
-            assert len(calls) == 2 * sched.n_chunks + 3 * sched.n_stages, (h, hkv, u, len(calls))
-        # the GQA case: 8 stages but only 2 K/V all-to-alls per layer (H_kv / C chunks)
-        assert UPipeSchedule(32, 8, c, 4).n_chunks == 8 // c
-    finally:
-        comm._all_to_all = original
+    group = dist.group.WORLD
+    kernel = get_kernel("math")
+    for h, hkv, u in [(32, 8, 4), (16, 4, 4), (8, 8, 4), (8, 2, 4), (32, 8, 8)]:
+        sched = UPipeSchedule(h, hkv, c, u)
+        x, wq, wk, wv, dout = _tensors(1, S_LOCAL * c, h, hkv, seed=0)
+        x = x[:, :S_LOCAL]
+        freqs = _freqs(S_LOCAL * c, HEAD_DIM)[:S_LOCAL]
+        (out, lse), n = _all_to_alls(
+            lambda: upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, 0.5))
+        # per KV chunk one fused K|V all-to-all; per stage one Q and one O all-to-all
+        assert n == sched.n_chunks + 2 * sched.n_stages, (h, hkv, u, n)
+        _, n = _all_to_alls(lambda: upipe_backward(
+            dout[:, :S_LOCAL], x, wq, wk, wv, freqs, out, lse, sched, group, kernel, True, 0.5))
+        # backward: K|V recompute and dK|dV per chunk; Q, O|dO and dQ per stage
+        assert n == 2 * sched.n_chunks + 3 * sched.n_stages, (h, hkv, u, n)
+    # the GQA case: 8 stages but only 2 K/V all-to-alls per layer (H_kv / C chunks)
+    assert UPipeSchedule(32, 8, c, 4).n_chunks == 8 // c
 
 
 def test_collective_counts_follow_kv_chunks_not_stages():
@@ -253,16 +245,14 @@ def test_custom_op_is_opaque_to_torch_compile():
 
 def test_inline_ops_give_the_custom_ops_values_and_gradients():
     """The estimator's inline path (no custom-op boundary) computes exactly what the op does."""
-    from torchtitan_upipe.cp.upipe.ops import inline_ops
-
     x, wq, wk, wv, dout = _tensors(2, 6, 8, 2, 1)
     freqs = _freqs(6, HEAD_DIM)
     results = []
     for inline in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
-        with inline_ops() if inline else contextlib.nullcontext():
-            out = upipe_attention(*leaves, freqs, n_heads=8, n_kv_heads=2, chunk_heads=4, kernel="math")
-            out.backward(dout)
+        out = upipe_attention(*leaves, freqs, n_heads=8, n_kv_heads=2, chunk_heads=4, kernel="math",
+                              inline=inline)
+        out.backward(dout)
         results.append([out.detach()] + [t.grad for t in leaves])
     for op, inline in zip(*results):
         assert torch.equal(op, inline)

@@ -31,7 +31,7 @@ def _model(style, args):
     model = Transformer(args)
     with torch.no_grad():
         model.init_weights()
-    groups = CPGroups(None, None, 1, 1, 0, 0)
+    groups = CPGroups.local()
     for block in model.layers.values():
         strategy = (UPipeStrategy(groups, "math", 2) if style == "upipe"
                     else UlyssesStrategy(groups, get_kernel("math")))

@@ -5,33 +5,21 @@ Every case builds the full problem on every rank, shards it with the production 
 and the gradients of the inputs and weights with a single-device reference in float64.
 """
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from torchtitan_upipe import ulysses_attention, upipe_attention
 from torchtitan_upipe.cp.kernels import get_kernel
-from torchtitan_upipe.titan.groups import cp_groups
+from torchtitan_upipe.titan.groups import build_cp_groups
 from torchtitan_upipe.cp.ring import RingKernel
-from torchtitan_upipe.titan.sharding import UlyssesRingSharder, sharder_for
+from torchtitan_upipe.titan.sharding import sharder_for
 from tests.helpers.dist import run_distributed
 from tests.helpers.reference import attention, projected_attention
 from tests.cp.test_upipe import HEAD_DIM, _freqs, _tensors
 
 SEQ = 16  # divisible by 2 * C = 8
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-class _Dims:
-    """The slice of TorchTitan's ParallelDims that cp_groups uses."""
-
-    def __init__(self, cp_mesh):
-        self._cp = cp_mesh
-
-    def get_mesh(self, name):
-        assert name == "cp"
-        return self._cp
 
 
 def _usp_case(groups, sharder, b, h, hkv):
@@ -89,7 +77,7 @@ def _grid(rank, world):
     cp_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     stages_seen = set()
     for (r, u), (usp_cases, upipe_cases) in GRID.items():
-        groups = cp_groups(_Dims(cp_mesh), u)
+        groups = build_cp_groups(cp_mesh, u)
         assert (groups.ring_degree, groups.ulysses_degree) == (r, u)
         assert groups.ring_rank * u + groups.ulysses_rank == rank
         sharder = sharder_for(groups)
@@ -103,25 +91,3 @@ def _grid(rank, world):
 
 def test_hybrids_match_single_device():
     run_distributed(_grid, 4)
-
-
-def test_hybrid_sharder_layout_and_all_to_all_composition():
-    # S = 16, R = 2, u = 2 (the docstring's picture)
-    got = {(p, j): UlyssesRingSharder(2, 2, j, p).indices(16).tolist() for p in range(2) for j in range(2)}
-    assert got[(0, 0)] == [0, 1, 2, 3] and got[(0, 1)] == [12, 13, 14, 15]
-    assert got[(1, 0)] == [4, 5, 6, 7] and got[(1, 1)] == [8, 9, 10, 11]
-    # the all-to-all concatenates the Ulysses pieces in rank order: the ring's zigzag shard
-    from torchtitan_upipe.cp.zigzag import zigzag_indices
-
-    for r, u in ((2, 2), (2, 4), (4, 2)):
-        seq = 8 * r * u
-        for p in range(r):
-            gathered = sum((UlyssesRingSharder(u, r, j, p).indices(seq).tolist() for j in range(u)), [])
-            assert gathered == zigzag_indices(seq, r, p).tolist()
-        every = sorted(i for p in range(r) for j in range(u) for i in UlyssesRingSharder(u, r, j, p).indices(seq).tolist())
-        assert every == list(range(seq))
-
-
-def test_hybrid_sharder_rejects_lengths_not_divisible_by_2c():
-    with pytest.raises(ValueError, match="not divisible by 8"):
-        UlyssesRingSharder(2, 2, 0, 0).indices(20)

@@ -11,9 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from torchtitan_upipe.memory import apply_offloaded_ac
-from torchtitan_upipe.titan.memory_stack import apply_tiling
-from torchtitan_upipe.titan.llama3 import FLAVORS, LlamaArgs, Transformer
+from torchtitan.models.llama3.model.model import FeedForward
+
+from tests.helpers.numerics import DIM, S, close, leaf
+from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac, apply_tiled_mlp
+from torchtitan_upipe.titan.memory_stack import TiledFeedForward, apply_tiling
+from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
 
 
 def _model(head_dim=None):
@@ -69,7 +72,8 @@ def test_memory_stack_is_exact(mem, head_dim):
     keys = list(ref.state_dict())
     apply_tiling(model, mem, local_seq_len=22)
     if mem.offload_activations:
-        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device("cpu"), mem.offload_prefetch)
+        apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), mem.offload_keep_layers,
+                           mem.offload_prefetch)
     assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
 
     g = torch.Generator().manual_seed(1)
@@ -85,7 +89,8 @@ def test_memory_stack_is_exact(mem, head_dim):
 
 def test_offload_keeps_only_host_copies_between_forward_and_backward():
     model = _model()
-    offloader = apply_offloaded_ac(model, keep_layers=1, device=torch.device("cpu"))
+    offloader = HostOffloader(torch.device("cpu"))
+    apply_offloaded_ac(model, offloader, keep_layers=1)
     tokens = torch.randint(0, 97, (1, 16))
     out = model(tokens)
     # layers 1 and 2 were offloaded, layer 0 kept
@@ -101,35 +106,19 @@ def test_chunked_loss_without_labels_is_an_error():
         model(torch.randint(0, 97, (1, 8)))
 
 
-def test_paper_32b_flavor_shapes():
-    with torch.device("meta"):
-        model = Transformer(FLAVORS["32B"])
-    attn = model.layers["0"].attention
-    assert (attn.n_heads, attn.n_kv_heads, attn.head_dim) == (64, 8, 128)
-    assert attn.wq.weight.shape == (64 * 128, 5120)
-    assert attn.wk.weight.shape == (8 * 128, 5120)
-    assert model.layers["0"].feed_forward.w1.weight.shape == (25600, 5120)
-    assert len(model.layers) == 64 and model.freqs_cis.shape[-1] == 64
-    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - 32.76) < 0.01
-
-
 def test_recomputed_block_output_is_released_before_the_inner_backward():
     """The offloaded checkpoint frees the recomputed output (only the backward's root): the
     backward's peak drops by about one block-sized tensor, and the gradients do not change."""
-    from torchtitan_upipe.memory.offload import _OffloadedCheckpoint
     from torchtitan_upipe.tools.memtrack import LiveTensorTracker
 
     def run(release):
         model = _model()
-        apply_offloaded_ac(model, keep_layers=0, device=torch.device("cpu"))
+        apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep_layers=0,
+                           release_output=release)
         tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
         out = model(tokens)
-        _OffloadedCheckpoint.release_output = release
-        try:
-            with LiveTensorTracker() as tracker:
-                out.sum().backward()
-        finally:
-            _OffloadedCheckpoint.release_output = True
+        with LiveTensorTracker() as tracker:
+            out.sum().backward()
         return tracker.peak_bytes, [p.grad.clone() for p in model.parameters()]
 
     kept_peak, kept_grads = run(False)
@@ -138,3 +127,44 @@ def test_recomputed_block_output_is_released_before_the_inner_backward():
     assert kept_peak - freed_peak >= block_bytes, (kept_peak, freed_peak)
     for a, b in zip(kept_grads, freed_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- TorchTitan's FeedForward, tiled ----------------------------------------------------
+
+
+def _feed_forward(seed=0):
+    torch.manual_seed(seed)
+    ff = FeedForward(dim=DIM, hidden_dim=4 * DIM, multiple_of=4, ffn_dim_multiplier=None)
+    with torch.no_grad():
+        ff.init_weights(0.2)
+    return ff.double()
+
+
+@pytest.mark.parametrize("num_tiles", [3, None])
+def test_apply_tiled_mlp_module(num_tiles):
+    ref = _feed_forward()
+    tiled = apply_tiled_mlp(copy.deepcopy(ref), num_tiles)
+    assert isinstance(tiled, FeedForward) and isinstance(tiled, TiledFeedForward)
+    assert tiled.num_tiles == num_tiles
+    assert list(tiled.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in tiled.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(tiled.state_dict()[k], v)
+
+    x = leaf(2, S, DIM, gen=torch.Generator().manual_seed(3))
+    x2 = x.detach().clone().requires_grad_()
+    gy = torch.randn(2, S, DIM, dtype=torch.float64)
+    y_ref, y = ref(x), tiled(x2)
+    close(y, y_ref)
+    y_ref.backward(gy)
+    y.backward(gy)
+    close(x2.grad, x.grad)
+    for (n, p), (_, q) in zip(ref.named_parameters(), tiled.named_parameters()):
+        close(q.grad, p.grad)
+
+    # re-applying updates the tile count; a fresh TiledFeedForward has the same keys
+    assert apply_tiled_mlp(tiled, 5).num_tiles == 5
+    fresh = TiledFeedForward(DIM, 4 * DIM, 4, None, num_tiles=2)
+    assert list(fresh.state_dict()) == list(ref.state_dict())
+    fresh.load_state_dict(ref.state_dict())  # strict
+    assert "num_tiles=2" in repr(fresh)

@@ -1,10 +1,8 @@
-"""Sequence sharders and the guard that a model sees the sharding it was built for."""
+"""Sequence sharders: which tokens (and RoPE positions) each CP rank holds."""
 
 import pytest
 import torch
-from torch import nn
 
-from torchtitan_upipe.titan.attention import check_sharding_once
 from torchtitan_upipe.titan.sharding import ContiguousSharder, UlyssesRingSharder
 
 
@@ -19,39 +17,23 @@ def test_contiguous_sharder():
         ContiguousSharder(4, 4)
 
 
-class _Model(nn.Module):
-    def forward(self, tokens, positions=None):
-        return tokens
+def test_hybrid_sharder_layout_and_all_to_all_composition():
+    # S = 16, R = 2, u = 2 (the docstring's picture)
+    got = {(p, j): UlyssesRingSharder(2, 2, j, p).indices(16).tolist() for p in range(2) for j in range(2)}
+    assert got[(0, 0)] == [0, 1, 2, 3] and got[(0, 1)] == [12, 13, 14, 15]
+    assert got[(1, 0)] == [4, 5, 6, 7] and got[(1, 1)] == [8, 9, 10, 11]
+    # the all-to-all concatenates the Ulysses pieces in rank order: the ring's zigzag shard
+    from torchtitan_upipe.cp.zigzag import zigzag_indices
+
+    for r, u in ((2, 2), (2, 4), (4, 2)):
+        seq = 8 * r * u
+        for p in range(r):
+            gathered = sum((UlyssesRingSharder(u, r, j, p).indices(seq).tolist() for j in range(u)), [])
+            assert gathered == zigzag_indices(seq, r, p).tolist()
+        every = sorted(i for p in range(r) for j in range(u) for i in UlyssesRingSharder(u, r, j, p).indices(seq).tolist())
+        assert every == list(range(seq))
 
 
-@pytest.mark.parametrize("sharder", [ContiguousSharder(2, 1), UlyssesRingSharder(2, 2, 1, 0)])
-def test_first_forward_checks_positions_then_gets_out_of_the_way(sharder):
-    model = _Model()
-    check_sharding_once(model, sharder)
-    tokens = torch.zeros(1, 4)
-    wrong = torch.arange(4).view(1, 4)  # rank 0's tokens, but this sharder is another rank's
-    with pytest.raises(RuntimeError, match="not sharded as"):
-        model(tokens, positions=wrong)
-    with pytest.raises(RuntimeError, match="needs the global positions"):
-        model(tokens)
-    right = sharder.positions(1, 4 * sharder.degree)
-    model(tokens, positions=right)
-    model(tokens, positions=wrong)  # checked once, then the hook is gone
-
-
-def test_local_rope_table_is_the_full_tables_rows():
-    """CP ranks keep only their RoPE rows; they are bit-identical to TorchTitan's full table."""
-    import copy
-
-    from torchtitan_upipe.titan.llama3 import FLAVORS, Transformer
-
-    for flavor in ("debugmodel", "8B", "32B"):
-        args = copy.deepcopy(FLAVORS[flavor])
-        args.max_seq_len, args.n_layers = 65536, 1
-        with torch.device("meta"):
-            model = Transformer(args)
-        full = model._precompute_freqs_cis()
-        for sharder in (ContiguousSharder(4, 3), UlyssesRingSharder(2, 2, 1, 1)):
-            idx = sharder.indices(65536)
-            model.use_local_rope(idx)
-            assert torch.equal(model._precompute_freqs_cis(), full[idx]), (flavor, type(sharder))
+def test_hybrid_sharder_rejects_lengths_not_divisible_by_2c():
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        UlyssesRingSharder(2, 2, 0, 0).indices(20)

@@ -5,7 +5,11 @@ different world sizes) in float32 and compare the per-step losses TensorBoard re
 """
 
 
+import dataclasses
+import functools
+
 import pytest
+import torch
 
 from tests.helpers.trainer import check, run_train, tensorboard_losses, tensorboard_scalars
 
@@ -80,6 +84,21 @@ def test_ulysses_matches_single_device(ulysses_losses, reference_losses):
     assert reference_losses[-1] < reference_losses[0]  # it trains
 
 
+def test_no_cp_style_matches_plain_torchtitan(workdir, seed_checkpoint, reference_losses):
+    """style='none' through this plugin's train spec and trainer: TorchTitan's attention."""
+    none = _losses(workdir, seed_checkpoint, "plugin_none", 1, "llama3_debug_none.toml")
+    _assert_parity(none, reference_losses)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="TorchTitan's ring attention (style='ring') needs 2 CUDA devices")
+def test_torchtitan_ring_matches_single_device(workdir, seed_checkpoint, reference_losses):
+    ring = _losses(workdir, seed_checkpoint, "ring", 2, "llama3_debug_ulysses.toml",
+                   "--context_parallel.style=ring")
+    _assert_parity(ring, reference_losses)
+
+
 def test_upipe_matches_ulysses(workdir, seed_checkpoint, reference_losses, ulysses_losses):
     ulysses = ulysses_losses
     upipe = _losses(workdir, seed_checkpoint, "upipe", 2, "llama3_debug_upipe.toml")
@@ -150,3 +169,25 @@ def test_upipe_under_torch_compile(workdir, seed_checkpoint, reference_losses):
     compiled = _losses(workdir, seed_checkpoint, "upipe_compiled", 2, "llama3_debug_upipe.toml",
                        "--compile.enable", "--context_parallel.no-time-attention")
     _assert_parity(compiled, reference_losses)
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_the_trainer_hands_its_plan_to_the_parallelize_hook(bound):
+    """TorchTitan's Trainer assigns ``train_spec`` and calls its ``parallelize_fn``; the
+    trainer binds its CPPlan to this plugin's hook and leaves any other hook alone."""
+    from torchtitan_upipe.titan.parallelize import parallelize_llama_cp
+    from torchtitan_upipe.titan.train_spec import get_train_spec
+    from torchtitan_upipe.titan.trainer import UPipeTrainer
+
+    trainer = object.__new__(UPipeTrainer)  # the binding alone: no distributed, no model
+    trainer.plan = object()
+    spec = get_train_spec()
+    if not bound:
+        spec = dataclasses.replace(spec, parallelize_fn=lambda *a: None)
+    trainer.train_spec = spec
+    fn = trainer.train_spec.parallelize_fn
+    if bound:
+        assert isinstance(fn, functools.partial) and fn.func is parallelize_llama_cp
+        assert fn.keywords == {"plan": trainer.plan}
+    else:
+        assert fn is spec.parallelize_fn

@@ -17,6 +17,8 @@ dimension is the peer rank::
 
 The autograd wrappers are differentiable: the gradient of ``seq_to_head`` is ``head_to_seq``
 of the incoming gradient and vice versa.  ``group=None`` or a group of size 1 is the identity.
+:func:`pack_pair` fuses two tensors into one buffer, so that K and V (or O and dO, dK and dV)
+move in one collective.
 """
 
 from __future__ import annotations
@@ -41,64 +43,86 @@ def _all_to_all(buf: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
-def seq_to_head(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """``(B, S/C, H, D)`` sequence-sharded -> ``(B, S, H/C, D)`` head-sharded (not autograd)."""
+def _exchange(x: torch.Tensor, group: ProcessGroup | None, scatter: int, gather: int,
+              what: str) -> torch.Tensor:
+    """Cut dim ``scatter`` of ``x`` into ``C`` blocks, send block ``j`` to rank ``j``, and
+    concatenate the blocks received along dim ``gather`` in source-rank order."""
     c = group_size(group)
     if c == 1:
         return x
-    b, s, h, d = x.shape
-    if h % c != 0:
-        raise ValueError(f"cannot scatter {h} heads over {c} ranks")
-    buf = x.reshape(b, s, c, h // c, d).permute(2, 0, 1, 3, 4).contiguous()
-    out = _all_to_all(buf, group)  # (C_src, B, s, H/C, D)
-    return out.permute(1, 0, 2, 3, 4).reshape(b, c * s, h // c, d)
+    n = x.shape[scatter]
+    if n % c != 0:
+        raise ValueError(f"cannot scatter {n} {what} over {c} ranks")
+    shape = (*x.shape[:scatter], c, n // c, *x.shape[scatter + 1:])
+    buf = x.reshape(shape).movedim(scatter, 0).contiguous()  # the peer rank leads
+    out = _all_to_all(buf, group)  # (C_src, ...)
+    return out.movedim(0, gather).flatten(gather, gather + 1)
+
+
+def seq_to_head(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``(B, S/C, H, D)`` sequence-sharded -> ``(B, S, H/C, D)`` head-sharded (not autograd).
+
+    ``view (B, s, C, H/C, D) -> (C, B, s, H/C, D) --a2a--> (C_src, B, s, H/C, D)
+    -> (B, C_src, s, H/C, D) -> (B, S, H/C, D)``: the source rank is the sequence block."""
+    return _exchange(x, group, scatter=2, gather=1, what="heads")
 
 
 def head_to_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """``(B, S, H/C, D)`` head-sharded -> ``(B, S/C, H, D)`` sequence-sharded (not autograd)."""
-    c = group_size(group)
-    if c == 1:
-        return x
-    b, seq, hc, d = x.shape
-    if seq % c != 0:
-        raise ValueError(f"cannot scatter a sequence of {seq} tokens over {c} ranks")
-    s = seq // c
-    buf = x.reshape(b, c, s, hc, d).permute(1, 0, 2, 3, 4).contiguous()
-    out = _all_to_all(buf, group)  # (C_src, B, s, H/C, D), C_src == head group
-    return out.permute(1, 2, 0, 3, 4).reshape(b, s, c * hc, d)
+    """``(B, S, H/C, D)`` head-sharded -> ``(B, S/C, H, D)`` sequence-sharded (not autograd).
+
+    ``view (B, C, s, H/C, D) -> (C, B, s, H/C, D) --a2a--> (C_src, B, s, H/C, D)
+    -> (B, s, C_src, H/C, D) -> (B, s, H, D)``: the source rank is the head group."""
+    return _exchange(x, group, scatter=1, gather=2, what="tokens")
 
 
-class _SeqToHead(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """One layout change and, as its gradient, the inverse one."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return seq_to_head(x, group)
+    def forward(ctx, x, group, to_head: bool):
+        ctx.group, ctx.to_head = group, to_head
+        return (seq_to_head if to_head else head_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return head_to_seq(grad, ctx.group), None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return head_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return seq_to_head(grad, ctx.group), None
+        return (head_to_seq if ctx.to_head else seq_to_head)(grad, ctx.group), None, None
 
 
 def all_to_all_seq_to_head(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Differentiable :func:`seq_to_head`."""
     if group_size(group) == 1:
         return x
-    return _SeqToHead.apply(x, group)
+    return _AllToAll.apply(x, group, True)
 
 
 def all_to_all_head_to_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Differentiable :func:`head_to_seq`."""
     if group_size(group) == 1:
         return x
-    return _HeadToSeq.apply(x, group)
+    return _AllToAll.apply(x, group, False)
+
+
+# ------------------------------------------------------------------------- fused pairs
+def pack_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two ``(B, s, h, D)`` tensors as one ``(B, s, 2h, D)`` buffer, heads interleaved
+    (``a_0, b_0, a_1, b_1, ...``), so that head group ``r`` of the buffer holds exactly head
+    group ``r`` of ``a`` and of ``b``: one all-to-all moves both (K and V, O and dO, dK and
+    dV).  Differentiable."""
+    bsz, s, h, d = a.shape
+    return torch.stack((a, b), dim=3).reshape(bsz, s, 2 * h, d)
+
+
+def unpack_pair(pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_pair` (views of ``pair``)."""
+    heads = pair.unflatten(2, (-1, 2))
+    return heads[:, :, :, 0], heads[:, :, :, 1]
+
+
+def pair_seq_to_head(a, b, group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`seq_to_head` of two equally shaped tensors in one collective (not autograd)."""
+    return unpack_pair(seq_to_head(pack_pair(a, b), group))
+
+
+def pair_head_to_seq(a, b, group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`head_to_seq` of two equally shaped tensors in one collective (not autograd)."""
+    return unpack_pair(head_to_seq(pack_pair(a, b), group))

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .comm import ProcessGroup, group_rank, group_size
-from .kernels import AttentionKernel, check_shapes, resolve_kernel
+from .kernels import AttentionKernel, check_shapes, kernel_attention, resolve_kernel
+from .precision import accumulation_dtype
 
 __all__ = ["RingComm", "RingKernel", "merge", "ring_attention", "ring_backward", "ring_forward"]
 
@@ -105,31 +106,21 @@ def merge(
     return new_out, new_lse
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One contiguous ``(2, B, S, H_kv, D)`` buffer: a single message per ring step."""
     return torch.stack((k, v))
 
 
 # ---------------------------------------------------------------------------------- forward
-def ring_forward(
-    group: ProcessGroup | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel: AttentionKernel,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_forward(group: ProcessGroup | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kernel: AttentionKernel, causal: bool, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention forward on zigzag shards: ``(out (B,S,H,D) in q.dtype, lse (B,H,S))``.
 
     ``lse`` is float32 (float64 for float64 inputs) over the whole ring's keys.
     """
     world, rank = group_size(group), group_rank(group)
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q.dtype)
     half = q.shape[1] // 2
     kv = _stack_kv(k, v)
     comm = RingComm(group) if world > 1 else None
@@ -163,18 +154,9 @@ def ring_forward(
 
 
 # --------------------------------------------------------------------------------- backward
-def ring_backward(
-    group: ProcessGroup | None,
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kernel: AttentionKernel,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ring_backward(group: ProcessGroup | None, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, kernel: AttentionKernel,
+                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`ring_forward` given its final ``out`` and ``lse``: ``(dq, dk, dv)``.
 
     Step ``i`` handles the K/V block of ``src = (rank - i) mod R`` with the forward's
@@ -183,7 +165,7 @@ def ring_backward(
     every accumulator home.
     """
     world, rank = group_size(group), group_rank(group)
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q.dtype)
     half = q.shape[1] // 2
     kv = _stack_kv(k, v)
     if causal and world > 1:
@@ -238,34 +220,10 @@ def ring_backward(
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-# ---------------------------------------------------------------------------------- autograd
-class RingAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, kernel, causal, scale):
-        out, lse = ring_forward(group, q, k, v, kernel, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.kernel, ctx.causal, ctx.scale = group, kernel, causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(
-            ctx.group, dout, q, k, v, out, lse, ctx.kernel, ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None
-
-
-def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group: ProcessGroup | None,
-    causal: bool = True,
-    scale: float | None = None,
-    kernel: str | AttentionKernel = "auto",
-) -> torch.Tensor:
+# ------------------------------------------------------------------------------ entry point
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   group: ProcessGroup | None, causal: bool = True, scale: float | None = None,
+                   kernel: str | AttentionKernel = "auto") -> torch.Tensor:
     """Attention of this ring rank's zigzag shard against the whole ring's sequence.
 
     Args:
@@ -275,8 +233,8 @@ def ring_attention(
         group: the ``R`` ring ranks, ordered by ring rank; ``None`` or size 1 = no ring.
         causal: causal mask over the ring's global positions (needs even ``S_local`` when
             ``R > 1``).  Without it the layout does not matter (any sharding works).
-        scale: softmax scale, default ``D ** -0.5``.
-        kernel: a kernel name (``[context_parallel] kernel``) or an :class:`AttentionKernel`.
+        scale, kernel: as for :func:`~.ulysses.ulysses_attention` (``D ** -0.5``; a
+            ``[context_parallel] kernel`` name or an :class:`AttentionKernel`).
 
     Returns:
         ``(B, S_local, H, D)`` in ``q.dtype``, for the same tokens as ``q``.
@@ -292,10 +250,8 @@ def ring_attention(
             f"causal ring attention takes zigzag shards (two equal chunks), so the local "
             f"sequence length must be even, got {q.shape[1]}"
         )
-    kern = resolve_kernel(kernel, q.device)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return RingAttentionFunction.apply(q, k, v, group, kern, causal, float(scale))
+    ring = RingKernel(group, resolve_kernel(kernel, q.device))
+    return kernel_attention(q, k, v, kernel=ring, causal=causal, scale=scale)
 
 
 # ------------------------------------------------------------------------- kernel adapter
@@ -305,12 +261,13 @@ class RingKernel(AttentionKernel):
     This is how the hybrids compose: Ulysses and UPipe call their kernel on head-sharded
     tensors holding the ring rank's zigzag shard of the sequence; with a ``RingKernel`` that
     call becomes a ring pass over the other ring ranks' K/V (``inner`` computes each block).
-    Same layout contract as every kernel; ``lse`` covers the whole ring's keys.
+    :func:`ring_attention` is :func:`~.kernels.kernel_attention` through it.  Same layout
+    contract as every kernel; ``lse`` covers the whole ring's keys.
     """
 
     name = "ring"
 
-    def __init__(self, group: ProcessGroup, inner: AttentionKernel) -> None:
+    def __init__(self, group: ProcessGroup | None, inner: AttentionKernel) -> None:
         self.group, self.inner = group, inner
 
     def forward(self, q, k, v, *, causal, scale):

@@ -3,8 +3,8 @@
 Algorithm, for ``C`` ranks in ``group``::
 
     q (B, S/C, H, D), k/v (B, S/C, H_kv, D)        sequence-sharded, rank r = tokens [rS/C, (r+1)S/C)
-      | replicate KV heads x rho when C % H_kv == 0 (see heads.py)
-      | all-to-all seq->head: q, and k|v fused into one buffer
+      | replicate KV heads x rho when C % H_kv == 0 (see gqa.py)
+      | all-to-all seq->head: q, and k|v fused into one buffer (comm.pack_pair)
     q (B, S, H/C, D), k/v (B, S, H_kv*rho/C, D)     head-sharded, rank r = heads [rH/C, (r+1)H/C)
       | causal attention over the whole sequence (kernel layer; no causal imbalance)
     o (B, S, H/C, D)
@@ -20,9 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from .comm import ProcessGroup, all_to_all_head_to_seq, all_to_all_seq_to_head, group_size
-from .gqa import kv_replication
-from .kernels import AttentionKernel, kernel_attention, resolve_kernel
+from .comm import (
+    ProcessGroup,
+    all_to_all_head_to_seq,
+    all_to_all_seq_to_head,
+    group_size,
+    pack_pair,
+    unpack_pair,
+)
+from .gqa import kv_replication, repeat_kv_heads
+from .kernels import AttentionKernel, kernel_attention, resolve_kernel_and_scale
 
 
 def ulysses_attention(
@@ -53,19 +60,11 @@ def ulysses_attention(
     c = group_size(group)
     n_heads, n_kv = q.shape[2], k.shape[2]
     rho = kv_replication(n_heads, n_kv, c)
-    kern = resolve_kernel(kernel, q.device)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if rho > 1:
-        k = k.repeat_interleave(rho, dim=2)
-        v = v.repeat_interleave(rho, dim=2)
-    # one all-to-all for K and V: interleave them per KV head so that head group r of the
-    # fused buffer is exactly rank r's K and V heads.
-    b, s, hkv, d = k.shape
-    kv = torch.stack((k, v), dim=3).reshape(b, s, 2 * hkv, d)
+    kern, scale = resolve_kernel_and_scale(kernel, q.device, q.shape[-1], scale)
+    k = repeat_kv_heads(k, rho)
+    v = repeat_kv_heads(v, rho)
+    kv = pack_pair(k, v)  # one all-to-all for K and V
     qh = all_to_all_seq_to_head(q, group)
-    kvh = all_to_all_seq_to_head(kv, group).unflatten(2, (hkv // c, 2))
-    out = kernel_attention(
-        qh, kvh[:, :, :, 0], kvh[:, :, :, 1], kernel=kern, causal=causal, scale=scale
-    )
+    kh, vh = unpack_pair(all_to_all_seq_to_head(kv, group))
+    out = kernel_attention(qh, kh, vh, kernel=kern, causal=causal, scale=scale)
     return all_to_all_head_to_seq(out, group)

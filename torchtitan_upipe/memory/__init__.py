@@ -1,15 +1,17 @@
 """Exact, sequence-tiled replacements for the memory-dominant pieces of a long-context step.
 
-* :func:`tiled_mlp` / :func:`apply_tiled_mlp` / :class:`TiledFeedForward`: the SwiGLU MLP
-  whose (tokens, hidden) intermediates exist for one sequence tile at a time.
+* :func:`tiled_mlp` / :func:`apply_tiled_mlp`: the SwiGLU MLP whose (tokens, hidden)
+  intermediates exist for one sequence tile at a time.
 * :func:`tiled_rms_norm` / :func:`apply_tiled_rms_norm` / :class:`TiledRMSNorm`: RMSNorm
   whose op-math (float32) temporaries exist for one tile at a time.
 * :func:`chunked_cross_entropy`: output projection + TorchTitan's sum-reduced cross entropy
-  without ever materializing the (B, S, vocab) logits; :class:`ChunkedLossOutput` puts it
-  in the model's output layer.
-* :func:`apply_offloaded_ac`: whole-block activation checkpointing with the block inputs
-  kept in pinned host memory (side-stream copies, prefetch one layer ahead).
-* :func:`apply_tiling`: applies the configured ``[memory]`` options to a Llama3 model.
+  without ever materializing the (B, S, vocab) logits.
+* :func:`apply_offloaded_ac` / :class:`HostOffloader`: whole-block activation checkpointing
+  with the block inputs kept in pinned host memory (side-stream copies, prefetch one layer
+  ahead).
+
+Torch only (this layer never imports TorchTitan); :mod:`torchtitan_upipe.titan.memory_stack`
+applies them to TorchTitan's Llama3 as the ``[memory]`` options say.
 
 Each is a pure forward/backward pair (``*_forward`` / ``*_backward``) behind a thin
 ``torch.autograd.Function``; the backward recomputes per tile instead of saving the large
@@ -23,15 +25,14 @@ from .chunked_loss import (
     chunked_cross_entropy_forward,
 )
 from .tiled_mlp import (
-    TiledFeedForward,
     TiledMLPMixin,
     apply_tiled_mlp,
     auto_num_tiles,
     tiled_mlp,
     tiled_mlp_backward,
+    tiled_mlp_class,
     tiled_mlp_forward,
 )
-from .head import ChunkedLossOutput, apply_chunked_loss
 from .offload import HostOffloader, apply_offloaded_ac
 from .tiled_norm import (
     TiledRMSNorm,
@@ -42,20 +43,18 @@ from .tiled_norm import (
 )
 
 __all__ = [
-    "ChunkedLossOutput",
     "HostOffloader",
     "IGNORE_INDEX",
-    "apply_chunked_loss",
     "apply_offloaded_ac",
     "chunked_cross_entropy",
     "chunked_cross_entropy_backward",
     "chunked_cross_entropy_forward",
-    "TiledFeedForward",
     "TiledMLPMixin",
     "apply_tiled_mlp",
     "auto_num_tiles",
     "tiled_mlp",
     "tiled_mlp_backward",
+    "tiled_mlp_class",
     "tiled_mlp_forward",
     "TiledRMSNorm",
     "apply_tiled_rms_norm",

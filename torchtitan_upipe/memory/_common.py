@@ -1,10 +1,12 @@
-"""Small helpers shared by the tiled ops (splitting, accumulation dtypes, autocast)."""
+"""Small helpers shared by the tiled ops (splitting, autocast, accumulating GEMMs).
+
+Accumulators and op-math follow the package's one precision rule,
+:func:`torchtitan_upipe.cp.precision.accumulation_dtype` (float64 stays float64, else float32).
+"""
 
 from __future__ import annotations
 
 import torch
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def clamp_tiles(num_tiles: int, length: int) -> int:
@@ -18,16 +20,6 @@ def clamp_tiles(num_tiles: int, length: int) -> int:
 def split(t: torch.Tensor, num_tiles: int, dim: int) -> tuple[torch.Tensor, ...]:
     """``torch.tensor_split`` into ``num_tiles`` (already clamped) views along ``dim``."""
     return torch.tensor_split(t, num_tiles, dim=dim)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for weight gradients: float32 for fp16/bf16, else ``dtype``."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Op-math dtype: float32 for fp16/bf16 (and float32), float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from torch.autograd.function import once_differentiable
 
-from ._common import acc_dtype, add_mm_, autocast_dtype, clamp_tiles, compute_dtype, split
+from ..cp.precision import accumulation_dtype
+from ._common import add_mm_, autocast_dtype, clamp_tiles, split
 
 IGNORE_INDEX = -100
 
@@ -54,14 +55,10 @@ def _chunk_logits(h2: torch.Tensor, w: torch.Tensor, loss_dtype: torch.dtype) ->
     return z if z.dtype == loss_dtype else z.to(loss_dtype)
 
 
-def chunked_cross_entropy_forward(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    labels: torch.Tensor,
-    num_chunks: int,
-    ignore_index: int = IGNORE_INDEX,
-    loss_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_cross_entropy_forward(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+                                  num_chunks: int, ignore_index: int = IGNORE_INDEX,
+                                  loss_dtype: torch.dtype | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(loss, lse)``: the summed loss (0-dim, ``loss_dtype``) and the (B, S)
     log-sum-exp of every token's logits (needed by the backward)."""
     if h.dim() != 3 or labels.shape != h.shape[:2]:
@@ -69,7 +66,7 @@ def chunked_cross_entropy_forward(
             f"expected h (B, S, dim) and labels (B, S), got {tuple(h.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    ld = loss_dtype or compute_dtype(h.dtype)
+    ld = loss_dtype or accumulation_dtype(h.dtype)
     b, s, dim = h.shape
     n = clamp_tiles(num_chunks, s)
     lse = torch.empty((b, s), dtype=ld, device=h.device)
@@ -104,7 +101,7 @@ def chunked_cross_entropy_backward(
     b, s, dim = h.shape
     n = clamp_tiles(num_chunks, s)
     dh = torch.empty_like(h) if need_h else None
-    dw = torch.zeros(w.shape, dtype=acc_dtype(w.dtype), device=w.device) if need_w else None
+    dw = torch.zeros(w.shape, dtype=accumulation_dtype(w.dtype), device=w.device) if need_w else None
     gscale = grad_loss.to(ld)
     offset = 0
     for hc, lc, lsec in zip(split(h, n, 1), split(labels, n, 1), split(lse, n, 1)):

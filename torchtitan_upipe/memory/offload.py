@@ -32,20 +32,24 @@ tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tes
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 
 class HostOffloader:
-    """Reusable host buffers, one per layer, and the side stream that fills and drains them."""
+    """Reusable host buffers, one per layer, and the side stream that fills and drains them.
 
-    _buffer_observers: list[Callable[[torch.Tensor], None]] = []
+    ``on_new_buffer(buffer)``, if given, is called for every host buffer allocated (the CPU
+    memory estimator counts host buffers apart from device memory with it).
+    """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device,
+                 on_new_buffer: Callable[[torch.Tensor], None] | None = None) -> None:
         self.device = device
+        self.on_new_buffer = on_new_buffer
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._host: dict[int, torch.Tensor] = {}
@@ -58,24 +62,13 @@ class HostOffloader:
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=self.cuda)
             self._host[layer] = buf
-            for observe in HostOffloader._buffer_observers:
-                observe(buf)
+            if self.on_new_buffer is not None:
+                self.on_new_buffer(buf)
         return buf
 
     def host_bytes(self) -> int:
         """Bytes of the host buffers allocated so far (one per offloaded layer)."""
         return sum(b.untyped_storage().nbytes() for b in self._host.values())
-
-    @classmethod
-    @contextlib.contextmanager
-    def on_new_buffer(cls, observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
-        """Call ``observe(buffer)`` for every host buffer allocated inside the block.  The CPU
-        memory estimator uses it to count host buffers apart from device memory."""
-        cls._buffer_observers.append(observe)
-        try:
-            yield
-        finally:
-            cls._buffer_observers.remove(observe)
 
     def offload(self, layer: int, x: torch.Tensor) -> None:
         buf = self._buffer(layer, x)
@@ -128,13 +121,11 @@ def _release_if_unsaved(out: torch.Tensor) -> None:
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
-    release_output = True  # tests switch it off to measure what it saves
-
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, prefetch, args, kwargs):
+    def forward(ctx, x, block, layer, offloader, options, args, kwargs):
         with torch.no_grad():
             out = block(x, *args, **kwargs)
-        ctx.block, ctx.layer, ctx.offloader, ctx.prefetch = block, layer, offloader, prefetch
+        ctx.block, ctx.layer, ctx.offloader, ctx.options = block, layer, offloader, options
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
         if offloader is None:
@@ -149,40 +140,51 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             (x,) = ctx.saved_tensors
         else:
             x = ctx.offloader.reload(ctx.layer)
-            if ctx.prefetch:
+            if ctx.options.prefetch:
                 ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
         with torch.enable_grad():
             out = ctx.block(x, *ctx.args, **ctx.kwargs)
-        if _OffloadedCheckpoint.release_output:
+        if ctx.options.release_output:
             _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
         return x.grad, None, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class _Options:
+    prefetch: bool
+    release_output: bool
+
+
 def apply_offloaded_ac(
-    model: nn.Module, keep_layers: int, device: torch.device, prefetch: bool = True
-) -> HostOffloader:
-    """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``.
+    model: nn.Module, offloader: HostOffloader, keep_layers: int, prefetch: bool = True,
+    release_output: bool = True,
+) -> None:
+    """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``
+    through ``offloader``.
+
+    ``prefetch``: copy the previous layer's input back during a layer's backward (see the
+    module docstring).  ``release_output``: free the recomputed block output before the inner
+    backward when nothing saved it (off only to measure what that saves).
 
     Parameter FQNs and the state dict are unchanged (no wrapper module is inserted): each
     block instance's ``forward`` is routed through the checkpoint function, so module hooks
     (FSDP's unshard/reshard) still run around it.
     """
-    offloader = HostOffloader(device)
-    model.host_offloader = offloader  # a plain attribute: not a submodule, not in the state dict
+    options = _Options(prefetch, release_output)
     for name, block in model.layers.items():
         layer = int(name)
-        _wrap_forward(block, layer, offloader if layer >= keep_layers else None, prefetch)
-    return offloader
+        _wrap_forward(block, layer, offloader if layer >= keep_layers else None, options)
 
 
-def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None, prefetch: bool) -> None:
+def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None,
+                  options: _Options) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, prefetch, args, kwargs)
+        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, args, kwargs)
 
     block.forward = forward

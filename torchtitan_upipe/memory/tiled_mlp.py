@@ -35,6 +35,7 @@ parameter dtype once at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,7 +44,8 @@ import torch.nn.functional as F
 
 from torch.autograd.function import once_differentiable
 
-from ._common import acc_dtype, add_mm_, autocast_dtype, clamp_tiles, split
+from ..cp.precision import accumulation_dtype
+from ._common import add_mm_, autocast_dtype, clamp_tiles, split
 
 __all__ = [
     "tiled_mlp",
@@ -51,8 +53,8 @@ __all__ = [
     "tiled_mlp_backward",
     "auto_num_tiles",
     "TiledMLPMixin",
-    "TiledFeedForward",
     "apply_tiled_mlp",
+    "tiled_mlp_class",
 ]
 
 
@@ -82,13 +84,8 @@ def _check_plain(*tensors: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- pure pair
 
 
-def tiled_mlp_forward(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    w3: torch.Tensor,
-    num_tiles: int,
-) -> torch.Tensor:
+def tiled_mlp_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                      num_tiles: int) -> torch.Tensor:
     """``w2(silu(w1 x) * w3 x)`` computed tile by tile along dim 1 (no autograd graph)."""
     if x.dim() != 3:
         raise ValueError(f"tiled_mlp expects x of shape (B, S, dim), got {tuple(x.shape)}")
@@ -126,9 +123,9 @@ def tiled_mlp_backward(
     b, s, dim = x.shape
     n = clamp_tiles(num_tiles, s)
     dx = torch.empty_like(x) if need_x else None
-    dw1 = torch.zeros(w1.shape, dtype=acc_dtype(w1.dtype), device=w1.device) if need_w1 else None
-    dw2 = torch.zeros(w2.shape, dtype=acc_dtype(w2.dtype), device=w2.device) if need_w2 else None
-    dw3 = torch.zeros(w3.shape, dtype=acc_dtype(w3.dtype), device=w3.device) if need_w3 else None
+    dw1 = torch.zeros(w1.shape, dtype=accumulation_dtype(w1.dtype), device=w1.device) if need_w1 else None
+    dw2 = torch.zeros(w2.shape, dtype=accumulation_dtype(w2.dtype), device=w2.device) if need_w2 else None
+    dw3 = torch.zeros(w3.shape, dtype=accumulation_dtype(w3.dtype), device=w3.device) if need_w3 else None
     need_hidden_grad = need_x or need_w1 or need_w3
 
     offset = 0
@@ -226,12 +223,16 @@ class TiledMLPMixin:
     """Forward override for any module with bias-free ``w1``/``w2``/``w3`` ``nn.Linear``
     children computing ``w2(silu(w1 x) * w3 x)``.
 
-    ``num_tiles`` (instance attribute): an int, or None for :func:`auto_num_tiles`
-    ``(S, dim)`` at every call.  Parameters, buffers and state-dict keys are the base
-    class's own (nothing is added or renamed).
+    ``num_tiles`` (instance attribute, also an ``__init__`` keyword): an int, or None for
+    :func:`auto_num_tiles` ``(S, dim)`` at every call.  Parameters, buffers and state-dict
+    keys are the base class's own (nothing is added or renamed).
     """
 
     num_tiles: int | None = None
+
+    def __init__(self, *args, num_tiles: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_tiles = num_tiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.num_tiles
@@ -245,57 +246,26 @@ class TiledMLPMixin:
         return f"{base}, num_tiles={tiles}" if base else f"num_tiles={tiles}"
 
 
-def _feed_forward_cls():
-    from torchtitan.models.llama3.model.model import FeedForward
-
-    return FeedForward
-
-
-_FeedForward = _feed_forward_cls()
-
-
-class TiledFeedForward(TiledMLPMixin, _FeedForward):
-    """TorchTitan Llama3 ``FeedForward`` running :func:`tiled_mlp` (same parameters, same
-    state-dict keys ``w1.weight``/``w2.weight``/``w3.weight``, same ``init_weights``)."""
-
-    def __init__(
-        self,
-        dim: int,
-        hidden_dim: int,
-        multiple_of: int,
-        ffn_dim_multiplier: float | None,
-        num_tiles: int | None = None,
-    ):
-        super().__init__(dim, hidden_dim, multiple_of, ffn_dim_multiplier)
-        self.num_tiles = num_tiles
-
-
-_TILED_CLASSES: dict[type, type] = {_FeedForward: TiledFeedForward}
-
-
-def _tiled_class(cls: type) -> type:
-    sub = _TILED_CLASSES.get(cls)
-    if sub is None:
-        name = f"Tiled{cls.__name__}"
-        while name in globals():
-            name += "_"
-        sub = type(name, (TiledMLPMixin, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = sub  # importable by name, so instances stay picklable
-        _TILED_CLASSES[cls] = sub
-    return sub
+@functools.cache
+def tiled_mlp_class(cls: type) -> type:
+    """``Tiled<cls>``: ``cls`` with :class:`TiledMLPMixin`'s forward, one class per ``cls``
+    (so ``isinstance`` against it holds for every module :func:`apply_tiled_mlp` converted)."""
+    if issubclass(cls, TiledMLPMixin):
+        return cls
+    name = f"Tiled{cls.__name__}"
+    return type(name, (TiledMLPMixin, cls), {"__module__": __name__, "__qualname__": name})
 
 
 def apply_tiled_mlp(module: nn.Module, num_tiles: int | None = None) -> nn.Module:
-    """Make ``module`` (a TorchTitan ``FeedForward`` or any module with bias-free
-    ``nn.Linear`` children ``w1``/``w2``/``w3`` computing ``w2(silu(w1 x) * w3 x)``) run
+    """Make ``module`` (any module with bias-free ``nn.Linear`` children ``w1``/``w2``/``w3``
+    computing ``w2(silu(w1 x) * w3 x)``, such as TorchTitan's ``FeedForward``) run
     :func:`tiled_mlp`, in place, and return it.
 
-    Only the instance's class is swapped, to a subclass whose ``forward`` is tiled
-    (``TiledFeedForward`` for TorchTitan's ``FeedForward``): the parameters, their names,
-    the state dict and methods such as ``init_weights`` are untouched.  Calling it again
-    just updates ``num_tiles`` (None = :func:`auto_num_tiles` per call).  Apply it before
-    wrapping the module (activation checkpointing, ``fully_shard``, ``torch.compile``) or
-    to the wrapped inner module.
+    Only the instance's class is swapped, to :func:`tiled_mlp_class` of it: the parameters,
+    their names, the state dict and methods such as ``init_weights`` are untouched.  Calling
+    it again just updates ``num_tiles`` (None = :func:`auto_num_tiles` per call).  Apply it
+    before wrapping the module (activation checkpointing, ``fully_shard``, ``torch.compile``)
+    or to the wrapped inner module.
     """
     if isinstance(module, TiledMLPMixin):
         module.num_tiles = num_tiles
@@ -308,6 +278,6 @@ def apply_tiled_mlp(module: nn.Module, num_tiles: int | None = None) -> nn.Modul
             raise ValueError(f"{type(module).__name__}.{name} has a bias; tiled_mlp is bias-free")
     if num_tiles is not None:
         clamp_tiles(num_tiles, 1)  # validates >= 1
-    module.__class__ = _tiled_class(type(module))
+    module.__class__ = tiled_mlp_class(type(module))
     module.num_tiles = num_tiles
     return module

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from torch.autograd.function import once_differentiable
 
-from ._common import clamp_tiles, compute_dtype, split
+from ..cp.precision import accumulation_dtype
+from ._common import clamp_tiles, split
 from .tiled_mlp import auto_num_tiles
 
 __all__ = [
@@ -68,7 +69,7 @@ def tiled_rms_norm_forward(
     """Returns ``(y, rstd)``; ``rstd`` has ``x``'s shape with last dim 1, op-math dtype."""
     td = _tile_dim(x)
     n = clamp_tiles(num_tiles, x.shape[td])
-    cd = compute_dtype(x.dtype)
+    cd = accumulation_dtype(x.dtype)
     e = _eps(eps, cd)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     rstd = x.new_empty((*x.shape[:-1], 1), dtype=cd)
@@ -98,7 +99,7 @@ def tiled_rms_norm_backward(
     need_w = need_w and weight is not None
     td = _tile_dim(x)
     n = clamp_tiles(num_tiles, x.shape[td])
-    cd = compute_dtype(x.dtype)
+    cd = accumulation_dtype(x.dtype)
     d = x.shape[-1]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     dw = torch.zeros((d,), dtype=cd, device=x.device) if need_w else None

@@ -8,11 +8,11 @@ normed input and ``wo`` is delegated to a strategy:
 
 * :class:`UlyssesStrategy` -- project, RoPE, :func:`~torchtitan_upipe.ulysses_attention`
   (style ``ulysses``; with a ring group, style ``usp``: each head group's attention is a
-  ring pass, :class:`~torchtitan_upipe.ring.RingKernel`).
+  ring pass, :class:`~torchtitan_upipe.cp.ring.RingKernel`).
 * :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
   projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).
 
-Inputs follow the trainer's sharding contract (:mod:`torchtitan_upipe.sharding`): ``x`` is
+Inputs follow the trainer's sharding contract (:mod:`.sharding`): ``x`` is
 ``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
 :func:`check_sharding_once` installs a hook on the model that checks, on the first forward
 only (one host synchronization), that ``positions`` is the shard the sharder defines, so a
@@ -30,12 +30,12 @@ from torch._subclasses.fake_tensor import is_fake
 from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
 
 from ..cp.kernels import AttentionKernel
-from .metrics import AttentionTimer, timed
-from .groups import CPGroups
 from ..cp.ring import RingKernel
-from .sharding import SequenceSharder
 from ..cp.ulysses import ulysses_attention
 from ..cp.upipe import upipe_attention
+from .groups import CPGroups
+from .metrics import AttentionTimer, timed
+from .sharding import SequenceSharder
 
 
 def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
@@ -58,8 +58,8 @@ def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
         if not is_fake(positions) and not torch.equal(positions[0].to(expected.dtype), expected):
             raise RuntimeError(
                 f"context-parallel inputs are not sharded as {type(sharder).__name__} expects "
-                f"(see torchtitan_upipe.sharding); TorchTitan's head-tail load balancer is for "
-                f"style='ring' only"
+                f"(see torchtitan_upipe.titan.sharding); TorchTitan's head-tail load balancer is "
+                f"for style='ring' only"
             )
         handle.remove()
 
@@ -93,9 +93,12 @@ class UlyssesStrategy(CPAttentionStrategy):
 
 
 class UPipeStrategy(CPAttentionStrategy):
-    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int) -> None:
+    """``inline``: run UPipe without its custom-op boundary (the CPU memory estimator's fake
+    tensors need it; same values)."""
+
+    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int, inline: bool = False) -> None:
         super().__init__(groups)
-        self.kernel, self.chunk_heads = kernel, chunk_heads
+        self.kernel, self.chunk_heads, self.inline = kernel, chunk_heads, inline
 
     def __call__(self, attn, x, freqs_cis, positions):
         seqlen = x.shape[1]
@@ -106,6 +109,7 @@ class UPipeStrategy(CPAttentionStrategy):
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
             n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
             group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
+            inline=self.inline,
         )
 
 

@@ -13,8 +13,8 @@ like any TorchTitan option, e.g. ``--context_parallel.style upipe``::
     kernel = "auto"                 # "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"
 
 Only choices are checked here; everything that depends on the model, the world size or the
-device is checked by :func:`torchtitan_upipe.validation.validate_job_config` before training
-starts.
+device is checked by :func:`torchtitan_upipe.titan.checks.validate_job_config` before training
+starts.  The styles are those of the registry in :mod:`.styles`.
 """
 
 
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from ..cp.kernels import KERNEL_CHOICES
 
-STYLES = ("none", "ulysses", "upipe", "ring", "usp")
-ULYSSES_FAMILY = ("ulysses", "upipe", "usp")
+
+class ConfigError(ValueError):
+    """An invalid combination of options, raised before training starts."""
 
 
 @dataclass
@@ -47,10 +48,9 @@ class ContextParallel:
     styles; CUDA events, read only when metrics are logged."""
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ValueError(
-                f"context_parallel.style={self.style!r} is not one of {list(STYLES)}"
-            )
+        from .styles import get_style  # the registry imports the attention modules
+
+        get_style(self.style)  # raises naming the option and the registered styles
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"context_parallel.kernel={self.kernel!r} is not one of {list(KERNEL_CHOICES)}"

@@ -1,7 +1,8 @@
 """Run TorchTitan 0.2.2's trainer on CPU with gloo: a small, explicit compatibility layer.
 
 TorchTitan 0.2.2 assumes an accelerator in a few places.  When (and only when) CUDA is
-absent, :func:`install` patches exactly these, before ``torchtitan`` is imported:
+absent, :func:`cpu_compat` patches exactly these while it is active, and restores them on
+exit; enter it before ``torchtitan`` is first imported (``train.py`` does):
 
 1. **Device detection.** ``torchtitan.tools.utils`` computes ``device_type`` at import time
    from ``torch._utils._get_available_device_type()``, which returns ``None`` on a CPU-only
@@ -19,48 +20,54 @@ absent, :func:`install` patches exactly these, before ``torchtitan`` is imported
 FSDP2's ``PREMUL_SUM`` reduction, which gloo does not implement, is handled where FSDP is
 applied (:func:`use_sum_reductions`), not by patching torch.
 
-Nothing here changes behaviour on a machine with CUDA: :func:`install` returns ``False``.
+Nothing here changes behaviour on a machine with CUDA: :func:`cpu_compat` then patches
+nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from types import SimpleNamespace
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-_INSTALLED = False
+_MISSING = object()
 
 
-def cuda_absent() -> bool:
-    return not torch.cuda.is_available()
-
-
-def install() -> bool:
-    """Patch the three CPU gaps above if CUDA is absent.  Idempotent; returns whether active."""
-    global _INSTALLED
-    if _INSTALLED:
-        return True
-    if not cuda_absent():
-        return False
-    _patch_device_detection()
-    _patch_cpu_device_module()
-    _patch_barrier()
-    _INSTALLED = True
-    return True
-
-
-def _patch_device_detection() -> None:
+@contextlib.contextmanager
+def cpu_compat() -> Iterator[bool]:
+    """Patch the three CPU gaps above while active, if CUDA is absent; yield whether it did.
+    Every attribute it set is restored (or removed) on exit."""
+    if torch.cuda.is_available():
+        yield False
+        return
     import torch._utils as tu
 
-    original = tu._get_available_device_type
+    probe = tu._get_available_device_type
+    cpu_attrs = _cpu_device_module()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(tu, "_get_available_device_type", lambda: probe() or "cpu"))
+        for attr, value in cpu_attrs.items():
+            stack.enter_context(_patched(torch.cpu, attr, value))
+        stack.enter_context(_patched(dist, "barrier", _gloo_barrier(dist.barrier)))
+        yield True
 
-    def _get_available_device_type():
-        return original() or "cpu"
 
-    tu._get_available_device_type = _get_available_device_type
+@contextlib.contextmanager
+def _patched(owner, attr: str, value) -> Iterator[None]:
+    previous = getattr(owner, attr, _MISSING)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, previous)
 
 
 def _host_ram_bytes() -> int:
@@ -77,7 +84,9 @@ def _rss_stats() -> dict[str, int]:
     return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak}
 
 
-def _patch_cpu_device_module() -> None:
+def _cpu_device_module() -> dict[str, object]:
+    """The ``torch.cpu`` attributes TorchTitan needs: the missing ones, ``current_device``
+    as an index (torch's returns the string "cpu") and a no-op ``set_device``."""
     cpu = torch.cpu
     name = platform.processor() or platform.machine() or "cpu"
     props = SimpleNamespace(name=name, total_memory=_host_ram_bytes())
@@ -88,19 +97,15 @@ def _patch_cpu_device_module() -> None:
         "reset_peak_memory_stats": lambda device=None: None,
         "empty_cache": lambda: None,
     }
-    for attr, fn in defaults.items():
-        if not hasattr(cpu, attr):
-            setattr(cpu, attr, fn)
-    # torch.cpu.current_device() returns the string "cpu"; TorchTitan passes it as a device index.
-    cpu.current_device = lambda: 0
-    if not hasattr(cpu, "set_device") or cpu.set_device is None:
-        cpu.set_device = lambda device: None
+    attrs: dict[str, object] = {k: fn for k, fn in defaults.items() if not hasattr(cpu, k)}
+    attrs["current_device"] = lambda: 0
+    if getattr(cpu, "set_device", None) is None:
+        attrs["set_device"] = lambda device: None
+    return attrs
 
 
-def _patch_barrier() -> None:
-    original = dist.barrier
-    if getattr(original, "_upipe_cpu", False):
-        return
+def _gloo_barrier(original):
+    """``dist.barrier`` that drops ``device_ids`` for backends other than NCCL."""
 
     def barrier(group=None, async_op=False, device_ids=None):
         backend = dist.get_backend(group)
@@ -108,8 +113,7 @@ def _patch_barrier() -> None:
             device_ids = None
         return original(group=group, async_op=async_op, device_ids=device_ids)
 
-    barrier._upipe_cpu = True  # type: ignore[attr-defined]
-    dist.barrier = barrier
+    return barrier
 
 
 def use_sum_reductions(model: torch.nn.Module) -> None:

@@ -8,8 +8,9 @@ runs across groups (across nodes)::
         ulysses groups: {0..7}, {8..15}          ring groups: {0, 8}, {1, 9}, ..., {7, 15}
 
 ``u = C`` is pure Ulysses/UPipe (no ring group); ``u = 1`` is a pure ring (no all-to-all).
-The groups are created once per :class:`~torchtitan.distributed.ParallelDims` (collectively,
-by every rank) and kept on it, next to TorchTitan's own meshes.
+The trainer builds the groups once, collectively on every rank, right after TorchTitan's
+meshes (:class:`~.parallelize.CPPlan`), and hands them to the parallelize hook and the
+sequence sharder.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
 class CPGroups:
+    """This rank's all-to-all and ring groups, their sizes and its ranks in them."""
+
     ulysses: ProcessGroup | None
     ring: ProcessGroup | None
     ulysses_degree: int
@@ -28,27 +32,26 @@ class CPGroups:
     ulysses_rank: int
     ring_rank: int
 
+    @classmethod
+    def local(cls) -> CPGroups:
+        """No context parallelism: no groups, one rank."""
+        return cls(None, None, 1, 1, 0, 0)
 
-def cp_groups(parallel_dims, ulysses_degree: int) -> CPGroups:
-    """The (memoized) CP groups of ``parallel_dims`` for an all-to-all group of ``ulysses_degree``
-    (0 = the whole CP degree)."""
-    cached = getattr(parallel_dims, "_upipe_cp_groups", None)
-    if cached is not None:
-        return cached
-    cp_mesh = parallel_dims.get_mesh("cp")
+
+def build_cp_groups(cp_mesh: DeviceMesh, ulysses_degree: int) -> CPGroups:
+    """The CP groups of ``cp_mesh`` (``C`` ranks) for an all-to-all group of ``ulysses_degree``
+    ranks (``u``, resolved: :attr:`~.shape.JobShape.ulysses`).  Collective: every CP rank calls
+    it, in the same order."""
     c = cp_mesh.size()
-    u = ulysses_degree or c
+    u = ulysses_degree
     r = c // u
     rank = cp_mesh.get_local_rank()
     if r == 1:
-        groups = CPGroups(cp_mesh.get_group(), None, u, 1, rank, 0)
-    elif u == 1:
-        groups = CPGroups(None, cp_mesh.get_group(), 1, r, 0, rank)
-    else:
-        mesh2d = cp_mesh._unflatten(0, (r, u), ("cp_ring", "cp_ulysses"))
-        groups = CPGroups(
-            mesh2d["cp_ulysses"].get_group(), mesh2d["cp_ring"].get_group(),
-            u, r, rank % u, rank // u,
-        )
-    parallel_dims._upipe_cp_groups = groups
-    return groups
+        return CPGroups(cp_mesh.get_group(), None, u, 1, rank, 0)
+    if u == 1:
+        return CPGroups(None, cp_mesh.get_group(), 1, r, 0, rank)
+    mesh2d = cp_mesh._unflatten(0, (r, u), ("cp_ring", "cp_ulysses"))
+    return CPGroups(
+        mesh2d["cp_ulysses"].get_group(), mesh2d["cp_ring"].get_group(),
+        u, r, rank % u, rank // u,
+    )

@@ -1,21 +1,93 @@
-"""Apply the long-context memory stack configured in ``[memory]`` to a Llama3 model.
+"""The ``[memory]`` stack on TorchTitan's Llama3: module swaps and the offloaded checkpoint.
 
 Order matters and mirrors TorchTitan's parallelize: tiling and the chunked loss change
-modules in place (before activation checkpointing and FSDP wrap them); offloaded
-activation checkpointing replaces TorchTitan's checkpoint wrapper.
+modules in place (:func:`apply_tiling`, before activation checkpointing and FSDP wrap them);
+offloaded activation checkpointing (:func:`apply_offloaded_checkpointing`) replaces
+TorchTitan's checkpoint wrapper.  Every swap keeps the parameters, their FQNs and the state
+dict: only instances' classes change.
+
+* :data:`TiledFeedForward`: TorchTitan's ``FeedForward`` computing
+  :func:`~torchtitan_upipe.memory.tiled_mlp` (``memory.tiled_mlp``).
+* :class:`~torchtitan_upipe.memory.TiledRMSNorm` for the blocks' norms and the final norm
+  (``memory.tiled_norm``).
+* :class:`ChunkedLossOutput`: the output layer computing the loss in place of the logits
+  (``memory.chunked_loss``).
+* :func:`apply_offloaded_checkpointing`: :func:`~torchtitan_upipe.memory.apply_offloaded_ac`
+  with the trainer's :class:`~torchtitan_upipe.memory.HostOffloader`
+  (``memory.offload_activations``, ``offload_keep_layers``, ``offload_prefetch``).
 """
 
 from __future__ import annotations
 
-from torch import nn
+import math
 
-from ..memory.head import apply_chunked_loss
-from ..memory.tiled_mlp import apply_tiled_mlp, auto_num_tiles
-from ..memory.tiled_norm import apply_tiled_rms_norm
+import torch
+from torch import nn
+from torchtitan.models.llama3.model.model import FeedForward
+
+from ..memory import (
+    HostOffloader,
+    apply_offloaded_ac,
+    apply_tiled_mlp,
+    apply_tiled_rms_norm,
+    auto_num_tiles,
+    chunked_cross_entropy,
+    tiled_mlp_class,
+)
+
+DEFAULT_CHUNK_TOKENS = 1024
+"""``memory.loss_chunks = 0``: chunks of about this many tokens."""
+
+TiledFeedForward = tiled_mlp_class(FeedForward)
+"""TorchTitan's Llama3 ``FeedForward`` running the tiled MLP (same parameters, same state-dict
+keys ``w1.weight``/``w2.weight``/``w3.weight``, same ``init_weights``); ``num_tiles`` is an
+``__init__`` keyword.  :func:`~torchtitan_upipe.memory.apply_tiled_mlp` turns a
+``FeedForward`` into one."""
+
+
+class ChunkedLossOutput(nn.Linear):
+    """TorchTitan's ``output`` ``nn.Linear`` (same ``output.weight``) whose forward returns the
+    sum-reduced cross entropy of its logits instead of the logits.
+
+    TorchTitan's trainer computes ``loss_fn(model(inputs), labels)``, which materializes the
+    ``(B, S/C, vocab)`` logits (hundreds of GB at millions of tokens).  Here the trainer hands
+    the labels over just before the forward (:meth:`set_labels`;
+    :class:`~torchtitan_upipe.titan.trainer.UPipeTrainer` does), and the forward computes
+    :func:`~torchtitan_upipe.memory.chunked_cross_entropy` over sequence chunks.  It runs inside
+    the FSDP unit that owns ``output.weight``, so the weight is unsharded when it is used.  The
+    train spec's loss function then passes that scalar through.
+    """
+
+    num_chunks: int = 0
+    _labels: torch.Tensor | None = None
+
+    def set_labels(self, labels: torch.Tensor) -> None:
+        self._labels = labels
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        labels, self._labels = self._labels, None
+        if labels is None:
+            raise RuntimeError(
+                "memory.chunked_loss: the output layer got no labels for this forward; the "
+                "trainer must call set_labels(labels) before each forward (UPipeTrainer does)"
+            )
+        tokens = h.shape[0] * h.shape[1]
+        chunks = self.num_chunks or max(1, math.ceil(tokens / DEFAULT_CHUNK_TOKENS))
+        return chunked_cross_entropy(h, self.weight, labels, chunks)
+
+
+def apply_chunked_loss(output: nn.Linear, num_chunks: int = 0) -> ChunkedLossOutput:
+    """Turn TorchTitan's ``output`` layer into a :class:`ChunkedLossOutput` in place."""
+    if output.bias is not None:
+        raise ValueError("memory.chunked_loss needs a bias-free output layer")
+    output.__class__ = ChunkedLossOutput
+    output.num_chunks = num_chunks
+    return output
 
 
 def apply_tiling(model: nn.Module, mem, local_seq_len: int) -> None:
-    """Tiled MLP / RMSNorm and the chunked loss head, as ``mem`` (the [memory] section) asks."""
+    """Tiled MLP / RMSNorm and the chunked loss head, as ``mem`` (the [memory] section) asks.
+    A tile count of 0 is :func:`~torchtitan_upipe.memory.auto_num_tiles` of the local length."""
     dim = model.model_args.dim
     mlp_tiles = mem.mlp_tiles or auto_num_tiles(local_seq_len, dim)
     norm_tiles = mem.norm_tiles or auto_num_tiles(local_seq_len, dim)
@@ -29,3 +101,9 @@ def apply_tiling(model: nn.Module, mem, local_seq_len: int) -> None:
         apply_tiled_rms_norm(model.norm, norm_tiles)
     if mem.chunked_loss:
         apply_chunked_loss(model.output, mem.loss_chunks)
+
+
+def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloader) -> None:
+    """Full activation checkpointing with the inputs of layers ``>= mem.offload_keep_layers``
+    kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``)."""
+    apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch)

@@ -1,21 +1,29 @@
 """The parallelize hook: TorchTitan's order (TP, CP, memory stack, AC, compile, FSDP).
 
 :func:`parallelize_llama_cp` reads like TorchTitan's ``parallelize_llama`` and reuses its
-pieces.  It differs in three places: :func:`apply_context_parallel` installs the configured
-style in every attention layer with the CP process group passed explicitly; the
+pieces.  It differs in three places: the configured style installs itself in every attention
+layer (:meth:`~.styles.CPStyle.install`) with the CP process groups passed explicitly; the
 ``[memory]`` tiling and chunked loss are applied to the modules in place; and with
 ``memory.offload_activations`` the block-level checkpointing is the host-offloading one.
+
+What it needs beyond TorchTitan's ``(model, parallel_dims, job_config)`` is a
+:class:`CPPlan`: the job's shape, style, process groups, sharder and host offloader.
+:class:`~.trainer.UPipeTrainer` builds one right after TorchTitan's meshes and binds it to
+this hook; called without one (by another trainer) the hook builds its own.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.distributed.context_parallel import apply_cp_to_attention_module
 from torchtitan.models.llama3.infra.parallelize import (
     _op_sac_save_list,
     apply_compile,
@@ -23,68 +31,65 @@ from torchtitan.models.llama3.infra.parallelize import (
     apply_fsdp,
     apply_tp,
 )
-from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
+from ..memory import HostOffloader
+from .checks import validate_job_config
 from .cpu_compat import use_sum_reductions
-from ..cp.kernels import get_kernel
-from ..memory import apply_offloaded_ac
-from .memory_stack import apply_tiling
-from .groups import cp_groups
-from .metrics import AttentionTimer
-from .attention import (
-    ContextParallelAttention,
-    UlyssesStrategy,
-    UPipeStrategy,
-    check_sharding_once,
-)
-from .sharding import sharder_for
-from .checks import resolved_chunk_heads, validate_job_config
+from .groups import CPGroups, build_cp_groups
+from .memory_stack import apply_offloaded_checkpointing, apply_tiling
+from .shape import JobShape
+from .sharding import SequenceSharder
+from .styles import CPStyle, get_style
 
 # selective AC saves the whole staged UPipe attention as one op (never re-runs its stages)
 UPIPE_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.upipe.attention_forward.default}
 
 
-def apply_context_parallel(model: nn.Module, parallel_dims: ParallelDims, job_config) -> None:
-    """Install ``job_config.context_parallel.style`` on every attention layer of ``model``."""
-    cp = job_config.context_parallel
-    cp_mesh = parallel_dims.get_mesh("cp")
-    if cp.style == "ring":
-        from torch.distributed.tensor.experimental._attention import set_rotate_method
+@dataclass(frozen=True)
+class CPPlan:
+    """One job's context parallelism at run time, built once per trainer.
 
-        # TorchTitan 0.2.2 applies the rotate method only in validation; apply it for training too
-        set_rotate_method(job_config.parallelism.context_parallel_rotate_method)
-        apply_cp_to_attention_module(
-            [block.attention.inner_attention for block in model.layers.values()], cp_mesh, "sdpa"
-        )
-        return
+    ``groups`` and ``sharder`` are this rank's (:class:`~.groups.CPGroups`, the style's
+    :class:`~.sharding.SequenceSharder`, ``None`` for TorchTitan's own); ``cp_mesh`` is
+    TorchTitan's CP mesh (``None`` without CP); ``offloader`` holds the offloaded block
+    inputs (``memory.offload_activations``).  ``inline_upipe`` runs UPipe without its
+    custom-op boundary, for the CPU memory estimator.
+    """
 
-    groups = cp_groups(parallel_dims, cp.ulysses_degree)
-    sharder = sharder_for(groups)
-    device = torch.device(device_type)
-    for block in model.layers.values():
-        if cp.style in ("ulysses", "usp"):
-            strategy = UlyssesStrategy(groups, get_kernel(cp.kernel, device))
-        elif cp.style == "upipe":
-            strategy = UPipeStrategy(groups, cp.kernel, resolved_chunk_heads(cp, groups.ulysses_degree))
-        else:  # validate_job_config rejects the rest before we get here
-            raise AssertionError(cp.style)
-        timer = AttentionTimer() if cp.time_attention else None
-        block.attention = ContextParallelAttention(block.attention, strategy, timer)
-    check_sharding_once(model, sharder)
-    if hasattr(model, "use_local_rope"):  # keep only this rank's RoPE rows (exact, less memory)
-        model.use_local_rope(sharder.indices(job_config.training.seq_len))
-    logger.info(
-        f"Applied context_parallel.style={cp.style!r} (degree {cp_mesh.size()} = all-to-all "
-        f"{groups.ulysses_degree} x ring {groups.ring_degree}, kernel {cp.kernel!r}) "
-        f"to {len(model.layers)} attention layers"
-    )
+    shape: JobShape
+    style: CPStyle
+    groups: CPGroups
+    sharder: SequenceSharder | None
+    cp_mesh: object | None
+    kernel: str
+    device: torch.device
+    offloader: HostOffloader | None = None
+    inline_upipe: bool = False
+
+    @classmethod
+    def build(cls, job_config, parallel_dims: ParallelDims, *, inline_upipe: bool = False,
+              on_host_buffer: Callable[[torch.Tensor], None] | None = None) -> CPPlan:
+        """Collective when CP is on (it creates the all-to-all and ring groups)."""
+        shape = JobShape.from_job_config(job_config, parallel_dims.world_size)
+        style = get_style(job_config.context_parallel.style if parallel_dims.cp_enabled else "none")
+        cp_mesh = parallel_dims.get_mesh("cp") if parallel_dims.cp_enabled else None
+        groups = (build_cp_groups(cp_mesh, shape.ulysses) if style.uses_all_to_all
+                  else CPGroups.local())
+        device = torch.device(device_type)
+        offloader = (HostOffloader(device, on_new_buffer=on_host_buffer)
+                     if job_config.memory.offload_activations else None)
+        return cls(shape, style, groups, style.sharder(groups), cp_mesh,
+                   job_config.context_parallel.kernel, device, offloader, inline_upipe)
 
 
-def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_config) -> nn.Module:
+def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_config,
+                         plan: CPPlan | None = None) -> nn.Module:
     """Apply TP, context parallelism, activation checkpointing, compile and FSDP, in that order."""
     validate_job_config(job_config, world_size=parallel_dims.world_size)
+    if plan is None:
+        plan = CPPlan.build(job_config, parallel_dims)
 
     if parallel_dims.tp_enabled:  # style 'none' only (validated)
         apply_tp(
@@ -96,14 +101,14 @@ def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_conf
         )
 
     if parallel_dims.cp_enabled:
-        apply_context_parallel(model, parallel_dims, job_config)
+        plan.style.install(model, plan, job_config)
 
     mem = job_config.memory
-    apply_tiling(model, mem, local_seq_len=job_config.training.seq_len // parallel_dims.cp)
+    apply_tiling(model, mem, local_seq_len=plan.shape.local_seq)
 
     model_compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
-    if mem.offload_activations:  # validated: activation_checkpoint.mode == "full", no compile
-        apply_offloaded_ac(model, mem.offload_keep_layers, torch.device(device_type), mem.offload_prefetch)
+    if plan.offloader is not None:  # validated: activation_checkpoint.mode == "full", no compile
+        apply_offloaded_checkpointing(model, mem, plan.offloader)
         logger.info(
             f"Applied full activation checkpointing with block inputs offloaded to host memory "
             f"(first {mem.offload_keep_layers} layers kept on the device)"

@@ -70,12 +70,12 @@ class UlyssesRingSharder(SequenceSharder):
     """Zigzag over the ring, contiguous inside each all-to-all group.
 
     ``R`` ring ranks x ``u`` Ulysses ranks (CP rank ``= ring_rank * u + ulysses_rank``, see
-    :mod:`torchtitan_upipe.mesh`).  The sequence is cut into ``2R`` chunks; ring rank ``p``
+    :mod:`.groups`).  The sequence is cut into ``2R`` chunks; ring rank ``p``
     owns chunks ``p`` and ``2R-1-p`` (zigzag: every ring rank gets equal causal work), and
     Ulysses rank ``j`` of that ring rank holds the ``j``-th contiguous ``1/u`` of the
     concatenation ``[chunk p | chunk 2R-1-p]``.  The all-to-all gathers the ``u`` pieces in
     Ulysses-rank order, which re-forms ``[chunk p | chunk 2R-1-p]`` exactly -- the layout of
-    :func:`torchtitan_upipe.ring.ring_attention`::
+    :func:`torchtitan_upipe.cp.ring.ring_attention`::
 
         S = 16, R = 2, u = 2, chunks of 4 tokens c0..c3
         ring rank 0 owns [c0 | c3]:  cp rank 0 (j=0) -> 0..3      cp rank 1 (j=1) -> 12..15
@@ -102,7 +102,7 @@ class UlyssesRingSharder(SequenceSharder):
 
 
 def sharder_for(groups) -> SequenceSharder:
-    """The sharder matching :class:`~torchtitan_upipe.mesh.CPGroups`."""
+    """The sharder matching :class:`~.groups.CPGroups`."""
     if groups.ring_degree == 1:
         return ContiguousSharder(groups.ulysses_degree, groups.ulysses_rank)
     return UlyssesRingSharder(groups.ulysses_degree, groups.ring_degree, groups.ulysses_rank, groups.ring_rank)

@@ -1,13 +1,15 @@
-"""TorchTitan's trainer with this plugin's config checks and sequence sharding.
+"""TorchTitan's trainer with this plugin's config checks, process groups and sequence sharding.
 
-:class:`UPipeTrainer` changes three things in ``torchtitan.train.Trainer``:
+:class:`UPipeTrainer` changes four things in ``torchtitan.train.Trainer``:
 
 1. it validates the ``[context_parallel]`` and ``[memory]`` options (and the degrees, model
    and device they imply) before TorchTitan initializes distributed or builds anything;
-2. for Ulysses-family styles it shards inputs, labels and RoPE positions with the style's
-   :class:`~torchtitan_upipe.sharding.SequenceSharder` instead of TorchTitan's head-tail
-   load balancer (which is kept for ``style = "ring"``);
-3. with ``memory.chunked_loss`` it hands each batch's (sharded) labels to the model's output
+2. right after TorchTitan's meshes it builds the job's :class:`~.parallelize.CPPlan` (shape,
+   style, CP process groups, sharder, host offloader) and hands it to the parallelize hook;
+3. for the all-to-all styles it shards inputs, labels and RoPE positions with the style's
+   :class:`~.sharding.SequenceSharder` instead of TorchTitan's head-tail load balancer (which
+   is kept for ``style = "ring"``);
+4. with ``memory.chunked_loss`` it hands each batch's (sharded) labels to the model's output
    layer, which then returns the loss sum instead of the logits.
 
 Loss normalization is TorchTitan's: the valid-token count is taken on the unsharded labels
@@ -17,55 +19,69 @@ as a single-device run.
 
 With ``comm.mode = "fake_backend"`` (one real rank of an NGPU-rank job, collectives no-ops:
 ``scripts/bench_one_rank.py``) it is rank ``benchmark.fake_rank`` of the job, where TorchTitan
-always makes it rank 0 (:func:`fake_group_as`).
+always makes it rank 0 (:func:`~.fake_rank.fake_group_as`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+import dataclasses
+import functools
+from typing import Any, Callable
 
 import torch
 from torchtitan.train import Trainer
 
-from .config import ULYSSES_FAMILY
-from .groups import cp_groups
-from .sharding import SequenceSharder, sharder_for
 from .checks import validate_job_config
+from .fake_rank import fake_group_as
+from .parallelize import CPPlan, parallelize_llama_cp
 
 
 class UPipeTrainer(Trainer):
-    def __init__(self, job_config) -> None:
+    """``inline_upipe`` and ``on_host_buffer`` are for the CPU memory estimator (see
+    :class:`~.parallelize.CPPlan` and :class:`~torchtitan_upipe.memory.HostOffloader`)."""
+
+    def __init__(self, job_config, *, inline_upipe: bool = False,
+                 on_host_buffer: Callable[[torch.Tensor], None] | None = None) -> None:
         if not hasattr(job_config, "context_parallel"):
             raise ValueError(
                 "the [context_parallel] section is missing: set job.custom_config_module = "
                 "'torchtitan_upipe.config' (in [job] of the TOML or on the command line)"
             )
         validate_job_config(job_config)
-        self._sharder: SequenceSharder | None = None
+        self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
+        self.plan: CPPlan | None = None
         super().__init__(job_config)
 
     def init_distributed(self):
         if self.job_config.comm.mode != "fake_backend":
-            return super().init_distributed()
-        with fake_group_as(self.job_config.benchmark.fake_rank):
-            return super().init_distributed()
+            parallel_dims = super().init_distributed()
+        else:
+            with fake_group_as(self.job_config.benchmark.fake_rank):
+                parallel_dims = super().init_distributed()
+        self.plan = CPPlan.build(self.job_config, parallel_dims, **self._plan_options)
+        return parallel_dims
 
+    # TorchTitan's Trainer.__init__ assigns ``self.train_spec`` from the registry and later
+    # calls its ``parallelize_fn(model, parallel_dims, job_config)``; this setter binds the
+    # plan built in ``init_distributed`` (before the assignment) to that call.
     @property
-    def sequence_sharder(self) -> SequenceSharder:
-        if self._sharder is None:
-            groups = cp_groups(self.parallel_dims, self.job_config.context_parallel.ulysses_degree)
-            self._sharder = sharder_for(groups)
-        return self._sharder
+    def train_spec(self):
+        return self._train_spec
+
+    @train_spec.setter
+    def train_spec(self, spec) -> None:
+        if spec.parallelize_fn is parallelize_llama_cp:
+            spec = dataclasses.replace(
+                spec, parallelize_fn=functools.partial(parallelize_llama_cp, plan=self.plan))
+        self._train_spec = spec
 
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-        style = self.job_config.context_parallel.style
-        if self.parallel_dims.cp_enabled and style in ULYSSES_FAMILY:
+        sharder = self.plan.sharder
+        if self.parallel_dims.cp_enabled and sharder is not None:
             inputs = input_dict["input"]
             extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
-            sharder = self.sequence_sharder
             positions = sharder.positions(inputs.shape[0], inputs.shape[1], inputs.device)
             inputs, labels = sharder.shard(inputs), sharder.shard(labels)
             extra_kwargs: dict[str, Any] = {"positions": positions}
@@ -76,23 +92,3 @@ class UPipeTrainer(Trainer):
         if self.job_config.memory.chunked_loss:
             self.model_parts[0].output.set_labels(labels)
         return inputs, labels, extra_inputs, extra_kwargs
-
-
-@contextlib.contextmanager
-def fake_group_as(rank: int):
-    """While active, TorchTitan's fake process group makes this process ``rank`` (not 0)."""
-    import torch.distributed as dist
-    from torchtitan.distributed import utils
-
-    original = utils.init_fake_mode
-
-    def init_fake_mode(world_size: int, comm_mode: str = "fake_backend"):
-        if comm_mode != "fake_backend":
-            return original(world_size, comm_mode)
-        dist.init_process_group("fake", rank=rank, world_size=world_size)
-
-    utils.init_fake_mode = init_fake_mode
-    try:
-        yield
-    finally:
-        utils.init_fake_mode = original

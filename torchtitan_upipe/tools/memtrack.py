@@ -11,7 +11,7 @@ memory estimator, not something to leave on in training: every op pays a Python 
 
 Storages are identified by their Python object (one per ``StorageImpl``; views share it), not
 by address, so the tracker also works under ``FakeTensorMode``, where every storage has data
-pointer 0: the fake-tensor estimator (:mod:`torchtitan_upipe.estimate`) counts with it.
+pointer 0: the fake-tensor estimator (:mod:`torchtitan_upipe.tools.estimate`) counts with it.
 ``ignore(tensor)`` excludes storages from the count (meta tensors, host buffers).
 
 ``workspace(func, args)`` returns bytes an op allocates inside itself and frees before it
@@ -38,8 +38,6 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveTensorTracker(TorchDispatchMode):
-    _active: list[LiveTensorTracker] = []  # trackers told about Python-level storage resizes
-
     def __init__(self, ignore: Callable[[torch.Tensor], bool] | None = None,
                  attribute: bool = False,
                  workspace: Callable[[object, tuple], int] | None = None) -> None:
@@ -55,6 +53,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._preexisting: dict[int, object] = {}  # id(storage) -> storage, held alive
         self.live_bytes = 0
         self.peak_bytes = 0
+        self._outer_resize = None  # UntypedStorage.resize_ as it was before __enter__
 
     def __enter__(self):
         # storages alive before entering are inputs, not allocations of the tracked region
@@ -70,13 +69,26 @@ class LiveTensorTracker(TorchDispatchMode):
                     except (RuntimeError, NotImplementedError):
                         continue
                     self._preexisting[id(st)] = st
-        _watch_resizes(self, True)
+        self._watch_resizes()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _watch_resizes(self, False)
+        torch.UntypedStorage.resize_ = self._outer_resize  # trackers nest like their modes
         self._preexisting.clear()  # release the pre-existing storages held during the region
         return super().__exit__(*exc)
+
+    def _watch_resizes(self) -> None:
+        """Route ``UntypedStorage.resize_`` through this tracker while it is active (in-place
+        resizes from Python are invisible to the dispatcher); an enclosing tracker's route
+        stays in the chain."""
+        outer = self._outer_resize = torch.UntypedStorage.resize_
+
+        def resize_(storage, size):
+            result = outer(storage, size)
+            self._resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
 
     # The count is kept incrementally: + a storage's bytes when an op first returns it, - them
     # when the storage dies (weak-reference callback), +/- a change of size when an op returns
@@ -194,25 +206,6 @@ def _label(func) -> str:
         frame = frame.f_back
     op = func._opname if node is None else f"{func._opname} [{node.name()}]"
     return f"{op} @ {where}"
-
-
-_original_resize = torch.UntypedStorage.resize_
-
-
-def _resize_(self, size):
-    result = _original_resize(self, size)
-    for tracker in LiveTensorTracker._active:
-        tracker._resized(self)
-    return result
-
-
-def _watch_resizes(tracker: LiveTensorTracker, on: bool) -> None:
-    """Route ``UntypedStorage.resize_`` through :func:`_resize_` while any tracker is active."""
-    if on:
-        LiveTensorTracker._active.append(tracker)
-    else:
-        LiveTensorTracker._active.remove(tracker)
-    torch.UntypedStorage.resize_ = _resize_ if LiveTensorTracker._active else _original_resize
 
 
 def _plain_tensors(values):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionKernel
+from .registry import resolve_kernel_and_scale
 
 
 class _KernelAttention(torch.autograd.Function):
@@ -29,23 +30,13 @@ class _KernelAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def kernel_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    kernel: AttentionKernel | str,
-    causal: bool = True,
-    scale: float | None = None,
-) -> torch.Tensor:
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     kernel: AttentionKernel | str, causal: bool = True,
+                     scale: float | None = None) -> torch.Tensor:
     """Differentiable attention through ``kernel`` (an instance, or a name for ``get_kernel``).
 
     Returns ``out`` only; the LSE is kept internally for the backward.  ``scale`` defaults
     to ``D ** -0.5``.
     """
-    from . import resolve_kernel  # the package imports this module at its end
-
-    kernel = resolve_kernel(kernel, q.device)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return _KernelAttention.apply(q, k, v, kernel, causal, float(scale))
+    kernel, scale = resolve_kernel_and_scale(kernel, q.device, q.shape[-1], scale)
+    return _KernelAttention.apply(q, k, v, kernel, causal, scale)

@@ -8,8 +8,8 @@ tensors: the kernel passes BSHD-contiguous tensors as ``transpose(1, 2)`` views.
 * LSE: cuDNN returns its softmax statistics as natural-log LSE shaped ``(B, H, S_q, 1)``;
   the trailing dim is squeezed in ``forward`` and restored (on a contiguous float32 copy) in
   ``backward``.
-* GQA: K/V are expanded to ``H`` heads with ``repeat_interleave`` before the call and the
-  replicas' ``dk``/``dv`` summed afterwards, so the op always sees equal head counts.
+* GQA: K/V are expanded to ``H`` heads (:func:`..gqa.repeat_kv_heads`) before the call and the
+  replicas' ``dk``/``dv`` summed afterwards (:func:`..gqa.sum_kv_heads`), so the op always sees equal head counts.
 * ``out`` and ``dout`` are given to the backward as BSHD-contiguous tensors, so they share
   strides (cuDNN's backward graph assumes ``dO`` is laid out like ``O``).
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register_kernel
+from ..gqa import repeat_kv_heads, sum_kv_heads
 from .base import AttentionKernel, check_shapes
-from .math import _expand_kv, _reduce_kv
+from .registry import register_kernel
 
 
 def _to_bhsd(t: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ class CudnnKernel(AttentionKernel):
         groups = q.shape[2] // k.shape[2]
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             _to_bhsd(q),
-            _to_bhsd(_expand_kv(k, groups)),
-            _to_bhsd(_expand_kv(v, groups)),
+            _to_bhsd(repeat_kv_heads(k, groups)),
+            _to_bhsd(repeat_kv_heads(v, groups)),
             None,  # attn_bias
             True,  # compute_log_sumexp
             0.0,  # dropout_p
@@ -68,8 +68,8 @@ class CudnnKernel(AttentionKernel):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             _to_bhsd(dout),
             _to_bhsd(q),
-            _to_bhsd(_expand_kv(k, groups)),
-            _to_bhsd(_expand_kv(v, groups)),
+            _to_bhsd(repeat_kv_heads(k, groups)),
+            _to_bhsd(repeat_kv_heads(v, groups)),
             _to_bhsd(out),
             lse.to(torch.float32).contiguous().unsqueeze(-1),
             seed,
@@ -83,6 +83,6 @@ class CudnnKernel(AttentionKernel):
             causal,
             scale=scale,
         )
-        dk = _reduce_kv(dk.transpose(1, 2), groups)
-        dv = _reduce_kv(dv.transpose(1, 2), groups)
+        dk = sum_kv_heads(dk.transpose(1, 2), groups)
+        dv = sum_kv_heads(dv.transpose(1, 2), groups)
         return dq.transpose(1, 2), dk, dv

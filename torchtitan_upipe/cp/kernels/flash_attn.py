@@ -26,8 +26,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from . import register_kernel
 from .base import AttentionKernel, check_shapes
+from .registry import register_kernel
 
 
 def _params(fn) -> list[str]:

@@ -2,31 +2,17 @@
 
 Materializes the ``(B, H, S_q, S_k)`` score matrix, so it is the reference and the
 small-shape CPU fallback, not a long-context kernel.  Scores and softmax are computed in
-float32, or float64 when the inputs are float64.
+float32, or float64 when the inputs are float64 (:mod:`..precision`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..gqa import repeat_kv_heads, sum_kv_heads
+from ..precision import accumulation_dtype
 from .base import AttentionKernel, check_shapes
-
-
-def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    # (B, S, H_kv, D) -> (B, S, H_kv * groups, D), head h -> kv head h // groups
-    return t if groups == 1 else t.repeat_interleave(groups, dim=2)
-
-
-def _reduce_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    # inverse of _expand_kv for gradients: sum the replicas of each kv head
-    if groups == 1:
-        return t
-    b, s, h, d = t.shape
-    return t.view(b, s, h // groups, groups, d).sum(dim=3)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .registry import register_kernel
 
 
 def _causal_mask(s_q: int, s_k: int, device: torch.device) -> torch.Tensor:
@@ -35,16 +21,17 @@ def _causal_mask(s_q: int, s_k: int, device: torch.device) -> torch.Tensor:
     return j > i  # True = masked
 
 
+@register_kernel
 class MathKernel(AttentionKernel):
     name = "math"
 
     def forward(self, q, k, v, *, causal, scale):
         check_shapes(q, k, v)
         groups = q.shape[2] // k.shape[2]
-        ct = _compute_dtype(q)
+        ct = accumulation_dtype(q.dtype)
         qf = q.to(ct).transpose(1, 2)  # B H S D
-        kf = _expand_kv(k, groups).to(ct).transpose(1, 2)
-        vf = _expand_kv(v, groups).to(ct).transpose(1, 2)
+        kf = repeat_kv_heads(k, groups).to(ct).transpose(1, 2)
+        vf = repeat_kv_heads(v, groups).to(ct).transpose(1, 2)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
         if causal:
             scores = scores.masked_fill(
@@ -57,10 +44,10 @@ class MathKernel(AttentionKernel):
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         groups = q.shape[2] // k.shape[2]
-        ct = _compute_dtype(q)
+        ct = accumulation_dtype(q.dtype)
         qf = q.to(ct).transpose(1, 2)
-        kf = _expand_kv(k, groups).to(ct).transpose(1, 2)
-        vf = _expand_kv(v, groups).to(ct).transpose(1, 2)
+        kf = repeat_kv_heads(k, groups).to(ct).transpose(1, 2)
+        vf = repeat_kv_heads(v, groups).to(ct).transpose(1, 2)
         do = dout.to(ct).transpose(1, 2)
         o = out.to(ct).transpose(1, 2)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
@@ -76,6 +63,6 @@ class MathKernel(AttentionKernel):
         dq = torch.matmul(ds, kf)
         dk = torch.matmul(ds.transpose(-1, -2), qf)
         dq = dq.transpose(1, 2).to(q.dtype)
-        dk = _reduce_kv(dk.transpose(1, 2), groups).to(k.dtype)
-        dv = _reduce_kv(dv.transpose(1, 2), groups).to(v.dtype)
+        dk = sum_kv_heads(dk.transpose(1, 2), groups).to(k.dtype)
+        dv = sum_kv_heads(dv.transpose(1, 2), groups).to(v.dtype)
         return dq, dk, dv

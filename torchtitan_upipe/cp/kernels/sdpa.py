@@ -12,7 +12,7 @@ CPU (``_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``):
   out as a transposed view of a ``(B, S_q, H)`` buffer (not contiguous).
 * GQA: the op handles ``H_kv < H`` natively in forward and backward (query head ``h`` reads
   kv head ``h // (H // H_kv)``; ``dk``/``dv`` come back with ``H_kv`` heads), verified against
-  the math kernel in ``tests/test_kernels.py``, so K/V are never repeated.
+  the math kernel in ``tests/cp/test_kernels.py``, so K/V are never repeated.
 * causal masking is top-left aligned (key ``j`` masked for query ``i`` when ``j > i``), as the
   contract requires, also for ``S_q != S_k``.
 
@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register_kernel
+from ..precision import accumulation_dtype
 from .base import AttentionKernel, check_shapes
+from .registry import register_kernel
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -39,10 +40,6 @@ def _to_bhsd(t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.transpose(1, 2)
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @register_kernel
@@ -86,7 +83,7 @@ class SdpaKernel(AttentionKernel):
             _to_bhsd(k),
             _to_bhsd(v),
             _to_bhsd(out),
-            lse.to(_lse_dtype(q)),
+            lse.to(accumulation_dtype(q.dtype)),
             0.0,
             causal,
             attn_mask=None,

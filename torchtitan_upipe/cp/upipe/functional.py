@@ -41,18 +41,18 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import ProcessGroup, group_size, head_to_seq, seq_to_head
+from ..comm import (
+    ProcessGroup,
+    group_size,
+    head_to_seq,
+    pair_head_to_seq,
+    pair_seq_to_head,
+    seq_to_head,
+)
+from ..gqa import repeat_kv_heads, sum_kv_heads
 from ..kernels import AttentionKernel
+from ..precision import accumulation_dtype
 from .schedule import UPipeSchedule
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # accumulate gradients over stages in at least float32
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def apply_rope(t: torch.Tensor, freqs_cis: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
@@ -61,7 +61,7 @@ def apply_rope(t: torch.Tensor, freqs_cis: torch.Tensor, *, inverse: bool = Fals
     Computed as TorchTitan does (float32 complex, cast back), or in float64 for float64 input.
     ``inverse`` multiplies by the conjugate: RoPE is unitary, so that is the gradient map.
     """
-    ct = torch.float64 if t.dtype == torch.float64 else torch.float32
+    ct = accumulation_dtype(t.dtype)
     tc = torch.view_as_complex(t.to(ct).reshape(*t.shape[:-1], -1, 2))
     f = freqs_cis.to(tc.dtype)
     if inverse:
@@ -93,20 +93,10 @@ def _project_kv(x, wk, wv, freqs_cis, sched, chunk, head_dim):
     v = torch.nn.functional.linear(x, _kv_weights(wv, sched, chunk, head_dim))
     k = apply_rope(k.view(b, s, -1, head_dim), freqs_cis)
     v = v.view(b, s, -1, head_dim)
-    if sched.rho > 1:
-        # H_kv < C: one chunk holds all C virtual heads; replicate in the computation only
-        k = k.repeat_interleave(sched.rho, dim=2)
-        v = v.repeat_interleave(sched.rho, dim=2)
+    # H_kv < C: one chunk holds all C virtual heads; replicate in the computation only
+    k = repeat_kv_heads(k, sched.rho)
+    v = repeat_kv_heads(v, sched.rho)
     return k, v
-
-
-def _send_pair(a: torch.Tensor, b_: torch.Tensor, group, to_head: bool):
-    """All-to-all two equally shaped tensors in one collective (interleaved per head)."""
-    bsz, s, h, d = a.shape
-    pair = torch.stack((a, b_), dim=3).reshape(bsz, s, 2 * h, d)
-    moved = seq_to_head(pair, group) if to_head else head_to_seq(pair, group)
-    moved = moved.unflatten(2, (-1, 2))
-    return moved[:, :, :, 0], moved[:, :, :, 1]
 
 
 def upipe_forward(
@@ -128,12 +118,13 @@ def upipe_forward(
     seq = s * c
     out = x.new_empty(b, s, h, d)
     out_v = out.view(b, s, sched.virtual_kv_heads, sched.group_size, d)
-    lse = torch.empty(sched.n_stages, b, sched.heads_per_rank, seq, dtype=lse_dtype(x.dtype), device=x.device)
+    lse = torch.empty(sched.n_stages, b, sched.heads_per_rank, seq,
+                      dtype=accumulation_dtype(x.dtype), device=x.device)
     wq_v = _views(sched, wq, d)
     tau = sched.stages_per_chunk
     for chunk in range(sched.n_chunks):
         k, v = _project_kv(x, wk, wv, freqs_cis, sched, chunk, d)
-        kh, vh = _send_pair(k, v, group, to_head=True)
+        kh, vh = pair_seq_to_head(k, v, group)
         del k, v
         for stage in range(chunk * tau, (chunk + 1) * tau):
             kv_sl, q_sl = _stage_rows(sched, stage)
@@ -172,7 +163,7 @@ def upipe_backward(
     b, s, dim = x.shape
     h = sched.n_heads
     d = wq.shape[0] // h
-    acc = _acc_dtype(x.dtype)  # for dK/dV shared by several stages
+    acc = accumulation_dtype(x.dtype)  # for dK/dV shared by several stages
     x_flat = x.reshape(b * s, dim)
     dx = torch.zeros(b * s, dim, dtype=x.dtype, device=x.device)
     dwq, dwk, dwv = torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
@@ -182,7 +173,7 @@ def upipe_backward(
     tau = sched.stages_per_chunk
     for chunk in range(sched.n_chunks):
         k, v = _project_kv(x, wk, wv, freqs_cis, sched, chunk, d)
-        kh, vh = _send_pair(k, v, group, to_head=True)
+        kh, vh = pair_seq_to_head(k, v, group)
         del k, v
         dkh = dvh = None
         for stage in range(chunk * tau, (chunk + 1) * tau):
@@ -193,7 +184,7 @@ def upipe_backward(
             del q
             o_stage = out_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
             do_stage = dout_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
-            oh, doh = _send_pair(o_stage, do_stage, group, to_head=True)
+            oh, doh = pair_seq_to_head(o_stage, do_stage, group)
             del o_stage, do_stage
             dqh, dk_s, dv_s = kernel.backward(doh, qh, kh, vh, oh, lse[stage], causal=causal, scale=scale)
             del qh, oh, doh
@@ -210,11 +201,11 @@ def upipe_backward(
             dwq_v[kv_sl, q_sl] = (dq_flat.t() @ x_flat).view(-1, q_sl.stop - q_sl.start, d, dim)
             del dq, dq_flat, w_stage
         del kh, vh
-        dk, dv = _send_pair(dkh.to(x.dtype), dvh.to(x.dtype), group, to_head=False)
+        dk, dv = pair_head_to_seq(dkh.to(x.dtype), dvh.to(x.dtype), group)
         del dkh, dvh
-        if sched.rho > 1:  # gradient of the replication: sum each real head's replicas
-            dk = dk.unflatten(2, (-1, sched.rho)).sum(dim=3)
-            dv = dv.unflatten(2, (-1, sched.rho)).sum(dim=3)
+        # gradient of the replication: sum each real head's replicas
+        dk = sum_kv_heads(dk, sched.rho)
+        dv = sum_kv_heads(dv, sched.rho)
         dk = apply_rope(dk, freqs_cis, inverse=True)
         dk_flat, dv_flat = dk.reshape(b * s, -1), dv.reshape(b * s, -1)
         wk_c = _kv_weights(wk, sched, chunk, d)

@@ -2,27 +2,33 @@
 
 ``upipe::attention_forward`` and ``upipe::attention_backward`` are opaque to ``torch.compile``
 and to DTensor, and selective activation checkpointing can treat the whole staged attention
-as one op (save its outputs, never re-run its stages).  The process group crosses the op
-boundary by name (``ProcessGroup.group_name``; ``""`` means no group) and the kernel by its
-``[context_parallel] kernel`` name.  With a ring group (the UPipe x ring hybrid) each stage's
-attention is a ring pass (:class:`~torchtitan_upipe.ring.RingKernel`) over the ring ranks.
+as one op (save its outputs, never re-run its stages).  Besides tensors both ops take
+``_STATIC``: ``heads = [H, H_kv, U]``, the all-to-all and ring groups by
+``ProcessGroup.group_name`` (``""`` means none), ``causal``, ``scale`` and the
+``[context_parallel] kernel`` name.  With a ring group (the UPipe x ring
+hybrid) each stage's attention is a ring pass (:class:`~torchtitan_upipe.cp.ring.RingKernel`)
+over the ring ranks.
 
 Saved for backward: ``x``, the three weights, ``freqs_cis``, the output and the per-stage LSE.
 No Q, K or V.
+
+``upipe_attention(..., inline=True)`` runs the same forward and backward without the
+custom-op boundary (:class:`_InlineAttention`): under ``FakeTensorMode`` a custom op runs only
+its shape function, which would hide the stages' buffers from the CPU memory estimator.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from ..comm import ProcessGroup, group_size
-from ..kernels import AttentionKernel, get_kernel
-from .functional import lse_dtype, upipe_backward, upipe_forward
+from ..kernels import AttentionKernel, get_kernel, resolve_kernel_and_scale
+from ..precision import accumulation_dtype
+from ..ring import RingKernel
+from .functional import upipe_backward, upipe_forward
 from .schedule import UPipeSchedule
 
 
@@ -37,128 +43,84 @@ def _base_kernel(name: str, device_type: str) -> AttentionKernel:
     return get_kernel(name, torch.device(device_type))
 
 
-def _kernel(name: str, device_type: str, ring_group_name: str) -> AttentionKernel:
-    kernel = _base_kernel(name, device_type)
-    if ring_group_name:
-        from ..ring import RingKernel
-
-        kernel = RingKernel(_group(ring_group_name), kernel)
-    return kernel
-
-
-def _schedule(n_heads, n_kv_heads, chunk_heads, group) -> UPipeSchedule:
-    return UPipeSchedule(n_heads, n_kv_heads, group_size(group), chunk_heads)
+def _run(fn, tensors, heads, group_name, ring_group_name, causal, scale, kernel):
+    """``fn`` (:func:`upipe_forward` or :func:`upipe_backward`) on ``tensors`` with the ops'
+    non-tensor arguments turned into a schedule, process groups and a kernel."""
+    group, ring = _group(group_name), _group(ring_group_name)
+    sched = UPipeSchedule(heads[0], heads[1], group_size(group), heads[2])
+    inner = _base_kernel(kernel, tensors[0].device.type)
+    kern = inner if ring is None else RingKernel(ring, inner)
+    return fn(*tensors, sched, group, kern, causal, scale)
 
 
-@torch.library.custom_op("upipe::attention_forward", mutates_args=())
-def attention_forward(
-    x: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
-    freqs_cis: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    chunk_heads: int,
-    group_name: str,
-    ring_group_name: str,
-    causal: bool,
-    scale: float,
-    kernel: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name,
-                         ring_group_name, causal, scale, kernel)
+# The non-tensor arguments both ops take, declared once.
+_STATIC = "int[] heads, str group_name, str ring_group_name, bool causal, float scale, str kernel"
+torch.library.define(
+    "upipe::attention_forward",
+    f"(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor freqs_cis, {_STATIC}) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "upipe::attention_backward",
+    f"(Tensor dout, Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor freqs_cis, Tensor out, "
+    f"Tensor lse, {_STATIC}) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+attention_forward = torch.ops.upipe.attention_forward.default
+attention_backward = torch.ops.upipe.attention_backward.default
 
 
-def _forward_impl(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name,
-                  ring_group_name, causal, scale, kernel):
-    group = _group(group_name)
-    return upipe_forward(
-        x, wq, wk, wv, freqs_cis,
-        _schedule(n_heads, n_kv_heads, chunk_heads, group),
-        group, _kernel(kernel, x.device.type, ring_group_name), causal, scale,
-    )
+def _forward_impl(x, wq, wk, wv, freqs_cis, *static):
+    return _run(upipe_forward, (x, wq, wk, wv, freqs_cis), *static)
 
 
-@attention_forward.register_fake
-def _(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads, group_name, ring_group_name,
-      causal, scale, kernel):
+def _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, *static):
+    return _run(upipe_backward, (dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse), *static)
+
+
+torch.library.impl("upipe::attention_forward", "CompositeExplicitAutograd", _forward_impl)
+torch.library.impl("upipe::attention_backward", "CompositeExplicitAutograd", _backward_impl)
+
+
+@torch.library.register_fake("upipe::attention_forward")
+def _(x, wq, wk, wv, freqs_cis, heads, group_name, *_):
     b, s, _ = x.shape
-    c = group_size(_group(group_name))
+    sched = UPipeSchedule(heads[0], heads[1], group_size(_group(group_name)), heads[2])
     out = x.new_empty(b, s, wq.shape[0])
-    lse = x.new_empty(n_heads // chunk_heads, b, chunk_heads // c, s * c, dtype=lse_dtype(x.dtype))
+    lse = x.new_empty(sched.n_stages, b, sched.heads_per_rank, s * sched.degree,
+                      dtype=accumulation_dtype(x.dtype))
     return out, lse
 
 
-@torch.library.custom_op("upipe::attention_backward", mutates_args=())
-def attention_backward(
-    dout: torch.Tensor,
-    x: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
-    freqs_cis: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    chunk_heads: int,
-    group_name: str,
-    ring_group_name: str,
-    causal: bool,
-    scale: float,
-    kernel: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, n_heads, n_kv_heads,
-                          chunk_heads, group_name, ring_group_name, causal, scale, kernel)
-
-
-def _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, n_heads, n_kv_heads, chunk_heads,
-                   group_name, ring_group_name, causal, scale, kernel):
-    group = _group(group_name)
-    return upipe_backward(
-        dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse,
-        _schedule(n_heads, n_kv_heads, chunk_heads, group),
-        group, _kernel(kernel, x.device.type, ring_group_name), causal, scale,
-    )
-
-
-@attention_backward.register_fake
-def _(dout, x, wq, wk, wv, freqs_cis, out, lse, *args):
+@torch.library.register_fake("upipe::attention_backward")
+def _(dout, x, wq, wk, wv, *_):
     return torch.empty_like(x), torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
 
 
-_ARGS = ("n_heads", "n_kv_heads", "chunk_heads", "group_name", "ring_group_name", "causal", "scale", "kernel")
-
-
 def _setup_context(ctx, inputs, output):
-    x, wq, wk, wv, freqs_cis, *rest = inputs
+    x, wq, wk, wv, freqs_cis, *static = inputs
     out, lse = output
     ctx.save_for_backward(x, wq, wk, wv, freqs_cis, out, lse)
-    ctx.static = dict(zip(_ARGS, rest))
+    ctx.static = static
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, backward_fn):
     """Input grads from the tensors and arguments :func:`_setup_context` saved, by
     ``backward_fn`` (the backward op, or its implementation for :class:`_InlineAttention`)."""
-    x, wq, wk, wv, freqs_cis, out, lse = ctx.saved_tensors
-    dx, dwq, dwk, dwv = backward_fn(dout, x, wq, wk, wv, freqs_cis, out, lse,
-                                    *(ctx.static[k] for k in _ARGS))
-    return (dx, dwq, dwk, dwv) + (None,) * (1 + len(_ARGS))
+    dx, dwq, dwk, dwv = backward_fn(dout, *ctx.saved_tensors, *ctx.static)
+    return (dx, dwq, dwk, dwv) + (None,) * (1 + len(ctx.static))
 
 
 def _backward(ctx, dout, _dlse):
     return _grads(ctx, dout, attention_backward)
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("upipe::attention_forward", _backward, setup_context=_setup_context)
 
 
 class _InlineAttention(torch.autograd.Function):
     """The op's forward and backward without the custom-op boundary, so each aten op of the
-    stages is dispatched on its own.  For the CPU memory estimator: under ``FakeTensorMode``
-    a custom op runs only its fake (output-shape) function, which hides the stages' buffers."""
+    stages is dispatched on its own (same values and gradients; not traceable by
+    ``torch.compile``)."""
 
     @staticmethod
     def forward(ctx, x, wq, wk, wv, freqs_cis, *static):
@@ -169,21 +131,6 @@ class _InlineAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         return _grads(ctx, dout, _backward_impl)
-
-
-_INLINE = False
-
-
-@contextlib.contextmanager
-def inline_ops() -> Iterator[None]:
-    """Within the block, :func:`upipe_attention` runs :class:`_InlineAttention` instead of the
-    custom ops (same values and gradients; not traceable by ``torch.compile``)."""
-    global _INLINE
-    previous, _INLINE = _INLINE, True
-    try:
-        yield
-    finally:
-        _INLINE = previous
 
 
 def upipe_attention(
@@ -201,6 +148,7 @@ def upipe_attention(
     causal: bool = True,
     scale: float | None = None,
     kernel: str = "auto",
+    inline: bool = False,
 ) -> torch.Tensor:
     """Fused projection + RoPE + UPipe context-parallel attention.
 
@@ -214,19 +162,18 @@ def upipe_attention(
         chunk_heads: U, query heads per stage across all C ranks: a multiple of C dividing
             n_heads.  ``0``/``None`` = C (least memory).
         group: the C all-to-all ranks ordered by sequence shard; ``None`` = no CP.
-        ring_group: for the UPipe x ring hybrid, the ring ranks (see :mod:`torchtitan_upipe.mesh`);
-            ``x`` is then this rank's piece of its ring rank's zigzag shard
-            (:class:`~torchtitan_upipe.sharding.UlyssesRingSharder`).  ``None`` = no ring.
+        ring_group: for the UPipe x ring hybrid, the ring ranks; ``x`` is then this rank's
+            piece of its ring rank's zigzag shard
+            (:class:`~torchtitan_upipe.titan.sharding.UlyssesRingSharder`).  ``None`` = no ring.
         causal: causal mask over global positions.
         scale: softmax scale, default ``D ** -0.5``.
         kernel: ``[context_parallel] kernel`` name.
+        inline: run without the custom-op boundary (see the module docstring).
 
     Returns:
         ``(B, S/C, n_heads*D)`` in canonical head order (input of ``wo``).
     """
-    c = group_size(group)
-    chunk_heads = chunk_heads or c
-    UPipeSchedule(n_heads, n_kv_heads, c, chunk_heads)  # validates U and the head counts
+    sched = UPipeSchedule.resolve(n_heads, n_kv_heads, group_size(group), chunk_heads)
     head_dim = wq.shape[0] // n_heads
     if wq.shape[0] != n_heads * head_dim or wk.shape[0] != n_kv_heads * head_dim or wk.shape != wv.shape:
         raise ValueError(
@@ -238,12 +185,9 @@ def upipe_attention(
             f"freqs_cis must be this rank's RoPE rows (S/C, D/2) = {(x.shape[1], head_dim // 2)}, "
             f"got {tuple(freqs_cis.shape)}"
         )
-    get_kernel(kernel, x.device)  # fail early with a clear message
-    op = _InlineAttention.apply if _INLINE else attention_forward
-    out, _ = op(
-        x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, chunk_heads,
-        "" if group is None else group.group_name,
-        "" if ring_group is None else ring_group.group_name,
-        causal, head_dim**-0.5 if scale is None else float(scale), kernel,
-    )
+    _, scale = resolve_kernel_and_scale(kernel, x.device, head_dim, scale)  # fails early
+    op = _InlineAttention.apply if inline else attention_forward
+    names = ("" if g is None else g.group_name for g in (group, ring_group))
+    out, _ = op(x, wq, wk, wv, freqs_cis, [n_heads, n_kv_heads, sched.chunk_heads], *names,
+                causal, scale, kernel)
     return out

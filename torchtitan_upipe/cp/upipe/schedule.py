@@ -35,17 +35,39 @@ re-parameterization or output permutation exists anywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..gqa import kv_replication
 
 
 @dataclass(frozen=True)
 class UPipeSchedule:
+    """The schedule of ``n_heads`` query heads and ``n_kv_heads`` KV heads in stages of
+    ``chunk_heads`` (U) over ``degree`` (C) ranks.  The derived sizes are computed once, when
+    the schedule is built (see the module docstring for the symbols)."""
+
     n_heads: int
     n_kv_heads: int
     degree: int
     chunk_heads: int
+    rho: int = field(init=False, compare=False)
+    """Replication factor of each real KV head."""
+    virtual_kv_heads: int = field(init=False, compare=False)
+    """H_kv' = H_kv rho."""
+    group_size: int = field(init=False, compare=False)
+    """g: query heads per virtual KV head."""
+    heads_per_rank: int = field(init=False, compare=False)
+    """m = U / C: query heads per rank per stage."""
+    gamma: int = field(init=False, compare=False)
+    """gcd(m, g): a stage's query heads per KV head."""
+    kappa: int = field(init=False, compare=False)
+    """KV heads per rank per chunk."""
+    stages_per_chunk: int = field(init=False, compare=False)
+    """tau: consecutive stages that reuse one KV chunk."""
+    n_stages: int = field(init=False, compare=False)
+    n_chunks: int = field(init=False, compare=False)
+    chunk_kv_heads: int = field(init=False, compare=False)
+    """Virtual KV heads per chunk across all ranks (C * kappa)."""
 
     def __post_init__(self) -> None:
         c, u, h = self.degree, self.chunk_heads, self.n_heads
@@ -60,56 +82,25 @@ class UPipeSchedule:
                 f"context_parallel.upipe_chunk_heads={u} must divide n_heads={h}; "
                 f"valid: {valid_chunk_heads(h, c)}"
             )
-        kv_replication(h, self.n_kv_heads, c)  # raises for incompatible KV heads
+        rho = kv_replication(h, self.n_kv_heads, c)  # raises for incompatible KV heads
+        g = h // (self.n_kv_heads * rho)
+        m = u // c
+        gamma = math.gcd(m, g)
+        sizes = {"rho": rho, "virtual_kv_heads": self.n_kv_heads * rho, "group_size": g,
+                 "heads_per_rank": m, "gamma": gamma, "kappa": m // gamma,
+                 "stages_per_chunk": g // gamma, "n_stages": h // u,
+                 "n_chunks": h // u // (g // gamma), "chunk_kv_heads": c * (m // gamma)}
+        for name, value in sizes.items():
+            object.__setattr__(self, name, value)
         # with replicated KV heads each rank holds one virtual KV head: a single chunk
         assert self.rho == 1 or self.n_chunks == 1
 
-    # ---- derived sizes -------------------------------------------------------------------
-    @property
-    def rho(self) -> int:
-        """Replication factor of each real KV head."""
-        return kv_replication(self.n_heads, self.n_kv_heads, self.degree)
-
-    @property
-    def virtual_kv_heads(self) -> int:
-        return self.n_kv_heads * self.rho
-
-    @property
-    def group_size(self) -> int:
-        """g: query heads per virtual KV head."""
-        return self.n_heads // self.virtual_kv_heads
-
-    @property
-    def heads_per_rank(self) -> int:
-        """m = U / C: query heads per rank per stage."""
-        return self.chunk_heads // self.degree
-
-    @property
-    def gamma(self) -> int:
-        return math.gcd(self.heads_per_rank, self.group_size)
-
-    @property
-    def kappa(self) -> int:
-        """KV heads per rank per chunk."""
-        return self.heads_per_rank // self.gamma
-
-    @property
-    def stages_per_chunk(self) -> int:
-        """tau: consecutive stages that reuse one KV chunk."""
-        return self.group_size // self.gamma
-
-    @property
-    def n_stages(self) -> int:
-        return self.n_heads // self.chunk_heads
-
-    @property
-    def n_chunks(self) -> int:
-        return self.n_stages // self.stages_per_chunk
-
-    @property
-    def chunk_kv_heads(self) -> int:
-        """Virtual KV heads per chunk across all ranks (C * kappa)."""
-        return self.degree * self.kappa
+    @classmethod
+    def resolve(cls, n_heads: int, n_kv_heads: int, degree: int,
+                chunk_heads: int | None = 0) -> UPipeSchedule:
+        """The schedule for ``chunk_heads`` U, where ``0``/``None`` means ``degree``: one query
+        head per rank per stage, the least memory (``[context_parallel] upipe_chunk_heads = 0``)."""
+        return cls(n_heads, n_kv_heads, degree, chunk_heads or degree)
 
     # ---- head maps -----------------------------------------------------------------------
     def kv_range(self, chunk: int) -> range:

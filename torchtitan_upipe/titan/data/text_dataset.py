@@ -3,7 +3,7 @@
 What is generated
 -----------------
 An in-memory ``datasets.Dataset`` with a single ``"text"`` column holding
-:func:`torchtitan_upipe.data.corpus.generate_documents` output (4096 documents,
+:func:`torchtitan_upipe.titan.data.corpus.generate_documents` output (4096 documents,
 ~4.7 MB, built in well under a second).  A second entry,
 ``upipe_debug_text_validation``, uses a different seed, i.e. held-out text from
 the same distribution.
@@ -20,7 +20,7 @@ all TorchTitan's) fully offline, with nothing on disk.  The loader ignores
 ``training.dataset_path``.
 
 Registration happens when this module is imported (``import
-torchtitan_upipe.data``); :func:`register_debug_dataset` does the same
+torchtitan_upipe.titan.data``); :func:`register_debug_dataset` does the same
 explicitly and is idempotent.
 """
 

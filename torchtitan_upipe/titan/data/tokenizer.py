@@ -6,7 +6,7 @@ What is generated
 
 * ``tokenizer.json`` -- a byte-level BPE (GPT-2 style pre-tokenizer and decoder)
   trained with the ``tokenizers`` library on the procedural corpus of
-  :mod:`torchtitan_upipe.data.corpus`; exactly ``vocab_size`` (default 2048)
+  :mod:`torchtitan_upipe.titan.data.corpus`; exactly ``vocab_size`` (default 2048)
   tokens: ids 0 and 1 are ``<|begin_of_text|>`` / ``<|end_of_text|>``, then the
   256 byte symbols, then the learned merges.  Byte-level means every UTF-8 string
   round-trips even if it is far from the training corpus.
@@ -32,7 +32,7 @@ Training runs in a child Python process with ``RAYON_NUM_THREADS=1`` and
 not depend on the core count, and the calling process never starts the
 ``tokenizers`` thread pool (which would otherwise warn and disable itself when
 TorchTitan's dataloader workers fork).  Two builds give byte-identical
-``tokenizer.json`` files (checked by ``tests/test_data.py``).  Files are written
+``tokenizer.json`` files (checked by ``tests/titan/test_data.py``).  Files are written
 into a private temporary directory inside ``path`` and moved into place with
 ``os.replace``; ``tokenizer.json`` is moved last and acts as the "complete"
 marker, so concurrent callers (e.g. every rank of a ``torchrun`` job) never see
@@ -223,7 +223,7 @@ def ensure_debug_tokenizer(
 
 def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m torchtitan_upipe.data.tokenizer",
+        prog="python -m torchtitan_upipe.titan.data.tokenizer",
         description="Build the offline debug tokenizer into PATH (no-op if present).",
     )
     parser.add_argument("path", nargs="?", help="output directory (model.hf_assets_path)")

@@ -1,6 +1,6 @@
 """CPU memory estimator: one rank of an N-rank job, run under ``FakeTensorMode`` (no GPU).
 
-    python -m torchtitan_upipe.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
+    python -m torchtitan_upipe.tools.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
         [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option] [--json out.json]
         [--breakdown N]   # also print the N largest groups of tensors alive at the peak
         [--rank R]        # simulate rank R (default 0; same as --benchmark.fake_rank R)
@@ -11,25 +11,26 @@ How it estimates (the same code as training, with shapes and no data):
    ``comm.mode = "fake_backend"`` and ``NGPU = N``: the process group is TorchTitan's fake
    backend, so this process is rank ``R`` (``--rank``, default 0) of ``N`` and collectives
    do nothing.
-2. Under ``FakeTensorMode``, :class:`~torchtitan_upipe.trainer.UPipeTrainer` is built as in
+2. Under ``FakeTensorMode``, :class:`~torchtitan_upipe.titan.trainer.UPipeTrainer` is built as in
    training: config validation, the train spec's model, ``parallelize_llama_cp`` (the CP
    style, the ``[memory]`` stack, activation checkpointing, FSDP2 with the config's mixed
    precision), weight init and the optimizer.  Every tensor is a fake tensor: it has a shape,
    a dtype and a storage size, but no data, so 5M tokens of Llama3-8B cost nothing.
 3. ``steps`` training steps run as ``Trainer.train_step`` runs them, minus logging: zero
    grads, ``forward_backward_step`` (the trainer's own input sharding, model, loss and
-   backward), gradient clipping and the optimizer step.  :class:`~torchtitan_upipe.memtrack.
-   LiveTensorTracker` keeps the running and peak sum of the bytes of live storages.  The
+   backward), gradient clipping and the optimizer step.
+   :class:`~torchtitan_upipe.tools.memtrack.LiveTensorTracker` keeps the running and peak sum of the bytes of live storages.  The
    first step creates the optimizer state; the reported peak is the maximum over all steps.
 4. Host buffers of offloaded activations (``memory.offload_activations``) are counted apart:
-   they are host memory (:class:`~torchtitan_upipe.memory.offload.HostOffloader`).
-5. UPipe runs without its custom-op boundary (:func:`~torchtitan_upipe.upipe.ops.inline_ops`,
-   same values): under fake tensors a custom op would run only its output-shape function and
+   they are host memory (:class:`~torchtitan_upipe.memory.HostOffloader`).
+5. UPipe runs without its custom-op boundary (``upipe_attention(..., inline=True)``, same
+   values): under fake tensors a custom op would run only its output-shape function and
    hide the stages' buffers.  A wrapper tensor (DTensor) is counted by its local tensor.
+   :mod:`.fake_world` has the pieces of this fake world, each undone on exit.
 
 ``--real`` runs the same steps with real tensors on this machine (still one rank, no-op
 collectives): a measurement.  On small shapes the two agree byte for byte
-(``tests/test_estimate.py``), which is what shows the fake run loses nothing.
+(``tests/tools/test_estimate.py``), which is what shows the fake run loses nothing.
 
 What fake tensors do not see, and what is added for it:
 
@@ -38,13 +39,13 @@ What fake tensors do not see, and what is added for it:
   (``--target cuda``, the default) every call of the attention backward op
   (``_scaled_dot_product_flash_attention_for_cpu_backward``, what the ``sdpa`` kernel runs
   on CPU) also counts what FlashAttention-2's backward would allocate for that call's shapes,
-  :func:`torchtitan_upipe.memory_model.fa2_backward_workspace_bytes`, at that moment: on top
+  :func:`torchtitan_upipe.tools.perf_model.memory.fa2_backward_workspace_bytes`, at that moment: on top
   of the live tensors, the op's inputs and its dq, dk, dv.  So the workspace raises the peak
   only where an attention backward is the peak.
 * **The caching allocator.**  Fragmentation and the rounding of blocks, the CUDA context,
   cuBLAS workspaces and NCCL buffers are not modelled: the estimate is of *allocated* bytes.
   Compare it with TorchTitan's ``memory/max_active(GiB)``; the benchmark's fit keeps an
-  explicit reserve on top (``torchtitan_upipe.benchmark``).
+  explicit reserve on top (``benchmarks/report.py``).
 * **CPU vs CUDA operators.**  The fake run takes the CPU dispatch path; where an operator's
   CUDA path allocates differently (``aten._fused_rms_norm`` on CUDA vs the composite RMSNorm
   on CPU), the estimate follows the CPU path.  The error against GPU measurements is reported
@@ -56,15 +57,10 @@ it is refused here (``style = "usp"`` with ``ulysses_degree = 1`` is our own rin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-
-from torch._subclasses.fake_tensor import is_fake
 
 GiB = 1 << 30
 
@@ -138,92 +134,6 @@ def _fake_batch(job_config, device):  # token values do not change memory
     return {"input": tokens}, torch.zeros(b, s, dtype=torch.long, device=device)
 
 
-class _Counted:
-    """What the tracker counts: the simulated rank's device storages.  Not the offloaded
-    activations' host buffers, not meta tensors, and not the device meshes' rank tables (real
-    tensors, built while ``paused``)."""
-
-    def __init__(self, fake: bool) -> None:
-        self.fake = fake
-        self.host: set[int] = set()
-        self.paused = False
-        self.tracker = None
-
-    def add_host_buffer(self, buf) -> None:
-        # the tracker counted the buffer when ``torch.empty`` made it, before we knew
-        self.host.add(id(buf.untyped_storage()))
-        self.tracker.untrack(buf)
-
-    def ignore(self, t) -> bool:  # called for every new storage: no import here
-        return (self.paused or t.device.type == "meta" or (self.fake and not is_fake(t))
-                or id(t.untyped_storage()) in self.host)
-
-
-def _estimating_trainer(job_config, counted: _Counted):
-    """:class:`UPipeTrainer` (rank ``benchmark.fake_rank`` of the job), whose device meshes
-    are built with real tensors (``DeviceMesh`` reads its rank layout back from a tensor,
-    which a fake tensor cannot answer)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    from ...titan.groups import cp_groups
-    from ...titan.trainer import UPipeTrainer
-
-    class EstimatingTrainer(UPipeTrainer):
-        def init_distributed(self):
-            from torch.distributed.tensor import _random
-
-            counted.paused = True
-            with unset_fake_temporarily():  # UPipeTrainer is benchmark.fake_rank
-                parallel_dims = super().init_distributed()
-                parallel_dims.build_mesh()
-                if parallel_dims.cp_enabled:  # the hybrids' 2-D CP mesh, memoized for later
-                    cp_groups(parallel_dims, self.job_config.context_parallel.ulysses_degree)
-                # DTensor's RNG tracker reads its offsets back from tensors; random init of
-                # fake weights has no values to keep in sync, so run random ops locally
-                _random.manual_seed(0, parallel_dims.world_mesh)
-                if _random._rng_tracker is not None:
-                    _random._rng_tracker.distribute_region_enabled = False
-            counted.paused = False
-            return parallel_dims
-
-    return EstimatingTrainer(job_config)
-
-
-@contextlib.contextmanager
-def _shape_only_init():
-    """``nn.init.trunc_normal_`` resamples until its values are in range (``.item()`` on the
-    data), which fake tensors cannot answer; under the estimator it draws once (same shapes,
-    same in-place write)."""
-    from torch.nn import init
-
-    original = init.trunc_normal_
-
-    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-        return tensor.normal_(mean, std, generator=generator)
-
-    init.trunc_normal_ = trunc_normal_
-    try:
-        yield
-    finally:
-        init.trunc_normal_ = original
-
-
-def _fa2_workspace(backward_op):
-    """The tracker's workspace hook: FlashAttention-2's backward workspace for a call of
-    ``backward_op``, the CPU flash backward (``grad_out, q, k, v, ...`` in ``(B, H, S, D)``);
-    0 for any other op.  It runs for every op, so it only compares ``func`` with the op."""
-    from ..perf_model.memory import fa2_backward_workspace_bytes
-
-    def workspace(func, args) -> int:
-        if func is not backward_op:
-            return 0
-        q, k = args[1], args[2]
-        return fa2_backward_workspace_bytes(q.numel(), q.shape[-1], q.shape[1] != k.shape[1],
-                                            q.element_size())
-
-    return workspace
-
-
 def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "cuda",
                     fake: bool = True, breakdown: int = 0, rank: int | None = None) -> Estimate:
     """Estimate the per-rank memory of ``train.py argv`` on ``ngpu`` ranks (see module doc).
@@ -238,18 +148,22 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     Initializes TorchTitan's fake process group in this process (once; later calls must use
     the same ``ngpu`` and ``rank``).
     """
-    from ...titan import cpu_compat as cpu
+    from ...titan.cpu_compat import cpu_compat
 
-    cpu.install()
+    with cpu_compat():  # before TorchTitan is first imported
+        return _estimate(argv, ngpu, steps, target, fake, breakdown, rank)
+
+
+def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torchtitan.distributed import utils as dist_utils
 
     import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
 
+    from ...titan.styles import get_style
     from ..memtrack import LiveTensorTracker
-    from ...memory.offload import HostOffloader
-    from ...cp.upipe.ops import inline_ops
+    from .fake_world import Counted, estimating_trainer, fa2_workspace, shape_only_init
 
     if target not in ("cuda", "cpu"):
         raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
@@ -263,8 +177,8 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     job_config = _parse([*argv, "--comm.mode", "fake_backend"])
     rank = job_config.benchmark.fake_rank  # checked against NGPU by the trainer's validation
     _ensure_fake_world(ngpu, rank)
-    cp = job_config.context_parallel
-    if cp.style == "ring" and job_config.parallelism.context_parallel_degree > 1:
+    if (not get_style(job_config.context_parallel.style).estimable
+            and job_config.parallelism.context_parallel_degree > 1):
         raise ValueError(
             "context_parallel.style = 'ring' (TorchTitan's DTensor ring attention) has no CPU path "
             "and cannot be estimated; style = 'usp' with ulysses_degree = 1 is this plugin's ring"
@@ -274,22 +188,20 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
     job_config.checkpoint.enable = False
     job_config.metrics.enable_tensorboard = False
 
-    counted = _Counted(fake)
+    counted = Counted(fake)
     tracker = counted.tracker = LiveTensorTracker(
         ignore=counted.ignore, attribute=breakdown > 0,
-        workspace=_fa2_workspace(
+        workspace=fa2_workspace(
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
         if target == "cuda" else None)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            stack.enter_context(_shape_only_init())
+            stack.enter_context(shape_only_init())
         stack.enter_context(tracker)
-        stack.enter_context(HostOffloader.on_new_buffer(counted.add_host_buffer))
-        stack.enter_context(inline_ops())
 
-        trainer = _estimating_trainer(job_config, counted)
+        trainer = estimating_trainer(job_config, counted)
         init_bytes = tracker.live_bytes
         model_parts, parallel_dims = trainer.model_parts, trainer.parallel_dims
         # where training moves the batch; fake tensors tell "cpu" and "cpu:0" apart
@@ -323,13 +235,14 @@ def estimate_memory(argv: list[str], ngpu: int, steps: int = 2, target: str = "c
             )
             trainer.optimizers.step()
             end_phase(optim_peaks)
-        offloader = getattr(model_parts[0], "host_offloader", None)
+        offloader = trainer.plan.offloader
         host = offloader.host_bytes() if offloader is not None else 0
+    shape = trainer.plan.shape  # the job the trainer built
     est = Estimate(
         ngpu=ngpu,
-        seq_len=job_config.training.seq_len,
-        n_layers=len(model_parts[0].layers),
-        style=cp.style if parallel_dims.cp_enabled else "none",
+        seq_len=shape.seq_len,
+        n_layers=shape.model.n_layers,
+        style=trainer.plan.style.name,
         target=target,
         fake=fake,
         init_bytes=init_bytes,
@@ -363,42 +276,3 @@ def format_breakdown(est: Estimate) -> str:
     peak = est.peak_bytes
     lines.append(f"| {total / GiB:.3f} | | total (the peak: {peak / GiB:.3f}) |")
     return "\n".join(lines)
-
-
-def main(args: list[str] | None = None) -> Estimate:
-    parser = argparse.ArgumentParser(
-        description="Estimate one rank's peak memory for train.py's options, on CPU (fake tensors)",
-        epilog="All other options are train.py's (TorchTitan's), e.g. --job.config_file and "
-        "--training.seq_len.",
-    )
-    parser.add_argument("--ngpu", type=int, required=True, help="ranks in the simulated job")
-    parser.add_argument("--steps", type=int, default=2, help="training steps to run (>= 2)")
-    parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
-                        help="add the CUDA kernels' workspaces (cuda) or not (cpu)")
-    parser.add_argument("--real", action="store_true",
-                        help="measure with real tensors instead (small shapes; checks the estimate)")
-    parser.add_argument("--json", help="also write the estimate to this JSON file")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="simulate this rank of the job (default: --benchmark.fake_rank, 0); "
-                        "ranks of a ring differ in memory (the causal zigzag ring merges more "
-                        "on some ranks)")
-    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
-                        help="print the N largest groups of tensors alive at the peak, by the "
-                        "op and source line that made them")
-    ours, rest = parser.parse_known_args(sys.argv[1:] if args is None else args)
-    if ours.breakdown < 0:
-        parser.error(f"--breakdown must be >= 0, got {ours.breakdown}")
-    est = estimate_memory(rest, ours.ngpu, ours.steps, ours.target, fake=not ours.real,
-                          breakdown=ours.breakdown, rank=ours.rank)
-    out = est.to_json()
-    print(json.dumps(out, indent=1))
-    if est.breakdown:
-        print(format_breakdown(est))
-    if ours.json:
-        with open(ours.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return est
-
-
-if __name__ == "__main__":
-    main()

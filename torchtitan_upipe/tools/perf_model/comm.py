@@ -8,8 +8,9 @@ and turns them into seconds with an explicit, assumed :class:`Network`.
 Notation: ``B`` batch, ``S`` global sequence length, ``C`` CP degree, ``u`` all-to-all
 (Ulysses) degree, ``R = C / u`` ring degree, ``s = S / C`` local tokens, ``H`` query heads,
 ``H_kv`` KV heads, ``H_kv' = H_kv * rho`` virtual KV heads (``rho`` = replication when
-``H_kv < u``, :func:`~torchtitan_upipe.heads.kv_replication`), ``D`` head dim, ``e`` bytes per
-activation element (2 for bf16), ``N`` FSDP ranks (= NGPU).
+``H_kv < u``), ``D`` head dim, ``e`` bytes per activation element (2 for bf16), ``N`` FSDP
+ranks (= NGPU).  Every size comes from the job's :class:`~...titan.shape.JobShape` (UPipe's
+from its :class:`~...cp.upipe.schedule.UPipeSchedule`).
 
 Volumes are what one rank **sends** (= receives):
 
@@ -21,16 +22,16 @@ Volumes are what one rank **sends** (= receives):
 One training step with full activation checkpointing runs every layer's forward twice
 (forward, recomputed forward) and its backward once, so per layer:
 
-``ulysses`` (:mod:`torchtitan_upipe.ulysses`; autograd's backward of each all-to-all is the
-inverse all-to-all)::
+``ulysses`` (:mod:`torchtitan_upipe.cp.ulysses`; autograd's backward of each all-to-all is
+the inverse all-to-all)::
 
     forward   3 a2a: q (B s H D e), fused k|v (B s 2 H_kv' D e), o (B s H D e)
     recompute the same 3
     backward  3 a2a: do (H), dq (H), fused dk|dv (2 H_kv')          [bf16 gradients]
     bytes = (2 (2H + 2H_kv') + (2H + 2H_kv')) * B s D e * (u-1)/u = 6 (H + H_kv') B s D e (u-1)/u
 
-``upipe`` (:mod:`torchtitan_upipe.upipe.functional`, schedule from
-:class:`~torchtitan_upipe.upipe.schedule.UPipeSchedule`: ``n_chunks`` KV chunks of
+``upipe`` (:mod:`torchtitan_upipe.cp.upipe.functional`, schedule from
+:class:`~torchtitan_upipe.cp.upipe.schedule.UPipeSchedule`: ``n_chunks`` KV chunks of
 ``u*kappa`` virtual KV heads, ``n_stages = H/U`` stages of ``U`` query heads)::
 
     forward   per chunk: fused k|v (B s 2 u kappa D e);  per stage: q (B s U D e), o (U)
@@ -42,7 +43,7 @@ inverse all-to-all)::
               count 2 n_chunks + 3 n_stages; bytes = (4H + 4H_kv') B s D e (u-1)/u
     total     8 (H + H_kv') B s D e (u-1)/u: 4/3 of Ulysses (UPipe re-sends instead of saving)
 
-ring (our zigzag ring, :mod:`torchtitan_upipe.ring`, the ring dimension of ``usp`` and of
+ring (our zigzag ring, :mod:`torchtitan_upipe.cp.ring`, the ring dimension of ``usp`` and of
 ``upipe`` with ``u < C``; one *ring pass* per attention kernel call, K|V block of the ring
 rank's ``S/R`` tokens and ``h`` KV heads: ``Bkv = B (S/R) 2 h D e``)::
 
@@ -83,12 +84,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ...cp.gqa import kv_replication
-from ...cp.upipe.schedule import UPipeSchedule
+from ...titan.shape import JobShape
 
 PHASES = ("forward", "recompute", "backward")
 CATEGORIES = ("a2a", "ring", "fsdp")
-STYLES = ("ulysses", "upipe", "ring", "usp")
 
 
 @dataclass(frozen=True)
@@ -109,92 +108,25 @@ class Network:
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """The sizes of one transformer layer that communication depends on."""
+class CommJob:
+    """One training job for the model: its :class:`~...titan.shape.JobShape` and the element
+    sizes of what moves.  ``act_bytes``/``param_bytes``: bytes of an activation / parameter
+    element in the forward (bf16 = 2); gradients are reduced in ``grad_bytes`` (fp32 = 4);
+    ring dK|dV accumulators travel in ``acc_bytes`` (fp32 = 4).  ``rotate_method`` matters
+    to TorchTitan's ring only (style ``ring``): "allgather" | "alltoall"."""
 
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    dim: int
-    layer_params: int
-    n_layers: int
-    embedding_params: int = 0
-    output_params: int = 0
-    """``norm + output`` parameters (one FSDP unit in TorchTitan)."""
-
-    @classmethod
-    def from_args(cls, args) -> ModelShape:
-        """From TorchTitan's ``TransformerModelArgs`` (or :class:`~..models.llama3.LlamaArgs`).
-
-        ``layer_params = dim*(H D + 2 H_kv D) + H D*dim + 3*dim*ffn + 2*dim`` with TorchTitan's
-        ``ffn = multiple_of * ceil(mult * int(2 * 4 dim / 3) / multiple_of)``.
-        """
-        n_kv = args.n_kv_heads or args.n_heads
-        hd = getattr(args, "head_dim", None) or args.dim // args.n_heads
-        hidden = int(2 * 4 * args.dim / 3)
-        if args.ffn_dim_multiplier is not None:
-            hidden = int(args.ffn_dim_multiplier * hidden)
-        hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-        attn = args.dim * (args.n_heads + 2 * n_kv) * hd + args.n_heads * hd * args.dim
-        layer = attn + 3 * args.dim * hidden + 2 * args.dim
-        return cls(
-            n_heads=args.n_heads, n_kv_heads=n_kv, head_dim=hd, dim=args.dim,
-            layer_params=layer, n_layers=args.n_layers,
-            embedding_params=args.vocab_size * args.dim,
-            output_params=args.vocab_size * args.dim + args.dim,
-        )
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training job: ``style`` over ``cp_degree`` ranks, FSDP over ``ngpu`` ranks.
-
-    ``ulysses_degree`` 0 means ``C`` (ignored for ``ring``, which is ``u = 1``);
-    ``chunk_heads`` 0 means ``u`` (UPipe's ``U``).  ``act_bytes``/``param_bytes``: bytes of an
-    activation / parameter element in the forward (bf16 = 2); gradients are reduced in
-    ``grad_bytes`` (fp32 = 4); ring dK|dV accumulators travel in ``acc_bytes`` (fp32 = 4).
-    """
-
-    style: str
-    seq_len: int
-    cp_degree: int
-    ngpu: int = 0
-    ulysses_degree: int = 0
-    chunk_heads: int = 0
-    batch: int = 1
+    shape: JobShape
     act_bytes: int = 2
     param_bytes: int = 2
     grad_bytes: int = 4
     acc_bytes: int = 4
     fsdp_all_gathers: int = 2
     rotate_method: str = "allgather"
-    """TorchTitan's ring (style ``ring``) only: "allgather" | "alltoall"."""
-
-    def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ValueError(f"style={self.style!r} is not one of {list(STYLES)}")
-        if self.cp_degree < 1 or self.seq_len % self.cp_degree:
-            raise ValueError(f"seq_len={self.seq_len} must be divisible by cp_degree={self.cp_degree}")
-        if self.cp_degree % self.a2a_degree:
-            raise ValueError(f"ulysses_degree={self.a2a_degree} must divide cp_degree={self.cp_degree}")
-
-    @property
-    def a2a_degree(self) -> int:
-        """``u``: 1 for ``ring``; else ``ulysses_degree`` or ``C``."""
-        return 1 if self.style == "ring" else (self.ulysses_degree or self.cp_degree)
-
-    @property
-    def ring_degree(self) -> int:
-        return self.cp_degree // self.a2a_degree
-
-    @property
-    def fsdp_degree(self) -> int:
-        return self.ngpu or self.cp_degree
 
     @property
     def local_tokens(self) -> int:
         """``B * s``: tokens of this rank (sequence-sharded layout)."""
-        return self.batch * self.seq_len // self.cp_degree
+        return self.shape.local_tokens
 
 
 @dataclass(frozen=True)
@@ -226,12 +158,12 @@ def gather_volume(full_bytes: float, degree: int) -> float:
 
 
 # ----------------------------------------------------------------------------- per-layer volumes
-def ulysses_layer(shape: ModelShape, job: Job) -> list[Transfer]:
+def ulysses_layer(job: CommJob) -> list[Transfer]:
     """The 9 all-to-alls of one layer (3 forward, 3 recompute, 3 backward), see module doc."""
-    u = job.a2a_degree
+    shape, u = job.shape.model, job.shape.ulysses
     if u == 1:
         return []
-    hkv = shape.n_kv_heads * kv_replication(shape.n_heads, shape.n_kv_heads, u)
+    hkv = shape.n_kv_heads * job.shape.rho
     unit = job.local_tokens * shape.head_dim * job.act_bytes  # bytes of one head, local tokens
     out = []
     for phase in ("forward", "recompute"):
@@ -248,16 +180,10 @@ def ulysses_layer(shape: ModelShape, job: Job) -> list[Transfer]:
     return out
 
 
-def upipe_schedule(shape: ModelShape, job: Job) -> UPipeSchedule:
-    u = job.a2a_degree
-    return UPipeSchedule(shape.n_heads, shape.n_kv_heads, u, job.chunk_heads or u)
-
-
-def upipe_layer(shape: ModelShape, job: Job) -> list[Transfer]:
+def upipe_layer(job: CommJob) -> list[Transfer]:
     """UPipe's all-to-alls of one layer, counted from its :class:`UPipeSchedule`."""
-    u = job.a2a_degree
-    sched = upipe_schedule(shape, job)
-    unit = job.local_tokens * shape.head_dim * job.act_bytes
+    u, sched = job.shape.ulysses, job.shape.schedule
+    unit = job.local_tokens * job.shape.model.head_dim * job.act_bytes
     kv = a2a_volume(2 * sched.chunk_kv_heads * unit, u)  # one chunk's fused K|V
     q = a2a_volume(sched.chunk_heads * unit, u)  # one stage's Q (or O, or dQ)
     nc, ns = sched.n_chunks, sched.n_stages
@@ -278,7 +204,7 @@ def upipe_layer(shape: ModelShape, job: Job) -> list[Transfer]:
     return out
 
 
-def ring_layer(shape: ModelShape, job: Job, kv_heads: int, calls: int = 1,
+def ring_layer(job: CommJob, kv_heads: int, calls: int = 1,
                builtin: bool = False) -> list[Transfer]:
     """Ring passes of one layer: ``calls`` kernel calls, each forward twice + backward once.
 
@@ -286,10 +212,11 @@ def ring_layer(shape: ModelShape, job: Job, kv_heads: int, calls: int = 1,
     K|V of a pass go as one all-gather (TorchTitan's ring with its default "allgather"
     rotation) instead of ``R-1`` sends.  Ring group: ``R`` ranks ``u`` apart.
     """
-    r, u = job.ring_degree, job.a2a_degree
+    r, u = job.shape.ring, job.shape.ulysses
     if r == 1:
         return []
-    block = job.batch * (job.seq_len // r) * 2 * kv_heads * shape.head_dim * job.act_bytes
+    sh = job.shape
+    block = sh.batch * (sh.seq_len // r) * 2 * kv_heads * sh.model.head_dim * job.act_bytes
     dblock = block * job.acc_bytes / job.act_bytes
     fwd_count = calls if builtin else calls * (r - 1)
     fwd_kind = "all-gather" if builtin else "p2p"
@@ -304,12 +231,12 @@ def ring_layer(shape: ModelShape, job: Job, kv_heads: int, calls: int = 1,
     return out
 
 
-def fsdp_layer(shape: ModelShape, job: Job) -> list[Transfer]:
+def fsdp_layer(job: CommJob) -> list[Transfer]:
     """FSDP2 traffic of one block: all-gathers of bf16 params, one fp32 reduce-scatter."""
-    n = job.fsdp_degree
+    n = job.shape.world
     if n == 1:
         return []
-    p = shape.layer_params
+    p = job.shape.model.block_params
     ag = gather_volume(p * job.param_bytes, n)
     phases = ("forward", "backward", "recompute")[: job.fsdp_all_gathers]
     out = [Transfer("all-gather params", ph, "fsdp", "all-gather", ag, 1, n) for ph in phases]
@@ -318,9 +245,9 @@ def fsdp_layer(shape: ModelShape, job: Job) -> list[Transfer]:
     return out
 
 
-def fsdp_non_layer(shape: ModelShape, job: Job) -> list[Transfer]:
+def fsdp_non_layer(job: CommJob) -> list[Transfer]:
     """Embedding (2 all-gathers), norm+output (1, not resharded), one reduce-scatter each."""
-    n = job.fsdp_degree
+    n, shape = job.shape.world, job.shape.model
     if n == 1:
         return []
     out = []
@@ -333,27 +260,28 @@ def fsdp_non_layer(shape: ModelShape, job: Job) -> list[Transfer]:
     return out
 
 
-def cp_layer(shape: ModelShape, job: Job) -> list[Transfer]:
-    """Context-parallel traffic of one layer for ``job.style`` (all-to-all and ring)."""
-    u = job.a2a_degree
-    if job.style == "ring":
-        return ring_layer(shape, job, shape.n_kv_heads, builtin=job.rotate_method == "allgather")
-    if job.style in ("ulysses", "usp"):
-        hkv = shape.n_kv_heads * kv_replication(shape.n_heads, shape.n_kv_heads, u) // u
-        return ulysses_layer(shape, job) + ring_layer(shape, job, hkv)
-    sched = upipe_schedule(shape, job)
-    return upipe_layer(shape, job) + ring_layer(shape, job, sched.kappa, calls=sched.n_stages)
+def cp_layer(job: CommJob) -> list[Transfer]:
+    """Context-parallel traffic of one layer (all-to-all and ring): TorchTitan's ring, UPipe's
+    stages (a job with a stage schedule) or Ulysses, each with its ring dimension."""
+    shape = job.shape
+    if shape.builtin_ring:
+        return ring_layer(job, shape.model.n_kv_heads, builtin=job.rotate_method == "allgather")
+    sched = shape.schedule
+    if sched is None:
+        hkv = shape.model.n_kv_heads * shape.rho // shape.ulysses
+        return ulysses_layer(job) + ring_layer(job, hkv)
+    return upipe_layer(job) + ring_layer(job, sched.kappa, calls=sched.n_stages)
 
 
-def layer_transfers(shape: ModelShape, job: Job) -> list[Transfer]:
+def layer_transfers(job: CommJob) -> list[Transfer]:
     """Everything one layer moves in one step: CP traffic + FSDP."""
-    return cp_layer(shape, job) + fsdp_layer(shape, job)
+    return cp_layer(job) + fsdp_layer(job)
 
 
-def step_transfers(shape: ModelShape, job: Job, n_layers: int | None = None) -> list[Transfer]:
+def step_transfers(job: CommJob, n_layers: int | None = None) -> list[Transfer]:
     """One step: ``n_layers`` (default: the model's) times a layer, plus non-layer FSDP."""
-    n = shape.n_layers if n_layers is None else n_layers
-    return [_scaled(t, n) for t in layer_transfers(shape, job)] + fsdp_non_layer(shape, job)
+    n = job.shape.model.n_layers if n_layers is None else n_layers
+    return [_scaled(t, n) for t in layer_transfers(job)] + fsdp_non_layer(job)
 
 
 def _scaled(t: Transfer, n: int) -> Transfer:
@@ -390,7 +318,7 @@ def transfer_seconds(t: Transfer, net: Network) -> float:
     return t.bytes / ib + latency
 
 
-def step_comm_seconds(shape: ModelShape, job: Job, net: Network | None = None,
+def step_comm_seconds(job: CommJob, net: Network | None = None,
                       n_layers: int | None = None) -> dict[str, float]:
     """Seconds of communication in one step, broken down.
 
@@ -398,7 +326,7 @@ def step_comm_seconds(shape: ModelShape, job: Job, net: Network | None = None,
     per category seconds and bytes (per rank), their totals and the number of collectives.
     """
     net = net or Network()
-    transfers = step_transfers(shape, job, n_layers)
+    transfers = step_transfers(job, n_layers)
     out: dict[str, float] = {}
     for cat in CATEGORIES:
         sel = [t for t in transfers if t.category == cat]
@@ -440,22 +368,23 @@ def modeled_tps(seq_len: int, cp_degree: int, compute_s: float, comm_s: float | 
     return batch * seq_len / (cp_degree * (compute_s + exposed))
 
 
-def model_step(shape: ModelShape, job: Job, compute_s: float, net: Network | None = None,
+def model_step(job: CommJob, compute_s: float, net: Network | None = None,
                overlap: bool | Iterable[str] = False, n_layers: int | None = None) -> dict[str, float]:
     """Everything for one modeled step: ``compute_s``, ``comm_s`` (+ breakdown),
     ``exposed_comm_s``, ``total_s`` and ``tps`` (per GPU)."""
-    br = step_comm_seconds(shape, job, net, n_layers)
+    br = step_comm_seconds(job, net, n_layers)
     exposed = exposed_comm_seconds(br, compute_s, overlap)
     total = compute_s + exposed
+    sh = job.shape
     return {**br, "compute_s": compute_s, "exposed_comm_s": exposed, "total_s": total,
-            "tps": job.batch * job.seq_len / (job.cp_degree * total)}
+            "tps": sh.batch * sh.seq_len / (sh.cp * total)}
 
 
-def describe(shape: ModelShape, job: Job, net: Network | None = None) -> str:
+def describe(job: CommJob, net: Network | None = None) -> str:
     """A small human-readable table of one layer's transfers (for reports and debugging)."""
     net = net or Network()
     rows = [f"{'phase':10} {'category':8} {'name':22} {'kind':14} {'count':>6} {'MiB':>10} {'ms':>9}"]
-    for t in layer_transfers(shape, job):
+    for t in layer_transfers(job):
         rows.append(f"{t.phase:10} {t.category:8} {t.name:22} {t.kind:14} {t.count:6d} "
                     f"{t.bytes / 2**20:10.2f} {transfer_seconds(t, net) * 1e3:9.3f}")
     return "\n".join(rows)
@@ -464,9 +393,7 @@ def describe(shape: ModelShape, job: Job, net: Network | None = None) -> str:
 __all__ = [
     "CATEGORIES",
     "PHASES",
-    "STYLES",
-    "Job",
-    "ModelShape",
+    "CommJob",
     "Network",
     "Transfer",
     "a2a_volume",
@@ -487,5 +414,4 @@ __all__ = [
     "transfer_seconds",
     "ulysses_layer",
     "upipe_layer",
-    "upipe_schedule",
 ]

@@ -3,11 +3,15 @@
 Symbols (per rank): ``T = b*S/C`` local tokens (``s = S/C``), ``e``/``p`` activation/param
 bytes, ``H``, ``H_kv``, ``D`` heads, KV heads, head dim, ``F`` MLP hidden, ``V`` vocab, ``L``
 layers, ``u`` all-to-all degree, ``R = C/u`` ring degree, ``U`` UPipe query heads per stage,
-``rho`` KV replication (heads.py).  "file:N" is the line of code a term models (paths under
-``torchtitan_upipe/``; "tt:" = TorchTitan's ``models/llama3/model/model.py``).  ``_rope(n)``:
-one RoPE over ``n`` bf16 elements adds an fp32 copy, the fp32 product and the cast back, 10n.
+``rho`` KV replication.  Every size comes from the job's :class:`~...titan.shape.JobShape`
+(UPipe's geometry from its :class:`~...cp.upipe.schedule.UPipeSchedule`), never re-derived
+here.  Each term names the code it models as ``function: tensor`` (``upipe_forward: lse``);
+"TorchTitan's" means ``torchtitan/models/llama3/model/model.py``.  ``_rope(n)``: one RoPE
+over ``n`` bf16 elements adds an fp32 copy, the fp32 product and the cast back, 10n.  The
+model-vs-measurement tests (``tests/tools/test_perf_model_memory.py``) and the
+model-vs-estimator tests (``tests/tools/test_estimate.py``) guard every term.
 
-Assumption: full activation checkpointing (TorchTitan's, or memory/offload.py): between
+Assumption: full activation checkpointing (TorchTitan's, or ``memory.offload``): between
 forward and backward only block inputs live, and in backward one block at a time is recomputed
 and backpropagated, so ``peak_device = model_states + rope_table + checkpointed_inputs_device
 + max(phases)``; the phases are the steps of one layer's recompute + backward (each holding what
@@ -19,86 +23,95 @@ modelled: allocator fragmentation, NCCL buffers, the CUDA context, int64 token/l
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from ...memory import auto_num_tiles
+from ...titan.memory_stack import DEFAULT_CHUNK_TOKENS
+from ...titan.shape import JobShape, ModelShape
 
 GiB = 1 << 30
 
 
+def _from_shape(path: str, doc: str) -> property:
+    first, _, rest = path.partition(".")
+
+    def get(st):
+        value = getattr(st.shape, first)
+        return getattr(value, rest) if rest else value
+
+    return property(get, doc=doc)
+
+
 @dataclass(frozen=True)
 class Setup:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_hidden: int
-    vocab: int
-    seq_len: int                 # S
-    batch: int = 1               # b
-    cp: int = 1                  # C = u * R
-    ulysses: int = 0             # u (0 = C; style "ring" forces 1)
-    world: int = 1               # N: FSDP shards over dp_shard x cp
-    style: str = "upipe"         # "ulysses" | "usp" | "upipe" | "ring" (= usp with u = 1)
-    chunk_heads: int = 0         # U (0 = u)
+    """One rank of a job for the model: its :class:`~...titan.shape.JobShape` and the options
+    the memory depends on.  Build it with :func:`setup`, :func:`from_flavor`,
+    :func:`from_model_args` or :func:`~.job.memory_setup` (from train.py's options)."""
+
+    shape: JobShape
     param_bytes: int = 2         # bf16 compute params / unsharded grads
     reduce_bytes: int = 4        # FSDP's reduce-scatter dtype (mixed_precision_reduce)
     act_bytes: int = 2
-    offload: bool = False
-    keep_layers: int = 1
-    offload_prefetch: bool = True  # memory.offload_prefetch (memory/offload.py:130-131)
+    offload: bool = False        # memory.offload_activations
+    keep_layers: int = 1         # memory.offload_keep_layers
+    offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
     tiled_mlp: bool = False
-    mlp_tiles: int = 0           # 0 = ceil(s / dim) (memory/stack.py:20)
+    mlp_tiles: int = 0           # 0 = memory.auto_num_tiles(s, dim), as titan's apply_tiling
     tiled_norm: bool = False
     norm_tiles: int = 0
     chunked_loss: bool = False
-    loss_chunk_tokens: int = 1024  # memory/head.py:21,39
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # ChunkedLossOutput's chunks
     fused_rms_norm: bool = True    # CUDA aten._fused_rms_norm; False = the composite (CPU) path
-    local_rope: bool = True        # RoPE table = this rank's S/C rows (models/llama3.py
-    #                                use_local_rope, parallelize.py:75-76); False: all S rows
+    local_rope: bool = True        # RoPE table = this rank's S/C rows (titan.llama3's
+    #                                Transformer.use_local_rope); False: all S rows
     cuda_workspaces: bool = True
 
-    u = property(lambda self: 1 if self.style == "ring" else (self.ulysses or self.cp))
-    ring = property(lambda self: self.cp // self.u)
-    s = property(lambda self: self.seq_len // self.cp)
-    tokens = property(lambda self: self.batch * self.s)
+    dim = _from_shape("model.dim", "model width")
+    n_layers = _from_shape("model.n_layers", "L")
+    n_heads = _from_shape("model.n_heads", "H")
+    n_kv_heads = _from_shape("model.n_kv_heads", "H_kv")
+    head_dim = _from_shape("model.head_dim", "D")
+    ffn_hidden = _from_shape("model.ffn_hidden", "F")
+    vocab = _from_shape("model.vocab", "V")
+    seq_len = _from_shape("seq_len", "S")
+    batch = _from_shape("batch", "b")
+    cp = _from_shape("cp", "C = u * R")
+    world = _from_shape("world", "N: FSDP shards over the world")
+    u = _from_shape("ulysses", "u")
+    ring = _from_shape("ring", "R")
+    s = _from_shape("local_seq", "s = S/C")
+    tokens = _from_shape("local_tokens", "T = b s")
+
+
+_SHAPE_OPTIONS = {"seq_len", "batch", "cp", "ulysses", "world", "style", "chunk_heads"}
+
+
+def setup(model: ModelShape, seq_len: int, *, style: str = "upipe", cp: int = 1, ulysses: int = 0,
+          chunk_heads: int = 0, batch: int = 1, world: int = 1, **options) -> Setup:
+    """A :class:`Setup` of ``model`` on the CP layout the options describe (``ulysses``:
+    ``context_parallel.ulysses_degree``, ``chunk_heads``: ``upipe_chunk_heads``, 0 = their
+    defaults) and the other :class:`Setup` fields in ``options``."""
+    shape = JobShape.build(model, seq_len, style, cp, ulysses, chunk_heads, batch, world)
+    return Setup(shape, **options)
 
 
 def from_flavor(flavor: str, **kw) -> Setup:
-    """Setup for a flavor of :mod:`torchtitan_upipe.models.llama3` (FFN width rule tt:332-336)."""
-    from ...titan.llama3 import FLAVORS
-
-    return from_model_args(FLAVORS[flavor], **kw)
+    """:func:`setup` for a flavor of :data:`~...titan.llama3.FLAVORS`."""
+    return setup(ModelShape.from_flavor(flavor), **kw)
 
 
 def from_model_args(a, **kw) -> Setup:
-    """Setup for TorchTitan Llama3 model args ``a`` (``TransformerModelArgs`` or ours)."""
-    from ...titan.llama3 import head_dim_of
-
-    hid = int(2 * 4 * a.dim / 3)
-    hid = int(a.ffn_dim_multiplier * hid) if a.ffn_dim_multiplier is not None else hid
-    hid = a.multiple_of * ((hid + a.multiple_of - 1) // a.multiple_of)
-    return Setup(a.dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads, head_dim_of(a), hid,
-                 a.vocab_size, **kw)
+    """:func:`setup` for TorchTitan Llama3 model args ``a`` (``TransformerModelArgs`` or ours)."""
+    return setup(ModelShape.from_args(a), **kw)
 
 
-def setup_from_job(job_config, model_args, parallel_dims) -> Setup:
-    """The Setup of rank 0 of a built job (its model args, degrees and ``[memory]`` options)."""
-    from ...titan.config import ULYSSES_FAMILY
-
-    cp, mem, tr = job_config.context_parallel, job_config.memory, job_config.training
-    style = cp.style if parallel_dims.cp_enabled else "ulysses"
-    e = 4 if tr.mixed_precision_param == "float32" else 2
-    r = 4 if tr.mixed_precision_reduce == "float32" else 2
-    return from_model_args(
-        model_args, seq_len=tr.seq_len, batch=tr.local_batch_size, cp=parallel_dims.cp,
-        ulysses=cp.ulysses_degree if style in ULYSSES_FAMILY else 0,
-        world=parallel_dims.world_size, style=style, chunk_heads=cp.upipe_chunk_heads,
-        param_bytes=e, reduce_bytes=r, act_bytes=e, offload=mem.offload_activations,
-        keep_layers=mem.offload_keep_layers, offload_prefetch=mem.offload_prefetch,
-        tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles, tiled_norm=mem.tiled_norm,
-        norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
-    )
+def replace(st: Setup, **changes) -> Setup:
+    """``st`` with some options changed; ``n_layers`` changes the model's depth."""
+    if "n_layers" in changes:
+        st = dataclasses.replace(st, shape=st.shape.with_layers(changes.pop("n_layers")))
+    return dataclasses.replace(st, **changes)
 
 
 def _rope(n, e):
@@ -106,18 +119,14 @@ def _rope(n, e):
 
 
 def _rope_inv(n, e, conj):
-    """Inverse RoPE (upipe/functional.py:68-69): the multiply materializes conj(freqs) first
-    (``conj`` bytes, freed before the cast back)."""
+    """Inverse RoPE (``apply_rope(..., inverse=True)``): the multiply materializes
+    conj(freqs) first (``conj`` bytes, freed before the cast back)."""
     return _rope(n, e) + max(0, conj - (e * n if e < 4 else 0))
 
 
 def _tile(length, tiles, b):
-    """Tokens of the largest ``tensor_split`` tile along the sequence (memory/_common.py)."""
+    """Tokens of the largest ``tensor_split`` tile along the sequence (``memory``'s ``split``)."""
     return b * math.ceil(length / max(1, min(tiles, length)))
-
-
-def _kv_rep(st):
-    return 1 if st.n_kv_heads % st.u == 0 else st.u // st.n_kv_heads  # heads.py
 
 
 def fa2_backward_workspace_bytes(nq: int, head_dim: int, gqa: bool, act_bytes: int) -> int:
@@ -137,45 +146,48 @@ def _fa2_ws(st, nq, gqa):
 def attention_workspace_bytes(st: Setup) -> int:
     """FA2 backward workspace of one attention kernel call of ``st``'s style: a UPipe stage
     (``U`` query heads, GQA when a stage's heads share KV heads) or all ``H`` local heads."""
-    if st.style == "upipe":
+    if st.shape.schedule is not None:
         gm = upipe_geometry(st)
         return _fa2_ws(st, gm["nq"], gm["gamma"] > 1)
     nq = st.tokens * st.n_heads * st.head_dim
-    return _fa2_ws(st, nq, st.n_heads != st.n_kv_heads * _kv_rep(st))
+    return _fa2_ws(st, nq, st.n_heads != st.n_kv_heads * st.shape.rho)
 
 
 def _ring_fwd(st, nq, nkv):
-    """ring.py forward (R > 1): own K|V stack (:134) + receive buffer (:140), fp32 out (:144)
-    and merge's block_out fp32, mixed, inner and outer where (:103-104): ``4 e nkv + 20 nq``."""
+    """``ring_forward`` (R > 1): its own K|V stack (``_stack_kv``) + the receive buffer
+    (``RingComm.send_recv``), the fp32 ``out`` and ``merge``'s fp32 ``block_out``, ``mixed``
+    and inner and outer ``where``: ``4 e nkv + 20 nq``."""
     return 0 if st.ring == 1 else 4 * nkv * st.act_bytes + 20 * nq
 
 
 def _ring_bwd(st, nq, nkv):
-    """ring.py backward: K|V stack + receive (:185), fp32 dq (:200), two fp32 dK|dV (:201,:229)."""
+    """``ring_backward``: the K|V stack + its receive buffer, the fp32 ``dq``, and two fp32
+    dK|dV accumulators (``dkv`` and the one in flight, ``next_dkv``)."""
     return 0 if st.ring == 1 else 4 * nkv * st.act_bytes + 4 * nq + 16 * nkv
 
 
 # ------------------------------------------------------------------------------ attention
 def upipe_geometry(st: Setup) -> dict:
-    """upipe/schedule.py: m = U/u, g = H/(H_kv rho), gamma = gcd(m, g), kappa = m/gamma,
-    tau = g/gamma; nq = T U D (a stage's Q), nkv = T u kappa D (a chunk's K).  A stage's wq
-    rows are strided (the reshape copies, upipe/functional.py:140, :190) when tau > 1 and
-    u kappa > 1; so are its out/dout slices (:194-195) when also gamma > 1."""
-    u, rho = st.u, _kv_rep(st)
-    U = st.chunk_heads or u
-    m, g = U // u, st.n_heads // (st.n_kv_heads * rho)
-    gamma = math.gcd(m, g)
-    kappa, tau = m // gamma, g // gamma
-    strided = tau > 1 and u * kappa > 1
-    return {"U": U, "rho": rho, "gamma": gamma, "kappa": kappa, "tau": tau, "strided": strided,
-            "o_copy": strided and gamma > 1, "nq": st.tokens * U * st.head_dim,
-            "nkv": st.tokens * u * kappa * st.head_dim}
+    """UPipe's sizes from the job's :class:`UPipeSchedule`: ``U``, ``rho``, ``gamma``,
+    ``kappa``, ``tau`` (``stages_per_chunk``); ``nq = T U D`` (a stage's Q) and
+    ``nkv = T u kappa D`` (a chunk's K, ``chunk_kv_heads = u kappa``).  A stage's wq rows are
+    strided, so ``upipe_forward``/``upipe_backward``'s ``w_stage`` reshape copies, when
+    ``tau > 1`` and ``u kappa > 1``; so are its ``o_stage``/``do_stage`` slices when also
+    ``gamma > 1``."""
+    sched = st.shape.schedule
+    gamma, tau = sched.gamma, sched.stages_per_chunk
+    strided = tau > 1 and sched.chunk_kv_heads > 1
+    return {"U": sched.chunk_heads, "rho": sched.rho, "gamma": gamma, "kappa": sched.kappa,
+            "tau": tau, "strided": strided, "o_copy": strided and gamma > 1,
+            "nq": st.tokens * sched.chunk_heads * st.head_dim,
+            "nkv": st.tokens * sched.chunk_kv_heads * st.head_dim}
 
 
 def _upipe_kv(st):
-    """K/V of a chunk (upipe/functional.py:89-100, :135-136, :184-185): k, v ``2 e nkv/rho`` +
-    RoPE of k (+ the replicas), or k, v, pair ``4 e nkv`` (:106) (+ send buffer and receive
-    ``4 e nkv``, comm.py:52-54)."""
+    """K/V of a chunk (``_project_kv`` and the K|V ``pair_seq_to_head`` of ``upipe_forward``
+    and ``upipe_backward``): k, v ``2 e nkv/rho`` + RoPE of k (+ the replicas,
+    ``repeat_kv_heads``), or k, v and the packed pair ``4 e nkv`` (``pack_pair``) (+ the
+    all-to-all's send buffer and receive ``4 e nkv``, ``seq_to_head``)."""
     e, gm = st.act_bytes, upipe_geometry(st)
     nkv, rho = gm["nkv"], gm["rho"]
     proj = 2 * e * nkv // rho + _rope(nkv // rho, e) + (2 * e * nkv if rho > 1 else 0)
@@ -183,13 +195,14 @@ def _upipe_kv(st):
 
 
 def upipe_forward_bytes(st: Setup) -> int:
-    """Peak allocated by ``upipe_forward`` (upipe/functional.py) over its inputs.
+    """Peak allocated by ``upipe_forward`` over its inputs.
 
-    out ``e T H D`` (:129) + lse ``4 T H`` (:131) + max(K/V steps, kh|vh ``2 e nkv`` + a stage:
-    max(the w_stage copy ``e U D dim`` (:140, freed at :142) + q projection + RoPE
-    ``e nq + _rope(nq)`` (:141); q, send buffer, qh ``3 e nq`` (:143); qh, oh, stage lse
-    ``2 e nq + 4 T U`` (:145, + ring); oh, receive, re-laid-out o ``3 e nq``, + the send
-    buffer if b > 1 (:149, comm.py:66-68))).
+    ``out`` ``e T H D`` + ``lse`` ``4 T H`` + max(the K/V steps (:func:`_upipe_kv`),
+    ``kh``/``vh`` ``2 e nkv`` + a stage: max(the ``w_stage`` copy ``e U D dim`` (freed right
+    after the projection) + the q projection and its RoPE ``e nq + _rope(nq)``; ``q``, the
+    send buffer and ``qh`` ``3 e nq`` (``seq_to_head``); ``qh``, ``oh`` and ``stage_lse``
+    ``2 e nq + 4 T U`` (``kernel.forward``, + the ring pass); ``oh``, the receive buffer and
+    the re-laid-out ``o`` ``3 e nq``, + the send buffer if b > 1 (``head_to_seq``))).
     """
     e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
     gm = upipe_geometry(st)
@@ -205,16 +218,18 @@ def upipe_backward_bytes(st: Setup) -> int:
     """Peak allocated by ``upipe_backward`` over its inputs (x, weights, out, lse, dout),
     without the returned weight grads (model_states counts those).
 
-    dx in x's dtype ``e T dim`` (:177; the GEMMs add into it in place, :209, :222-223) + max(
-    the K/V steps (:184-185); kh|vh ``2 e nkv`` + the chunk's fp32 dK/dV accumulators
-    ``8 nkv``, only when tau > 1 (from the first stage's kernel on, :200-204) + a stage: the
-    w_stage copy (:190) + max(q + RoPE (:191); qh, o/do copies, pair, send/recv
-    ``(3|5) e nq (+4 e nq)`` (:192-196); qh, oh, doh, dqh ``4 e nq`` + dk_s, dv_s ``2 e nkv``
-    + FA2 workspace (:198, + ring); dqh, re-laid-out dq and inverse RoPE incl. conj(freqs)
-    ``4 s D`` (:206); dq + its wq-grad rows ``e U D dim`` (:210); with tau == 1 the last two
-    also hold dk_s, dv_s, which are then the chunk's dK/dV (:201)); the chunk end: dK/dV (+
-    their casts to x's dtype when tau > 1; no-ops when tau == 1), pair, send/recv (:213), and
-    the inverse RoPE of dk (:218)).
+    ``dx`` in x's dtype ``e T dim`` (the GEMMs add into it in place, ``dx.addmm_``) + max(
+    the K/V steps (:func:`_upipe_kv`); ``kh``/``vh`` ``2 e nkv`` + the chunk's fp32
+    accumulators ``dkh``/``dvh`` ``8 nkv``, only when tau > 1 (from the first stage's kernel
+    on) + a stage: the ``w_stage`` copy + max(``q`` and its RoPE; ``qh``, the ``o_stage``/
+    ``do_stage`` copies, their pair and its send/receive ``(3|5) e nq (+4 e nq)``
+    (``pair_seq_to_head``); ``qh``, ``oh``, ``doh``, ``dqh`` ``4 e nq`` + ``dk_s``, ``dv_s``
+    ``2 e nkv`` + FA2 workspace (``kernel.backward``, + the ring pass); ``dqh``, the
+    re-laid-out ``dq`` and its inverse RoPE incl. conj(freqs) ``4 s D``; ``dq`` + its wq-grad
+    rows ``e U D dim``; with tau == 1 the last two also hold ``dk_s``, ``dv_s``, which are
+    then the chunk's dK/dV); the chunk end: dK/dV (+ their casts to x's dtype when tau > 1;
+    no-ops when tau == 1), their pair and its send/receive (``pair_head_to_seq``), and the
+    inverse RoPE of ``dk``).
     """
     e, T, D, a2a, hb = st.act_bytes, st.tokens, st.head_dim, st.u > 1, st.batch > 1
     gm = upipe_geometry(st)
@@ -235,20 +250,22 @@ def upipe_backward_bytes(st: Setup) -> int:
 
 
 def ulysses_bytes(st: Setup) -> dict:
-    """Ulysses / USP / ring (models/attention.py:85-89, ulysses.py:63-75) under autograd;
+    """Ulysses / USP / ring (``UlyssesStrategy`` and ``ulysses_attention``) under autograd;
     nq = T H D, nk = T H_kv D, nk' = rho nk.
 
-    ``fwd``: xq, xk, xv ``e(nq + 2nk)`` + RoPE temporaries (tt:164-169); then, with them alive,
-    the replicas and the K|V stack (:64-69); (u > 1) q's send buffer + receive, or qh + K|V's
-    ``e nq + 4 e nk'`` (comm.py:52-54); the kernel's out ``e nq`` + lse ``4 T H`` (:72, +
-    ring); head_to_seq's receive + re-laid-out copy ``2 e nq`` (+ send buffer if b > 1, :75).
+    ``fwd``: xq, xk, xv ``e(nq + 2nk)`` + RoPE temporaries (TorchTitan's
+    ``apply_rotary_emb``); then, with them alive, the replicas (``repeat_kv_heads``) and the
+    K|V pair (``pack_pair``); (u > 1) q's send buffer + receive, or qh + K|V's
+    ``e nq + 4 e nk'`` (``seq_to_head``); the kernel's out ``e nq`` + lse ``4 T H``
+    (``kernel_attention``, + ring); ``head_to_seq``'s receive + re-laid-out copy ``2 e nq``
+    (+ send buffer if b > 1).
     ``saved`` (autograd): qh, kvh, out, lse and (u > 1) wo's input.  ``bwd``: max(saved + dO
     + its all-to-all; saved + doh, dq, dk, dv (half a block's dk, dv in a ring) + FA2
     workspace (GQA when H != H_kv rho, + ring); dq + the two select-backward K|V grads (+
     head_to_seq); RoPE backward: fp32 dq and products of q and k + conj(freqs) ``4 T D``).
     """
     e, T, a2a, hb = st.act_bytes, st.tokens, st.u > 1, st.batch > 1
-    rho = _kv_rep(st)
+    rho = st.shape.rho
     nq, nk = T * st.n_heads * st.head_dim, T * st.n_kv_heads * st.head_dim
     nk2, lse = nk * rho, 4 * T * st.n_heads
     base = e * (nq + 2 * nk) + (2 * e * nk2 if rho > 1 else 0) + 2 * e * nk2
@@ -259,7 +276,7 @@ def ulysses_bytes(st: Setup) -> dict:
     saved = 2 * e * nq + 2 * e * nk2 + lse
     gqa = st.n_heads != st.n_kv_heads * rho
     # the kernel's dK, dV: on the worst rank of a causal ring, every step after the first
-    # sees half of the block (ring.py:214), and the first holds no ring buffers yet
+    # sees half of the block (ring_backward, src < rank), and the first holds no ring buffers
     dkv = 2 * e * nk2 if st.ring == 1 else e * nk2
     bwd = max(saved + e * nq * (3 if a2a else 1),
               saved + 2 * e * nq + dkv + _fa2_ws(st, nq, gqa) + _ring_bwd(st, nq, nk2),
@@ -270,12 +287,14 @@ def ulysses_bytes(st: Setup) -> dict:
 
 def attention_bytes(st: Setup) -> dict:
     """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
-    UPipe saves only out + lse (upipe/ops.py:123); its backward holds them + dout ``e T H D``.
-    With the local RoPE table both strategies take a view of it; with TorchTitan's full table
-    they gather this rank's rows ``4 s D`` (models/attention.py:102, tt:124), which autograd
-    (tt:167-168) or the UPipe op (ops.py:123) keeps until the attention's backward."""
+    UPipe (a job with a stage schedule) saves only out + lse (the op's ``_setup_context``);
+    its backward holds them + dout ``e T H D``.  With the local RoPE table both strategies
+    take a view of it; with TorchTitan's full table they gather this rank's rows ``4 s D``
+    (``UPipeStrategy``'s ``freqs_cis[positions[0]]``, TorchTitan's ``reshape_for_broadcast``),
+    which autograd (TorchTitan's ``apply_rotary_emb``) or the UPipe op keeps until the
+    attention's backward."""
     freqs = 0 if st.local_rope else 4 * st.s * st.head_dim
-    if st.style == "upipe":
+    if st.shape.schedule is not None:
         out = st.tokens * st.n_heads * (st.head_dim * st.act_bytes + 4)
         d_out = st.tokens * st.n_heads * st.head_dim * st.act_bytes
         return {"fwd": upipe_forward_bytes(st) + freqs, "saved": out + freqs,
@@ -286,17 +305,17 @@ def attention_bytes(st: Setup) -> dict:
 
 # ------------------------------------------------------------------------ MLP, norm, loss
 def mlp_bytes(st: Setup) -> dict:
-    """SwiGLU MLP (tt:343).  Untiled: autograd saves w1 x, silu, w3 x and the product
-    ``4 e T F`` (fwd, + the output ``e T dim``); backward peaks in the product's backward
-    (product freed; dp, ds, da3 added) at ``6 e T F``, before dx exists.  Tiled
-    (memory/tiled_mlp.py, n = a tile's tokens): forward output ``e T dim`` (:105) + a tile's
-    silu, w3 x, y ``2 e n F + e n dim`` (:101-102); backward dx ``e T dim`` (:128) + fp32
-    weight-grad accumulators ``12 F dim`` (:129-131) + a tile's h1, h3, silu, a and add_mm_'s
-    fp32 upcasts (:139-144) or h1, h3, silu, da, dh3 (:147-152): ``max(4e + 4, 5e) n F``."""
+    """SwiGLU MLP (TorchTitan's ``FeedForward``).  Untiled: autograd saves w1 x, silu, w3 x
+    and the product ``4 e T F`` (fwd, + the output ``e T dim``); backward peaks in the
+    product's backward (product freed; dp, ds, da3 added) at ``6 e T F``, before dx exists.
+    Tiled (n = a tile's tokens): ``tiled_mlp_forward``'s output ``e T dim`` + a tile's silu,
+    w3 x, y ``2 e n F + e n dim``; ``tiled_mlp_backward``'s ``dx`` ``e T dim`` + the fp32
+    weight-grad accumulators ``dw1``/``dw2``/``dw3`` ``12 F dim`` + a tile's h1, h3, silu, a and
+    ``add_mm_``'s fp32 upcasts, or h1, h3, silu, da, dh3: ``max(4e + 4, 5e) n F``."""
     e, T, F, dim = st.act_bytes, st.tokens, st.ffn_hidden, st.dim
     if not st.tiled_mlp:
         return {"fwd": 4 * e * T * F + e * T * dim, "bwd": 6 * e * T * F}
-    n = _tile(st.s, st.mlp_tiles or math.ceil(st.s / dim), st.batch)
+    n = _tile(st.s, st.mlp_tiles or auto_num_tiles(st.s, dim), st.batch)
     up = 4 if e < 4 else 0
     return {"fwd": e * T * dim + 2 * e * n * F + e * n * dim,
             "bwd": e * T * dim + 12 * F * dim + max(4 * e + up, 5 * e) * n * F + up * n * dim}
@@ -306,11 +325,12 @@ def norm_bytes(st: Setup) -> dict:
     """One RMSNorm.  ``saved``: output ``e T dim`` (kept by the next op) + fp32 rstd ``4T``;
     the composite path also keeps fp32 x and x*rstd ``8 T dim`` and its forward holds the fp32
     result.  ``bwd``: dx ``e T dim`` + op-math temporaries: none (fused CUDA kernel), 4 fp32
-    (T, dim) (composite) or 4 fp32 tile tensors (memory/tiled_norm.py:109-117; fwd 3, :76-80)."""
+    (T, dim) (composite) or 4 fp32 tile tensors (``tiled_rms_norm_backward``; 3 in
+    ``tiled_rms_norm_forward``)."""
     e, T, dim = st.act_bytes, st.tokens, st.dim
     saved = e * T * dim + 4 * T
     if st.tiled_norm:
-        n = _tile(st.s, st.norm_tiles or math.ceil(st.s / dim), st.batch)
+        n = _tile(st.s, st.norm_tiles or auto_num_tiles(st.s, dim), st.batch)
         return {"saved": saved, "fwd": saved + 12 * n * dim, "bwd": e * T * dim + 16 * n * dim}
     if st.fused_rms_norm:
         return {"saved": saved, "fwd": saved, "bwd": e * T * dim}
@@ -321,10 +341,11 @@ def norm_bytes(st: Setup) -> dict:
 def logits_bytes(st: Setup) -> int:
     """Loss head.  Untiled (TorchTitan: logits, ``.float()``, log_softmax): forward
     ``(e + 8) T V``; backward log_softmax output + nll grad + its grad ``12 T V``.  Chunked
-    (memory/chunked_loss.py, c = a chunk's tokens): lse ``4T`` (:75) + max(forward chunk bf16
-    + fp32 logits or logsumexp's temporary ``max(e + 4, 8) c V`` (:78-80); backward dh
-    ``e T dim`` (:106) + fp32 dW ``4 V dim`` (:107) + max(chunk g + add_mm_'s fp32 upcasts
-    ``(4 + e) c V + 4 c dim`` (:114-126), the final cast ``e V dim`` (:130)))."""
+    (c = a chunk's tokens): ``lse`` ``4T`` + max(``chunked_cross_entropy_forward``'s chunk:
+    bf16 + fp32 logits or logsumexp's temporary ``max(e + 4, 8) c V``;
+    ``chunked_cross_entropy_backward``'s ``dh`` ``e T dim`` + the fp32 ``dw`` ``4 V dim`` +
+    max(a chunk's ``g`` + ``add_mm_``'s fp32 upcasts ``(4 + e) c V + 4 c dim``, the final cast
+    ``e V dim``))."""
     e, T, V, dim = st.act_bytes, st.tokens, st.vocab, st.dim
     if not st.chunked_loss:
         return max(e + 8, 12) * T * V
@@ -336,12 +357,11 @@ def logits_bytes(st: Setup) -> int:
 
 # ---------------------------------------------------------------------------------- total
 def param_counts(st: Setup) -> dict:
-    """Parameters per FSDP unit (TorchTitan apply_fsdp: embedding, each block, [norm, output])."""
-    qw, kw = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
-    block = st.dim * (2 * qw + 2 * kw) + 3 * st.dim * st.ffn_hidden + 2 * st.dim
-    emb, out = st.vocab * st.dim, st.vocab * st.dim + st.dim
-    return {"block": block, "embedding": emb, "output": out,
-            "total": st.n_layers * block + emb + out}
+    """Parameters per FSDP unit (TorchTitan apply_fsdp: embedding, each block, [norm, output]),
+    from :class:`~...titan.shape.ModelShape`."""
+    m = st.shape.model
+    return {"block": m.block_params, "embedding": m.embedding_params,
+            "output": m.output_params, "total": m.total_params}
 
 
 _GRADS_AFTER = {"norm_bwd": "mlp", "attention_bwd": "block"}  # made so far in a block
@@ -362,7 +382,7 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
       ``r P_prev`` (r = 4 with ``mixed_precision_reduce = float32``; P_prev = P_out for the
       last layer, so the last layer holds the output's fp32 gradient); this block's
       unsharded gradients as far as its backward has made them: none in the recompute and
-      the MLP's backward (tiled_mlp.py accumulates in fp32 and casts at its end), the MLP's
+      the MLP's backward (``tiled_mlp_backward`` accumulates in fp32 and casts at its end), the MLP's
       ``3 p F dim`` in ffn_norm's backward, all ``p P_block`` in the attention's (an upper
       bound: its q/k/v/o gradients come at its end); this block gathered and the next one
       prefetched (the embedding after layer 0) ``p (P_block + P_next)``.
@@ -392,12 +412,13 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     except for ``io``).
 
     ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input
-    (memory/offload.py:129) and, with ``offload_prefetch`` and an offloaded layer before it,
-    that layer's prefetched input (:130-131): ``4 e T dim``, or ``3 e T dim`` without prefetch.
-    The recomputed block output (:134) is not held: its producer is the residual add, so
-    :136 (``_release_if_unsaved``, :100-105) frees it before the inner backward.  Block order
-    (tt:410-413): attention_norm, attention, h = x + wo(.), ffn_norm, MLP, and backward in
-    reverse; the MLP and ffn_norm steps also hold the attention's saved tensors.  In the
+    (``HostOffloader.reload``) and, with ``offload_prefetch`` and an offloaded layer before
+    it, that layer's prefetched input (``HostOffloader.prefetch``): ``4 e T dim``, or
+    ``3 e T dim`` without prefetch.  The recomputed block output is not held: its producer is
+    the residual add, so ``_release_if_unsaved`` frees it before the inner backward.  Block
+    order (TorchTitan's ``TransformerBlock.forward``): attention_norm, attention,
+    h = x + wo(.), ffn_norm, MLP, and backward in reverse; the MLP and ffn_norm steps also
+    hold the attention's saved tensors.  In the
     MLP's backward, ``dh`` does not exist yet: the MLP's dx (in ``mlp_bytes``'s backward, or
     made after its peak when untiled) becomes it.
     """
@@ -438,8 +459,8 @@ def peak_location(st: Setup) -> tuple[int | None, str]:
 
 def breakdown(st: Setup) -> dict:
     """Per-rank bytes.  peak_device = model_states + rope_table (the complex64 freqs_cis:
-    this rank's (S/C, D/2) rows, models/llama3.py _precompute_freqs_cis, or TorchTitan's
-    (S, D/2) on every rank, tt:451) + checkpointed_inputs_device + max_phase, where
+    this rank's (S/C, D/2) rows, titan.llama3's ``Transformer._precompute_freqs_cis``, or
+    TorchTitan's (S, D/2) on every rank) + checkpointed_inputs_device + max_phase, where
     ``model_states`` and ``max_phase`` are taken where the step peaks (:func:`peak_location`);
     the *_transient and logits entries are each component's own peak (they do not add up)."""
     e, T, L = st.act_bytes, st.tokens, st.n_layers
@@ -465,4 +486,4 @@ def breakdown(st: Setup) -> dict:
 def stack(st: Setup, on: bool = True) -> Setup:
     """``st`` with the [memory] stack on (offload keep 1, auto tiles, 1K-token chunks) or off."""
     return replace(st, offload=on, keep_layers=1, tiled_mlp=on, mlp_tiles=0, tiled_norm=on,
-                   norm_tiles=0, chunked_loss=on, loss_chunk_tokens=1024)
+                   norm_tiles=0, chunked_loss=on, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)

@@ -1,4 +1,4 @@
-"""The analytic memory model (torchtitan_upipe.memory_model) against CPU measurements.
+"""The analytic memory model (torchtitan_upipe.tools.perf_model.memory) against CPU measurements.
 
 Measured with :class:`~torchtitan_upipe.tools.memtrack.LiveTensorTracker` (peak bytes of the storages
 a region allocates) at small bf16 shapes with C = 1 and the CPU kernels, so the model runs
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torchtitan_upipe.titan.shape import ModelShape
 from torchtitan_upipe.tools.perf_model import memory as mm
 from torchtitan_upipe.cp.kernels import get_kernel
 from torchtitan_upipe.tools.memtrack import LiveTensorTracker
@@ -33,10 +34,11 @@ M = 1 << 20
 
 
 def _setup(**kw) -> mm.Setup:
-    base = {"dim": DIM, "n_layers": 4, "n_heads": H, "n_kv_heads": HKV, "head_dim": D,
-            "ffn_hidden": 4 * DIM, "vocab": VOCAB, "seq_len": S, "cp": 1, "world": 1,
-            "cuda_workspaces": False, "fused_rms_norm": False}
-    return mm.Setup(**{**base, **kw})
+    sizes = {"dim": DIM, "n_layers": 4, "n_heads": H, "n_kv_heads": HKV, "head_dim": D,
+             "ffn_hidden": 4 * DIM, "vocab": VOCAB}
+    model = ModelShape(**{k: kw.pop(k, v) for k, v in sizes.items()})
+    base = {"seq_len": S, "cp": 1, "world": 1, "cuda_workspaces": False, "fused_rms_norm": False}
+    return mm.setup(model, **{**base, **kw})
 
 
 def _tracker() -> LiveTensorTracker:
@@ -297,7 +299,7 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tupl
     alive at the start stays alive to the end, so no freed address can hide an allocation."""
     import warnings
 
-    from torchtitan_upipe.memory import apply_offloaded_ac
+    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
     from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
 
     args = LlamaArgs(dim=DIM, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=97,
@@ -310,7 +312,7 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tupl
     with torch.no_grad():
         model.init_weights()
     model.requires_grad_(False)
-    apply_offloaded_ac(model, keep, torch.device("cpu"), prefetch)
+    apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch)
     x = torch.randn(1, S, DIM).to(DT).requires_grad_()
     dy = torch.randn(1, S, DIM).to(DT)
     blocks, freqs = list(model.layers.values()), model.freqs_cis
@@ -327,7 +329,7 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tupl
 
 @pytest.mark.parametrize("keep", [1, 3])
 def test_offload_prefetch_measured(keep):
-    """CPU measurement of memory/offload.py: without prefetch the peak is one block input
+    """CPU measurement of memory.offload: without prefetch the peak is one block input
     lower when some offloaded layer has an offloaded predecessor (keep = 1 of 4 layers), and
     unchanged when none has (keep = 3); the model's io term says the same."""
     (on, block_input), (off, _) = (_offloaded_blocks_peak(p, keep) for p in (True, False))
@@ -383,44 +385,3 @@ def test_8b_table_is_finite_and_upipe_below_ulysses():
           f"ulysses {ul['attention_transient'] / mm.GiB:.1f} GiB")
     assert up["attention_transient"] < ul["attention_transient"]
     assert up["peak_device"] < ul["peak_device"]
-
-
-def test_memory_table_script_runs(capsys):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "memory_table.py"
-    spec = importlib.util.spec_from_file_location("memory_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(["--markdown"])
-    out = capsys.readouterr().out
-    assert "| upipe 5M stack on |" in out and "| usp 8x2 4M stack on |" in out
-    assert "| upipe 5M stack on, prefetch off |" in out
-
-
-def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
-    """``--estimates``: each full-depth estimator run next to the model of the same options
-    (parsed from its config and overrides as train.py parses them)."""
-    import importlib.util
-    import pathlib
-
-    from benchmarks import runner
-
-    root = pathlib.Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("memory_table", root / "scripts" / "memory_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    run = functools.partial(runner.RunSpec, "train_configs/llama3_8b_8xh100_upipe.toml", 8,
-                            3 * M, style="upipe", chunk_heads=8)
-    results = [runner.RunResult(run(extra=["--memory.no-offload-prefetch"]), "cmd", ok=True,
-                                oom=False, kind="estimate", est_peak_gib=50.0, est_host_gib=93.0),
-               runner.RunResult(run(n_layers=2), "cmd", ok=True, oom=False, kind="estimate",
-                                est_peak_gib=40.0, est_host_gib=3.0)]  # not full depth: left out
-    path = tmp_path / "est.json"
-    runner.save(results, str(path), ["test"])
-    mod.main(["--estimates", str(path)])
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| upipe")]
-    model = mm.breakdown(mm.replace(_8b("upipe", 3 * M), offload_prefetch=False))["peak_device"]
-    assert rows == [f"| upipe(U=8) S={3 * M} L=all --memory.no-offload-prefetch | 50.00 | "
-                    f"{model / mm.GiB:.2f} | {100 * (model / mm.GiB / 50 - 1):+.1f}% | 93.00 |"]

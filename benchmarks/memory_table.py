@@ -1,0 +1,146 @@
+"""Print the analytic per-rank memory breakdown (torchtitan_upipe.tools.perf_model.memory), in GiB.
+
+    python scripts/memory_table.py              # aligned text
+    python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
+    python scripts/memory_table.py --estimates docs/results/NAME*.json
+        # the model next to the CPU estimator's full-depth estimates (docs/benchmarks.md)
+
+Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
+(U = 8), with the whole [memory] stack on, on with ``memory.offload_prefetch = false``, and
+off; the 32B flavor on 16 ranks (u = 8 x ring 2)
+for the usp and upipe hybrids at 1M/2M/4M with the stack on.  Derived from formulas, not
+measured.  1M = 2**20 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from torchtitan_upipe.tools.perf_model.memory import (
+    GiB,
+    Setup,
+    breakdown,
+    from_flavor,
+    peak_location,
+    replace,
+    stack,
+)
+
+M = 1 << 20
+COLUMNS = [
+    ("model_states", "model"),
+    ("rope_table", "rope tbl"),
+    ("checkpointed_inputs_device", "ckpt dev"),
+    ("checkpointed_inputs_host", "ckpt host"),
+    ("attention_transient", "attention"),
+    ("mlp_transient", "mlp"),
+    ("norm_transient", "norm"),
+    ("logits", "logits"),
+]
+
+
+def llama8b_rows() -> list[tuple[str, Setup]]:
+    rows = []
+    for label, on, prefetch in (("stack on", True, True),
+                                ("stack on, prefetch off", True, False),
+                                ("stack off", False, True)):
+        for mult in (1, 3, 5):
+            for style in ("ulysses", "upipe"):
+                st = from_flavor("8B", seq_len=mult * M, cp=8, world=8, style=style, chunk_heads=8)
+                rows.append((f"{style} {mult}M {label}",
+                             replace(stack(st, on), offload_prefetch=prefetch)))
+    return rows
+
+
+def qwen32b_rows() -> list[tuple[str, Setup]]:
+    rows = []
+    for mult in (1, 2, 4):
+        for style in ("usp", "upipe"):
+            st = from_flavor("32B", seq_len=mult * M, cp=16, ulysses=8, world=16, style=style,
+                             chunk_heads=8)
+            rows.append((f"{style} 8x2 {mult}M stack on", stack(st, True)))
+    return rows
+
+
+def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
+    head = ["config"] + [c for _, c in COLUMNS] + ["peak at", "PEAK dev"]
+    body = []
+    for name, st in rows:
+        d, (layer, phase) = breakdown(st), peak_location(st)
+        cells = [f"{d[k] / GiB:.1f}" for k, _ in COLUMNS]
+        where = phase if layer is None else f"layer {layer} {phase}"
+        body.append([name] + cells + [where, f"{d['peak_device'] / GiB:.1f}"])
+    if markdown:
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
+        out = ["| " + " | ".join(head) + " |", rule]
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+
+    def fmt(r):
+        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(cells)
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def setup_of_run(spec: dict) -> Setup:
+    """The model's Setup for a benchmark run spec (``runner.RunSpec`` as saved in JSON): the
+    job options parsed as train.py parses them, ``ngpu`` ranks, nothing built.  The model is of
+    the job's worst rank (a causal ring's ranks differ; the spec's ``rank`` does not enter)."""
+    from torchtitan.config import ConfigManager
+
+    import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
+    from torchtitan_upipe.tools.perf_model.job import memory_setup
+
+    from . import runner
+
+    job = ConfigManager().parse_args(runner.train_args(runner.RunSpec(**spec), "unused"))
+    return memory_setup(job, spec["ngpu"])
+
+
+def estimate_table(paths: list[str]) -> str:
+    """Full-depth estimates of the runs in ``paths`` (bench_one_rank.py --estimate JSON) next
+    to the model's peak for the same options, as a markdown table."""
+    import json
+
+    rows = ["| run | estimate | analytic model | model / estimate - 1 | host |",
+            "|---|---:|---:|---:|---:|"]
+    for path in paths:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+        for run in runs:
+            spec = run["spec"]
+            if run.get("kind") != "estimate" or not run["ok"] or spec["n_layers"]:
+                continue
+            model = breakdown(setup_of_run(spec))["peak_device"] / GiB
+            est = run["est_peak_gib"]
+            extra = " ".join(spec["extra"])
+            rows.append(f"| {run['label']}{' ' + extra if extra else ''} | {est:.2f} | "
+                        f"{model:.2f} | {100 * (model / est - 1):+.1f}% | "
+                        f"{run['est_host_gib']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--markdown", action="store_true", help="emit markdown tables")
+    ap.add_argument("--estimates", nargs="+", metavar="JSON",
+                    help="compare the model with these estimator results instead")
+    args = ap.parse_args(argv)
+    if args.estimates:
+        print(estimate_table(args.estimates))
+        return
+    print("Llama3-8B, 8 ranks (C = N = 8, b = 1), per-rank GiB, derived (not measured)\n")
+    print(table(llama8b_rows(), args.markdown))
+    print("\n32B flavor, 16 ranks (Ulysses 8 x ring 2, N = 16, b = 1), per-rank GiB, derived\n")
+    print(table(qwen32b_rows(), args.markdown))
+    print("\nPEAK dev = model + rope tbl + ckpt dev + the phase where the step peaks (a phase of "
+          "one layer's recompute + backward, or the loss); model = the model states alive "
+          "there; the transient columns are each component's own peak and do not add up.  "
+          "ckpt host = pinned host memory per rank.  \"prefetch off\" = "
+          "memory.offload_prefetch = false: one block input less during a layer's backward.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The memory tables (benchmarks/memory_table.py): the analytic model's tables, and the model
+next to the CPU estimator's full-depth figures for the same train.py options."""
+
+from __future__ import annotations
+
+import functools
+
+from torchtitan_upipe.tools.perf_model import memory as mm
+
+M = 1 << 20
+
+
+def _8b(style="upipe", seq=5 * M, on=True, chunk_heads=8) -> mm.Setup:
+    st = mm.from_flavor("8B", seq_len=seq, cp=8, world=8, style=style, chunk_heads=chunk_heads)
+    return mm.stack(st, on)
+
+
+def test_memory_table_script_runs(capsys):
+    from benchmarks import memory_table as mod
+
+    mod.main(["--markdown"])
+    out = capsys.readouterr().out
+    assert "| upipe 5M stack on |" in out and "| usp 8x2 4M stack on |" in out
+    assert "| upipe 5M stack on, prefetch off |" in out
+
+
+def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
+    """``--estimates``: each full-depth estimator run next to the model of the same options
+    (parsed from its config and overrides as train.py parses them)."""
+    from benchmarks import memory_table as mod
+    from benchmarks import runner
+
+    run = functools.partial(runner.RunSpec, "train_configs/llama3_8b_8xh100_upipe.toml", 8,
+                            3 * M, style="upipe", chunk_heads=8)
+    results = [runner.RunResult(run(extra=["--memory.no-offload-prefetch"]), "cmd", ok=True,
+                                oom=False, kind="estimate", est_peak_gib=50.0, est_host_gib=93.0),
+               runner.RunResult(run(n_layers=2), "cmd", ok=True, oom=False, kind="estimate",
+                                est_peak_gib=40.0, est_host_gib=3.0)]  # not full depth: left out
+    path = tmp_path / "est.json"
+    runner.save(results, str(path), ["test"])
+    mod.main(["--estimates", str(path)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| upipe")]
+    model = mm.breakdown(mm.replace(_8b("upipe", 3 * M), offload_prefetch=False))["peak_device"]
+    assert rows == [f"| upipe(U=8) S={3 * M} L=all --memory.no-offload-prefetch | 50.00 | "
+                    f"{model / mm.GiB:.2f} | {100 * (model / mm.GiB / 50 - 1):+.1f}% | 93.00 |"]

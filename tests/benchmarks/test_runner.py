@@ -1,0 +1,40 @@
+"""The one-rank runner: train.py as rank R of an N-rank job, and what it records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import runner
+from tests.helpers.bench_data import CONFIG_8B, M
+from tests.helpers.paths import ROOT
+
+
+@pytest.mark.slow
+def test_train_py_on_the_fake_backend_is_the_chosen_rank(tmp_path):
+    """``benchmark.fake_rank``: train.py really is rank 3 of the 4-rank job (TorchTitan names
+    the TensorBoard folder by ``dist.get_rank()``), and the runner reads its scalars."""
+    spec = runner.RunSpec("train_configs/llama3_debug_upipe.toml", 4, 512, n_layers=1, style="usp",
+                          chunk_heads=0, ulysses_degree=1, steps=3, warmup=1, rank=3,
+                          extra=["--parallelism.context_parallel_degree", "4"])
+    env = dict(os.environ, NGPU="4", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(runner.command(spec, str(tmp_path)), env=env, check=False,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = [os.path.basename(p) for p in (tmp_path / "tb").glob("*/*")]
+    assert folders == ["rank_3"]
+    got = runner.summarize(runner._scalars(str(tmp_path)), spec.warmup)
+    assert got["step_s"] > 0 and got["tps"] > 0 and got["reserved_gib"] > 0
+
+
+def test_recorded_commands_name_no_machine_paths(tmp_path):
+    """Results JSON is committed: commands say ``python`` and paths relative to the checkout."""
+    spec = runner.RunSpec(CONFIG_8B, 8, 4 * M, style="upipe", chunk_heads=8)
+    for cmd in (runner.command(spec, str(tmp_path)), runner.estimate_command(spec, "$DUMP", "$OUT")):
+        shown = runner.shown_command(cmd)
+        assert shown.startswith("python ") and sys.executable not in shown and ROOT not in shown
+    assert runner.shown_command(runner.command(spec, "$DUMP")).split()[1] == "train.py"
+    assert runner.environment()["python"] == ".".join(map(str, sys.version_info[:3]))
