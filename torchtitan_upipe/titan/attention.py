@@ -103,7 +103,7 @@ class UPipeStrategy(CPAttentionStrategy):
     def __call__(self, attn, x, freqs_cis, positions):
         seqlen = x.shape[1]
         # every batch row of a shard holds the same positions (SequenceSharder.positions); with
-        # the local RoPE table (models/llama3.py) positions is None and the table is local
+        # the local RoPE table (titan/llama3.py) positions is None and the table is local
         local_freqs = freqs_cis[positions[0]] if positions is not None else freqs_cis[:seqlen]
         return upipe_attention(
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,

@@ -25,6 +25,7 @@ from torch import nn
 from torchtitan.tools.logging import logger
 
 from ..cp.kernels import get_kernel
+from ..cp.upipe.schedule import resolve_chunk_heads
 from .attention import (
     ContextParallelAttention,
     CPAttentionStrategy,
@@ -259,8 +260,8 @@ class UPipe(AllToAllStyle):
     stages_heads = True
 
     def layout(self, cp, ulysses_degree, chunk_heads):
-        u = ulysses_degree or cp
-        return u, chunk_heads or u
+        u, _ = super().layout(cp, ulysses_degree, chunk_heads)
+        return u, resolve_chunk_heads(chunk_heads, u)
 
     def check_heads(self, cp, shape):
         try:

@@ -98,9 +98,8 @@ class UPipeSchedule:
     @classmethod
     def resolve(cls, n_heads: int, n_kv_heads: int, degree: int,
                 chunk_heads: int | None = 0) -> UPipeSchedule:
-        """The schedule for ``chunk_heads`` U, where ``0``/``None`` means ``degree``: one query
-        head per rank per stage, the least memory (``[context_parallel] upipe_chunk_heads = 0``)."""
-        return cls(n_heads, n_kv_heads, degree, chunk_heads or degree)
+        """The schedule for ``chunk_heads`` as :func:`resolve_chunk_heads` reads it."""
+        return cls(n_heads, n_kv_heads, degree, resolve_chunk_heads(chunk_heads, degree))
 
     # ---- head maps -----------------------------------------------------------------------
     def kv_range(self, chunk: int) -> range:
@@ -133,6 +132,12 @@ class UPipeSchedule:
             [self.kv_head(chunk, r, j) // self.rho for j in range(self.kappa)]
             for r in range(self.degree)
         ]
+
+
+def resolve_chunk_heads(chunk_heads: int | None, degree: int) -> int:
+    """U for a requested ``chunk_heads``: ``0``/``None`` means ``degree``, one query head per
+    rank per stage, the least memory (``[context_parallel] upipe_chunk_heads = 0``)."""
+    return chunk_heads or degree
 
 
 def valid_chunk_heads(n_heads: int, degree: int) -> list[int]:
