@@ -61,6 +61,8 @@ class Setting:
             name = f"upipe(U={self.chunk_heads}" + (f",u={u})" if u != self.cp_degree else ")")
         elif self.style == "usp":
             name = f"usp(u={u})"
+        elif get_style(self.style).builtin_ring:  # TorchTitan's ring: say how K/V rotate
+            name = f"{self.style}(rotate={self.rotate_method})"
         else:
             name = self.style
         if self.rank:

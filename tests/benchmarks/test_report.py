@@ -67,7 +67,7 @@ def test_setting_reads_overrides():
     ring = report.setting_of({"config": CONFIG_8B, "ngpu": 8, "style": "ring", "chunk_heads": 0,
                               "extra": ["--parallelism.context_parallel_rotate_method", "alltoall"]})
     assert (ring.rotate_method, ring.chunk_heads, ring.label, ring.paper_row()) == (
-        "alltoall", 0, "ring", "Native PyTorch")
+        "alltoall", 0, "ring(rotate=alltoall)", "Native PyTorch")
     assert report.fmt_len(5 * M) == "5M" and report.fmt_len(128 * 1024) == "128K"
 
 
@@ -82,7 +82,7 @@ def test_paper_rows_of_the_16_gpu_setups(tmp_path):
         of(c32), of(c32, style="upipe", chunk_heads=8), of(c32, style="usp", ulysses_degree=1),
         of(c32, style="ring", chunk_heads=0), of(c32, style="usp", ulysses_degree=4))}
     assert got == {"usp(u=8)": ("Ulysses", 2 * M), "upipe(U=8,u=8)": ("UPipe", 4 * M),
-                   "usp(u=1)": ("Ring", 2 * M), "ring": ("Native PyTorch", 512 * 1024),
+                   "usp(u=1)": ("Ring", 2 * M), "ring(rotate=allgather)": ("Native PyTorch", 512 * 1024),
                    "usp(u=4)": (None, None)}
     # the paper's UPipe is U = 8: U = 16 is ours alone
     assert of(c32, style="upipe", chunk_heads=16).paper_row() is None
@@ -117,8 +117,8 @@ def test_another_rank_is_its_own_setting():
     assert spec.label() == "ring rank 7 S=4194304 L=all"
     as_saved = {"config": CONFIG_8B, "ngpu": 8, "style": "ring", "chunk_heads": 0}
     last, first = report.setting_of(dict(as_saved, rank=7)), report.setting_of(as_saved)
-    assert (last.rank, last.label, last.options) == (7, "ring rank 7", ())
-    assert first.rank == 0 and first.label == "ring" and first != last
+    assert (last.rank, last.label, last.options) == (7, "ring(rotate=allgather) rank 7", ())
+    assert first.rank == 0 and first.label == "ring(rotate=allgather)" and first != last
     by_option = report.setting_of(dict(as_saved, extra=["--benchmark.fake_rank", "3"]))
     assert by_option.rank == 3 and by_option.options == ()
 

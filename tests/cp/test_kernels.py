@@ -266,3 +266,51 @@ def test_cuda_op_plumbing_on_meta():
     assert out.shape == q.shape and lse.shape == (2, 8, 16) and lse.dtype == torch.float32
     dq, dk, dv = cudnn.backward(out, q, k, k, out, lse, causal=True, scale=0.125)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
+
+
+def test_auto_picks_the_fastest_exact_kernel_of_the_device():
+    from torchtitan_upipe.cp.kernels import auto_kernel_name
+
+    every = ("cudnn", "flash_attn", "sdpa")
+    assert auto_kernel_name("cpu") == "sdpa"
+    assert auto_kernel_name("cuda", (9, 0), every) == "cudnn"  # Hopper: cuDNN attention first
+    assert auto_kernel_name("cuda", (9, 0), ("flash_attn", "sdpa")) == "flash_attn"
+    assert auto_kernel_name("cuda", (9, 0), ("sdpa",)) == "sdpa"
+    assert auto_kernel_name("cuda", (8, 0), every) == "flash_attn"  # Ampere: as before
+    assert auto_kernel_name("cuda", (8, 0), ("cudnn", "sdpa")) == "sdpa"
+    assert auto_kernel_name("cuda", None, ("sdpa",)) == "sdpa"  # unknown device
+
+
+def test_a_failed_flash_attn_import_is_tried_once():
+    """kernel='auto' asks at every layer of every step: the failure is cached, not retried."""
+    from torchtitan_upipe.cp.kernels.flash_attn import flash_attn_interface
+
+    if "flash_attn" in sys.modules:
+        pytest.skip("flash-attn is importable here")
+    errors = []
+    for _ in range(2):
+        with pytest.raises(ImportError) as caught:
+            flash_attn_interface()
+        errors.append(caught.value)
+    assert errors[0] is errors[1]
+
+
+def test_cuda_calls_refuse_fa2_offset_overflow_and_misaligned_causal_masks():
+    """On meta tensors (no memory): the CUDA entry points refuse what FA2 would get wrong."""
+    from torchtitan_upipe.cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
+
+    assert fa2_backward_offset(4 * 2**20, 4, 128) == FA2_OFFSET_LIMIT  # Ulysses 8B over 8 at 4M
+    assert fa2_backward_offset(4 * 2**20 - 200, 4, 128) < FA2_OFFSET_LIMIT
+    assert fa2_backward_offset(100, 1, 72) == 128 * 96  # rows to 128, head dim to 32
+    sdpa = SdpaKernel()
+    q = torch.empty(1, 4 * 2**20, 4, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 4 * 2**20, 1, 128, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match=r"2\^31"):
+        sdpa._backward_cuda(q, q, k, k, q, torch.empty(1, 4, 4 * 2**20, device="meta"),
+                            causal=True, scale=0.1)
+    small = q[:, :256]
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        sdpa._forward_cuda(small, k[:, :512], k[:, :512], causal=True, scale=0.1)
+    sdpa._forward_cuda(small, k[:, :512], k[:, :512], causal=False, scale=0.1)  # a ring step
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        CudnnKernel().forward(small, k[:, :512], k[:, :512], causal=True, scale=0.1)

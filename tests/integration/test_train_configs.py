@@ -7,6 +7,7 @@ as on this one.
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -47,6 +48,25 @@ def test_config_parses_and_validates(path):
         for seq in (131072, 262144, 524288, 1 << 20, 2 << 20, 3 << 20, 4 << 20, 5 << 20, 8 << 20):
             cfg.training.seq_len = seq
             validate_job_config(cfg, world_size=world, cuda=True)
+
+
+DEBUG = [p for p in CONFIGS if "_debug_" in os.path.basename(p)]
+
+
+@pytest.mark.parametrize("path", DEBUG, ids=os.path.basename)
+def test_debug_configs_are_seeded_and_their_gpu_advice_validates(path):
+    """Two runs of a debug config print the same losses (a fixed seed), and what a header
+    says about GPUs is true: every override it names validates on a CUDA machine."""
+    cfg = ConfigManager().parse_args(["--job.config_file", path])
+    assert cfg.debug.seed is not None
+    header = " ".join(open(path).read().split("\n[", 1)[0].replace("#", " ").split())
+    world = max(cfg.parallelism.context_parallel_degree, 1)
+    if "GPU" not in header:
+        return
+    overrides = re.findall(r"On GPUs add (--\S+ \S+)", header)
+    assert overrides, f"the header mentions GPUs without saying what they need: {header!r}"
+    cuda = ConfigManager().parse_args(["--job.config_file", path, *overrides[0].split()])
+    validate_job_config(cuda, world_size=world, cuda=True)
 
 
 SIMULATED = [p for p in CONFIGS if "xh100" in os.path.basename(p) and "_ring" not in os.path.basename(p)]

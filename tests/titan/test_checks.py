@@ -121,3 +121,16 @@ def test_fake_rank_needs_the_fake_backend_and_a_rank_of_the_job():
     _fails(r"benchmark.fake_rank=4 is not a rank of the 4-rank job \(NGPU=4\); valid: 0 to 3",
            *fake, "--benchmark.fake_rank=4", world=4)
     validate_job_config(_config(*fake, "--benchmark.fake_rank=3"), world_size=4, cuda=False)
+
+
+def test_flash_attention_2_offset_overflow_is_refused_with_what_avoids_it():
+    """FA2's backward overflows 32-bit offsets at 2^31 (Ulysses, Llama3-8B over 8 at 4M):
+    refused with the kernel and the UPipe U that avoid it; shorter, or UPipe U = 8, pass."""
+    cfg = "llama3_8b_8xh100_ulysses.toml"
+    _fails(r"FlashAttention-2.*4194304 query tokens x 4 heads of 128.*kernel='cudnn'.*"
+           r"upipe_chunk_heads in \[8, 16\]", "--training.seq_len=4194304",
+           "--context_parallel.kernel=sdpa", config=cfg, world=8, cuda=True)
+    validate_job_config(_config("--training.seq_len=3145728", "--context_parallel.kernel=sdpa",
+                                config=cfg), world_size=8, cuda=True)
+    validate_job_config(_config("--training.seq_len=8388608", "--context_parallel.kernel=sdpa",
+                                config="llama3_8b_8xh100_upipe.toml"), world_size=8, cuda=True)

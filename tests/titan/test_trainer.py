@@ -191,3 +191,14 @@ def test_the_trainer_hands_its_plan_to_the_parallelize_hook(bound):
         assert fn.keywords == {"plan": trainer.plan}
     else:
         assert fn is spec.parallelize_fn
+
+
+def test_the_main_job_prints_the_same_losses_twice(workdir):
+    """The README's main job as it ships (its config's seed, 3 of its steps): same losses."""
+    runs = []
+    for name in ("main_a", "main_b"):
+        dump = workdir / name
+        check(run_train(2, "llama3_debug_upipe.toml", f"--job.dump_folder={dump}",
+                        "--training.steps=3", cwd=workdir))
+        runs.append(tensorboard_losses(str(dump)))
+    assert runs[0] == runs[1] and sorted(runs[0]) == [1, 2, 3], runs

@@ -156,6 +156,15 @@ class JobShape:
         """``T = B s``: tokens this rank holds."""
         return self.batch * self.local_seq
 
+    @property
+    def attention_call(self) -> tuple[int, int]:
+        """``(query tokens, query heads)`` of this rank's largest attention kernel call: the
+        ring rank's ``S / R`` tokens after the all-to-all, for ``H / u`` heads (Ulysses) or a
+        stage's ``U / u`` (UPipe)."""
+        heads = (self.schedule.heads_per_rank if self.schedule is not None
+                 else self.model.n_heads // self.ulysses)
+        return self.seq_len // self.ring, heads
+
     @functools.cached_property
     def rho(self) -> int:
         """KV-head replication of the all-to-all over ``u`` ranks (:func:`~..cp.gqa.kv_replication`;

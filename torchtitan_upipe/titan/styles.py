@@ -21,11 +21,13 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import nn
 from torchtitan.tools.logging import logger
 
 from ..cp.kernels import get_kernel
-from ..cp.upipe.schedule import resolve_chunk_heads
+from ..cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
+from ..cp.upipe.schedule import resolve_chunk_heads, valid_chunk_heads
 from .attention import (
     ContextParallelAttention,
     CPAttentionStrategy,
@@ -151,9 +153,10 @@ class AllToAllStyle(CPStyle):
         check_sharding_once(model, plan.sharder)
         if hasattr(model, "use_local_rope"):  # keep only this rank's RoPE rows (exact, less memory)
             model.use_local_rope(plan.sharder.indices(job_config.training.seq_len))
+        kernel = get_kernel(plan.kernel, plan.device).name
         logger.info(
             f"Applied context_parallel.style={cp.style!r} (degree {plan.shape.cp} = all-to-all "
-            f"{plan.shape.ulysses} x ring {plan.shape.ring}, kernel {cp.kernel!r}) "
+            f"{plan.shape.ulysses} x ring {plan.shape.ring}, kernel {cp.kernel!r} = {kernel!r}) "
             f"to {len(model.layers)} attention layers"
         )
 
@@ -210,6 +213,11 @@ class AllToAllStyle(CPStyle):
                 "compile.enable=true with context_parallel.time_attention=true: the attention timer "
                 "breaks fullgraph compilation; set context_parallel.time_attention=false"
             )
+        # validated for CUDA on a machine without it, "auto" cannot know the GPU's kernel (on
+        # Hopper it is cuDNN): the kernel's own guard refuses an overflowing call then
+        if (cuda and kernel.name in ("sdpa", "flash_attn")
+                and (cp.kernel != "auto" or torch.cuda.is_available())):
+            _check_fa2_offsets(job_config, shape, kernel.name)
         param_dtype = job_config.training.mixed_precision_param
         if cuda and kernel.name != "math" and param_dtype not in ("bfloat16", "float16"):
             raise ConfigError(
@@ -240,6 +248,28 @@ class AllToAllStyle(CPStyle):
                 f"context_parallel.upipe_chunk_heads={cp.upipe_chunk_heads} is only used by "
                 f"style='upipe' (got style={self.name!r}); leave it at 0"
             )
+
+
+def _check_fa2_offsets(job_config, shape: JobShape, kernel: str) -> None:
+    """FlashAttention-2's backward overflows 32-bit offsets past
+    :data:`~torchtitan_upipe.cp.kernels.base.FA2_OFFSET_LIMIT`; refuse such a job here, with
+    what avoids it, instead of an illegal memory access at its first backward."""
+    q_len, heads = shape.attention_call
+    d = shape.model.head_dim
+    if fa2_backward_offset(q_len, heads, d) < FA2_OFFSET_LIMIT:
+        return
+    u = shape.ulysses
+    safe_u = [c for c in valid_chunk_heads(shape.model.n_heads, u)
+              if fa2_backward_offset(q_len, c // u, d) < FA2_OFFSET_LIMIT]
+    upipe = (f"style='upipe' with upipe_chunk_heads in {safe_u}" if safe_u
+             else "a ring dimension (a smaller ulysses_degree)")
+    raise ConfigError(
+        f"training.seq_len={shape.seq_len}: context_parallel.kernel={job_config.context_parallel.kernel!r} "
+        f"runs FlashAttention-2 ({kernel!r}), whose backward indexes its dQ accumulator in 32-bit "
+        f"arithmetic; one call here has {q_len} query tokens x {heads} heads of {d}, "
+        f"{fa2_backward_offset(q_len, heads, d)} >= 2^31 = {FA2_OFFSET_LIMIT}. Use "
+        f"context_parallel.kernel='cudnn', or {upipe}"
+    )
 
 
 @register_style

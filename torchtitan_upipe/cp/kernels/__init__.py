@@ -3,7 +3,8 @@
 ``[context_parallel] kernel`` picks one by name:
 
 =============== ===============================================================
-``auto``        ``flash_attn`` when importable on CUDA, else ``sdpa``
+``auto``        on Hopper ``cudnn``, else ``flash_attn`` when importable on CUDA, else
+                ``sdpa`` (:func:`~.registry.auto_kernel_name`)
 ``sdpa``        torch's own flash kernel (CUDA: FlashAttention-2 in aten; CPU: the
                 CPU flash kernel)
 ``cudnn``       torch's cuDNN attention (CUDA only)
@@ -17,6 +18,7 @@ from __future__ import annotations
 from .base import AttentionKernel, check_shapes
 from .registry import (
     KERNEL_CHOICES,
+    auto_kernel_name,
     get_kernel,
     register_kernel,
     resolve_kernel,
@@ -37,6 +39,7 @@ __all__ = [
     "KERNEL_CHOICES",
     "MathKernel",
     "SdpaKernel",
+    "auto_kernel_name",
     "check_shapes",
     "get_kernel",
     "kernel_attention",

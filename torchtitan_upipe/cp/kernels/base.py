@@ -81,3 +81,40 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
         )
+
+
+# ------------------------------------------------------------------- CUDA kernels' limits
+FA2_OFFSET_LIMIT = 2**31
+"""FlashAttention-2's backward (``mha_bwd``, in aten and in flash-attn 2.x) computes the row
+offset of its fp32 dQ accumulator, ``(S_q rounded to 128) * H * (D rounded)``, in 32-bit
+``int``; at this value it overflows into an illegal memory access."""
+
+
+def fa2_backward_offset(seq_q: int, heads: int, head_dim: int) -> int:
+    """The largest dQ-accumulator offset of a FlashAttention-2 backward call (see
+    :data:`FA2_OFFSET_LIMIT`)."""
+    d_rounded = -(-head_dim // (32 if head_dim <= 128 else 64)) * (32 if head_dim <= 128 else 64)
+    return -(-seq_q // 128) * 128 * heads * d_rounded
+
+
+def check_fa2_backward(q: torch.Tensor, kernel_name: str) -> None:
+    """Refuse a FlashAttention-2 backward call whose offsets would overflow (``q`` BSHD)."""
+    offset = fa2_backward_offset(q.shape[1], q.shape[2], q.shape[3])
+    if offset >= FA2_OFFSET_LIMIT:
+        raise ValueError(
+            f"context_parallel.kernel={kernel_name!r}: FlashAttention-2's backward for "
+            f"{q.shape[1]} query tokens x {q.shape[2]} heads of {q.shape[3]} would index its "
+            f"dQ accumulator past 2^31 ({offset}) in 32-bit arithmetic; use kernel='cudnn', "
+            f"fewer heads per call (a smaller upipe_chunk_heads) or a ring dimension"
+        )
+
+
+def check_causal_alignment(q: torch.Tensor, k: torch.Tensor, causal: bool, kernel_name: str) -> None:
+    """CUDA kernels align a causal mask to the bottom right when ``S_q != S_k`` (FA2); the
+    contract is top-left, so a causal call must have equal query and key lengths there."""
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"context_parallel.kernel={kernel_name!r} on CUDA takes causal calls with equal query "
+            f"and key lengths only (its mask is bottom-right aligned), got {q.shape[1]} and "
+            f"{k.shape[1]}"
+        )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..gqa import repeat_kv_heads, sum_kv_heads
-from .base import AttentionKernel, check_shapes
+from .base import AttentionKernel, check_causal_alignment, check_shapes
 from .registry import register_kernel
 
 
@@ -43,6 +43,7 @@ class CudnnKernel(AttentionKernel):
 
     def forward(self, q, k, v, *, causal, scale):
         check_shapes(q, k, v)
+        check_causal_alignment(q, k, causal, self.name)
         groups = q.shape[2] // k.shape[2]
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             _to_bhsd(q),
@@ -62,6 +63,7 @@ class CudnnKernel(AttentionKernel):
         """Rebuilds the forward's extra outputs for ``dropout_p=0``: dense path (``cum_seq``
         ``None``), ``max_q/max_k = S_q/S_k``, zero ``(1,)`` int64 philox seed/offset on the
         device (what the cuDNN forward itself returns without dropout; never read then)."""
+        check_causal_alignment(q, k, causal, self.name)
         groups = q.shape[2] // k.shape[2]
         seed = torch.zeros(1, dtype=torch.int64, device=q.device)
         offset = torch.zeros(1, dtype=torch.int64, device=q.device)

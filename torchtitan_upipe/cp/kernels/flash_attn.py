@@ -20,13 +20,15 @@ Exercised only on GPU machines with flash-attn installed, never by the CPU test 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionKernel, check_shapes
+from .base import AttentionKernel, check_causal_alignment, check_fa2_backward, check_shapes
 from .registry import register_kernel
 
 
@@ -52,6 +54,30 @@ def _call(fn, names: list[str], values: dict):
     return fn(**{n: values[n] for n in names})
 
 
+_INTERFACE = "flash_attn.flash_attn_interface"
+
+
+def flash_attn_interface():
+    """The flash-attn interface module.  A failed import is tried once per process and its
+    error raised again on every later call (``kernel = "auto"`` asks at every layer of every
+    step); a module already in ``sys.modules`` is used as it is."""
+    module = sys.modules.get(_INTERFACE)
+    if module is not None:
+        return module
+    module, error = _import_interface()
+    if error is not None:
+        raise error
+    return module
+
+
+@functools.cache
+def _import_interface():
+    try:
+        return importlib.import_module(_INTERFACE), None
+    except Exception as e:  # not installed, or installed but broken (ABI/CUDA mismatch, ...)
+        return None, e
+
+
 def _pad_d(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, [0, pad]) if pad else t
 
@@ -63,14 +89,11 @@ class FlashAttnKernel(AttentionKernel):
     name = "flash_attn"
 
     def __init__(self) -> None:
-        self._iface = None
         self._fwd_params: list[str] | None = None
         self._bwd_params: list[str] | None = None
 
     def _interface(self):
-        if self._iface is None:
-            self._iface = importlib.import_module("flash_attn.flash_attn_interface")
-        return self._iface
+        return flash_attn_interface()
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         try:
@@ -102,6 +125,7 @@ class FlashAttnKernel(AttentionKernel):
 
     def forward(self, q, k, v, *, causal, scale):
         check_shapes(q, k, v)
+        check_causal_alignment(q, k, causal, self.name)
         fn = self._interface()._flash_attn_forward
         if self._fwd_params is None:
             self._fwd_params = _params(fn)
@@ -117,6 +141,8 @@ class FlashAttnKernel(AttentionKernel):
         return out[..., :d], lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+        check_causal_alignment(q, k, causal, self.name)
+        check_fa2_backward(q, self.name)
         fn = self._interface()._flash_attn_backward
         if self._bwd_params is None:
             self._bwd_params = _params(fn)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..precision import accumulation_dtype
-from .base import AttentionKernel, check_shapes
+from .base import AttentionKernel, check_causal_alignment, check_fa2_backward, check_shapes
 from .registry import register_kernel
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -67,6 +67,7 @@ class SdpaKernel(AttentionKernel):
     def _forward_cuda(self, q, k, v, *, causal, scale):
         """GPU only: aten FlashAttention-2; GQA native (see module docstring)."""
         _check_cuda_dtype(q)
+        check_causal_alignment(q, k, causal, self.name)
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), 0.0, causal, False, scale=scale
         )
@@ -101,8 +102,13 @@ class SdpaKernel(AttentionKernel):
           (``(2,)`` and ``()`` uint64); ``mha_bwd`` reads them only when ``dropout_p > 0``.
         * ``lse`` is made contiguous float32: ``mha_bwd`` indexes it as a dense (B, H, S_q)
           buffer through its data pointer.
+
+        A call whose dQ-accumulator offsets overflow 32 bits is refused
+        (:func:`~.base.check_fa2_backward`).
         """
         _check_cuda_dtype(q)
+        check_causal_alignment(q, k, causal, self.name)
+        check_fa2_backward(q, self.name)
         seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
         offset = torch.zeros((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
