@@ -25,11 +25,17 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TAGS = {
     "reserved_gib": "memory/max_reserved(GiB)",
     "active_gib": "memory/max_active(GiB)",
+    "alloc_retries": "memory/num_alloc_retries",
     "step_s": "time_metrics/end_to_end(s)",
     "tps": "throughput(tps)",
 }
@@ -72,6 +78,9 @@ class RunResult:
     kind: str = "measured"  # or "estimate": the CPU estimator's prediction (no GPU)
     est_peak_gib: float | None = None   # estimate: peak allocated (+ kernel workspaces)
     est_host_gib: float | None = None   # estimate: host buffers of offloaded activations
+    oom_kind: str | None = None  # "device" or "host" when ``oom`` (see :func:`classify_failure`)
+    alloc_retries: float | None = None  # the caching allocator's retries (TorchTitan's counter)
+    device_cap_gib: float | None = None  # benchmark.device_memory_gib the run was capped to
 
 
 def command(spec: RunSpec, dump_folder: str) -> list[str]:
@@ -124,7 +133,7 @@ def _scalars(dump_folder: str) -> dict[str, dict[int, float]]:
 def summarize(scalars: dict[str, dict[int, float]], warmup: int) -> dict[str, float | None]:
     """Peak memory over all steps; median step time and tps over the steps after ``warmup``."""
     res: dict[str, float | None] = {}
-    for key in ("reserved_gib", "active_gib"):
+    for key in ("reserved_gib", "active_gib", "alloc_retries"):
         vals = list(scalars[key].values())
         res[key] = max(vals) if vals else None
     for key in ("step_s", "tps"):
@@ -141,10 +150,14 @@ def run(spec: RunSpec, timeout: int = 3600) -> RunResult:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         text = proc.stdout + proc.stderr
         shown = f"NGPU={spec.ngpu} " + shown_command(cmd).replace(dump, "$DUMP")
+        cap = device_cap_gib(spec)
         if proc.returncode != 0:
-            oom = "OutOfMemoryError" in text or "CUDA out of memory" in text
-            return RunResult(spec, shown, ok=False, oom=oom, error=text[-3000:])
-        return RunResult(spec, shown, ok=True, oom=False, **summarize(_scalars(dump), spec.warmup))
+            kind = classify_failure(proc.returncode, text)
+            return RunResult(spec, shown, ok=False, oom=kind is not None, oom_kind=kind,
+                             error=text[-3000:] or f"exit status {proc.returncode}",
+                             device_cap_gib=cap)
+        return RunResult(spec, shown, ok=True, oom=False, device_cap_gib=cap,
+                         **summarize(_scalars(dump), spec.warmup))
 
 
 def estimate(spec: RunSpec, timeout: int = 3600) -> RunResult:
@@ -163,6 +176,40 @@ def estimate(spec: RunSpec, timeout: int = 3600) -> RunResult:
             est = json.load(f)
         return RunResult(spec, shown, ok=True, oom=False, kind="estimate",
                          est_peak_gib=est["peak_gib"], est_host_gib=est["host_gib"])
+
+
+_DEVICE_OOM = ("OutOfMemoryError", "CUDA out of memory", "CUDA_ERROR_OUT_OF_MEMORY",
+               "cudaErrorMemoryAllocation", "CUBLAS_STATUS_ALLOC_FAILED",
+               "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_BACKEND_API_FAILED: out of memory")
+_HOST_OOM = ("cudaHostRegister", "cudaHostAlloc", "CachingHostAllocator", "std::bad_alloc",
+             "Cannot allocate memory", "MemoryError")
+
+
+def classify_failure(returncode: int, text: str) -> str | None:
+    """``"device"``, ``"host"`` or ``None``: whether a failed run ran out of memory, and which.
+
+    Device: torch's ``OutOfMemoryError`` and the CUDA, cuBLAS and cuDNN allocation failures.
+    Host: a failed pinned (page-locked) or pageable host allocation, or the kernel's OOM killer
+    (``SIGKILL``: exit status -9 or 137) leaving no Python error behind."""
+    if any(m in text for m in _DEVICE_OOM):
+        return "device"
+    if any(m in text for m in _HOST_OOM):
+        return "host"
+    if returncode in (-9, 137) and "Traceback" not in text:
+        return "host"
+    return None
+
+
+def device_cap_gib(spec: RunSpec) -> float | None:
+    """The ``benchmark.device_memory_gib`` a run was capped to (its config's, or an override)."""
+    words = list(spec.extra)
+    for i, w in enumerate(words):
+        if w.startswith("--benchmark.device_memory_gib"):
+            value = w.split("=", 1)[1] if "=" in w else words[i + 1]
+            return float(value) or None
+    with open(spec.config if os.path.isabs(spec.config) else os.path.join(ROOT, spec.config), "rb") as f:
+        value = tomllib.load(f).get("benchmark", {}).get("device_memory_gib", 0)
+    return float(value) or None
 
 
 def shown_command(cmd: list[str]) -> str:

@@ -24,8 +24,10 @@ options under fake tensors, no GPU) instead of training, and records its predict
 host memory; the report puts them next to the GPU measurements and uses them to carry a
 few-layer measurement to full depth.  ``--jobs 2`` runs two styles at once on a 2-core CPU.
 
-Skipping: a run that goes out of memory or times out at ``(S, L)`` skips that style's longer
-sequences at ``L`` and more layers, and more layers at ``S`` (memory and time grow with both).
+Stopping: the first run of a style that goes out of memory (on the device or on the host,
+:func:`.runner.classify_failure`) ends that style's sweep; a run that times out at ``(S, L)``
+skips that style's longer sequences at ``L`` and more layers, and more layers at ``S`` (time
+grows with both).
 """
 
 from __future__ import annotations
@@ -93,8 +95,11 @@ def _layer_key(n: int) -> float:
     return float("inf") if n == 0 else n  # 0 = full depth, the most layers
 
 
-def sweep(style: dict, args, extra: list[str], record) -> None:
-    """All runs of one style: lengths ascending, layer counts ascending, with skipping."""
+def sweep(style: dict, args, extra: list[str], record, run=None) -> None:
+    """All runs of one style: lengths ascending, layer counts ascending, stopping at the first
+    OOM and skipping past timeouts.  ``run(spec, timeout)`` defaults to :func:`.runner.run`
+    (or :func:`.runner.estimate` with ``--estimate``)."""
+    run = run or (runner.estimate if args.estimate else runner.run)
     blocked: list[tuple[int, float]] = []  # (S, L) that failed: skip S' >= S and L' >= L
     for seq in sorted(args.seq_lens):
         for layers in sorted(args.layers, key=_layer_key):
@@ -104,7 +109,7 @@ def sweep(style: dict, args, extra: list[str], record) -> None:
                                   steps=args.steps, warmup=args.warmup, extra=list(extra), **style)
             start = time.time()
             try:
-                res = (runner.estimate if args.estimate else runner.run)(spec, timeout=args.timeout)
+                res = run(spec, timeout=args.timeout)
             except subprocess.TimeoutExpired:
                 if args.estimate:
                     shown = runner.shown_command(runner.estimate_command(spec, "$DUMP", "$OUT"))
@@ -113,9 +118,11 @@ def sweep(style: dict, args, extra: list[str], record) -> None:
                 res = runner.RunResult(spec, shown, ok=False, oom=False,
                                        kind="estimate" if args.estimate else "measured",
                                        error=f"timeout after {args.timeout} s")
-            if not res.ok and (res.oom or (res.error or "").startswith("timeout")):
-                blocked.append((seq, _layer_key(layers)))
             record(res, time.time() - start)
+            if res.oom:  # out of memory (device or host): this style's sweep ends here
+                return
+            if not res.ok and (res.error or "").startswith("timeout"):
+                blocked.append((seq, _layer_key(layers)))
 
 
 def summary_line(res: runner.RunResult, wall: float) -> str:
@@ -129,7 +136,7 @@ def summary_line(res: runner.RunResult, wall: float) -> str:
         return (f"{res.spec.label():40s} ok   reserved {num(res.reserved_gib, '8.2f')} GiB  active "
                 f"{num(res.active_gib, '8.2f')} GiB  step {num(res.step_s, '9.3f')} s  "
                 f"tps {num(res.tps, '10.1f')}  ({wall:.0f} s)")
-    why = "OOM" if res.oom else (res.error or "failed").strip().splitlines()[-1][:120]
+    why = f"OOM ({res.oom_kind})" if res.oom else (res.error or "failed").strip().splitlines()[-1][:120]
     return f"{res.spec.label():40s} FAIL {why}  ({wall:.0f} s)"
 
 

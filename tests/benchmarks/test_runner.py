@@ -38,3 +38,32 @@ def test_recorded_commands_name_no_machine_paths(tmp_path):
         assert shown.startswith("python ") and sys.executable not in shown and ROOT not in shown
     assert runner.shown_command(runner.command(spec, "$DUMP")).split()[1] == "train.py"
     assert runner.environment()["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+@pytest.mark.parametrize("returncode,text,kind", [
+    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "device"),
+    (1, "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "device"),
+    (1, "CUDA driver error: CUDA_ERROR_OUT_OF_MEMORY", "device"),
+    (1, "RuntimeError: cudaHostRegister failed: out of memory", "host"),
+    (1, "RuntimeError: CachingHostAllocator: allocation of 8 GiB failed", "host"),
+    (-9, "", "host"),  # killed by the kernel's OOM killer: no Python error at all
+    (137, "step:  1", "host"),
+    (-9, "Traceback (most recent call last):\n  ValueError: bad option", None),
+    (1, "Traceback (most recent call last):\n  ValueError: bad option", None),
+])
+def test_failures_are_classified_as_device_or_host_out_of_memory(returncode, text, kind):
+    assert runner.classify_failure(returncode, text) == kind
+
+
+def test_the_device_cap_and_the_allocator_retries_are_recorded():
+    spec = runner.RunSpec(CONFIG_8B, 8, 4 * M)
+    assert runner.device_cap_gib(spec) == 80.0  # the H100 configs' cap
+    assert runner.device_cap_gib(runner.RunSpec(CONFIG_8B, 8, M, extra=[
+        "--benchmark.device_memory_gib", "40"])) == 40.0
+    assert runner.device_cap_gib(runner.RunSpec("train_configs/llama3_debug_upipe.toml", 2, 512)) is None
+    scalars = {"reserved_gib": {1: 5.0, 2: 6.0}, "active_gib": {1: 4.0, 2: 4.5},
+               "alloc_retries": {1: 0.0, 2: 3.0}, "step_s": {1: 9.0, 2: 1.0, 3: 2.0},
+               "tps": {1: 1.0, 2: 10.0, 3: 20.0}}
+    got = runner.summarize(scalars, warmup=1)
+    assert got == {"reserved_gib": 6.0, "active_gib": 4.5, "alloc_retries": 3.0, "step_s": 1.5,
+                   "tps": 15.0}

@@ -73,3 +73,29 @@ def test_bench_one_rank_estimate_mode(tmp_path):
     assert "torchtitan_upipe.tools.estimate --ngpu 2" in runs[0]["command"]
     two, six = (r["est_peak_gib"] for r in runs)
     assert 0 < two < six
+
+
+def test_a_sweep_stops_at_its_first_out_of_memory_and_skips_past_timeouts():
+    from types import SimpleNamespace
+
+    from benchmarks import runner, sweep
+
+    calls = []
+
+    def fake_run(spec, timeout):
+        calls.append((spec.seq_len, spec.n_layers))
+        if spec.seq_len == 4 * M:  # a timeout: longer lengths at >= this depth are skipped
+            return runner.RunResult(spec, "cmd", ok=False, oom=False, error="timeout after 1 s")
+        if spec.seq_len == 8 * M:
+            return runner.RunResult(spec, "cmd", ok=False, oom=True, oom_kind="host")
+        return runner.RunResult(spec, "cmd", ok=True, oom=False)
+
+    args = SimpleNamespace(seq_lens=[M, 4 * M, 8 * M, 16 * M], layers=[1], config=CONFIG_8B,
+                           ngpu=8, steps=2, warmup=1, timeout=1, estimate=False)
+    recorded = []
+    sweep.sweep({"style": "upipe"}, args, [], lambda res, wall: recorded.append(res), run=fake_run)
+    assert calls == [(M, 1), (4 * M, 1)]  # 8M and 16M skipped after the timeout at 4M
+    calls.clear()
+    args.seq_lens, args.layers = [M, 8 * M, 16 * M], [1, 2]
+    sweep.sweep({"style": "upipe"}, args, [], lambda res, wall: None, run=fake_run)
+    assert calls == [(M, 1), (M, 2), (8 * M, 1)]  # nothing after the first OOM

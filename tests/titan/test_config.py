@@ -42,3 +42,12 @@ def test_the_old_import_path_is_the_same_section():
     import torchtitan_upipe.config as old
 
     assert old.JobConfig is __import__("torchtitan_upipe.titan.config", fromlist=["x"]).JobConfig
+
+
+def test_device_memory_cap_is_a_non_negative_number_and_the_h100_configs_set_80():
+    assert Benchmark(device_memory_gib=80).device_memory_gib == 80
+    for bad in (-1, True, "80"):
+        with pytest.raises(ValueError, match="benchmark.device_memory_gib"):
+            Benchmark(device_memory_gib=bad)
+    assert _config(config="llama3_8b_8xh100_upipe.toml").benchmark.device_memory_gib == 80
+    assert _config().benchmark.device_memory_gib == 0

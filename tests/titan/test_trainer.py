@@ -202,3 +202,14 @@ def test_the_main_job_prints_the_same_losses_twice(workdir):
                         "--training.steps=3", cwd=workdir))
         runs.append(tensorboard_losses(str(dump)))
     assert runs[0] == runs[1] and sorted(runs[0]) == [1, 2, 3], runs
+
+
+def test_the_device_cap_is_a_fraction_of_a_larger_device_and_nothing_otherwise():
+    from torchtitan_upipe.titan.trainer import cap_device_memory, memory_fraction
+
+    h200 = 150_109_880_320  # bytes torch reports for an H200
+    assert memory_fraction(80, h200) == pytest.approx(80 * 2**30 / h200)
+    assert memory_fraction(80, 85_520_809_984) is None  # an H100 (79.65 GiB): no cap
+    assert memory_fraction(0, h200) is None
+    if not torch.cuda.is_available():
+        assert cap_device_memory(80) is None  # nothing to cap on CPU

@@ -119,11 +119,20 @@ class Benchmark:
     All-to-all styles do the same work on every rank; a causal zigzag ring does not (ranks
     merge different blocks), so a one-rank measurement of a ring must choose its rank."""
 
+    device_memory_gib: float = 0.0
+    """Cap this process's CUDA memory to this many GiB before anything is allocated
+    (``torch.cuda.set_per_process_memory_fraction``), so a larger GPU measures like a smaller
+    one: the H100 configs set 80.  0 = no cap; a cap at or above the device's memory is none."""
+
     def __post_init__(self) -> None:
         for name in ("n_layers", "fake_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"benchmark.{name}={value!r} must be an integer >= 0")
+        cap = self.device_memory_gib
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 0:
+            raise ValueError(
+                f"benchmark.device_memory_gib={cap!r} must be a number of GiB >= 0 (0 = no cap)")
 
 
 @dataclass

@@ -26,14 +26,40 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import torch
+from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
 from .parallelize import CPPlan, parallelize_llama_cp
+
+
+def memory_fraction(cap_gib: float, total_bytes: int) -> float | None:
+    """The fraction of a device of ``total_bytes`` that ``cap_gib`` GiB is, or ``None`` when it
+    caps nothing (0, or at least the whole device)."""
+    cap = cap_gib * 2**30
+    return cap / total_bytes if 0 < cap < total_bytes else None
+
+
+def cap_device_memory(cap_gib: float) -> float | None:
+    """Cap this process's CUDA memory (``benchmark.device_memory_gib``); return the fraction."""
+    if not cap_gib or not torch.cuda.is_available():
+        return None
+    device = int(os.environ.get("LOCAL_RANK", "0"))
+    props = torch.cuda.get_device_properties(device)
+    fraction = memory_fraction(cap_gib, props.total_memory)
+    if fraction is None:
+        logger.info(f"benchmark.device_memory_gib={cap_gib:g} is at least the "
+                    f"{props.total_memory / 2**30:.2f} GiB of {props.name}: no cap")
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    logger.info(f"Capped CUDA memory to {cap_gib:g} GiB ({fraction:.3f} of {props.name}'s "
+                f"{props.total_memory / 2**30:.2f} GiB): benchmark.device_memory_gib")
+    return fraction
 
 
 class UPipeTrainer(Trainer):
@@ -48,6 +74,7 @@ class UPipeTrainer(Trainer):
                 "'torchtitan_upipe.config' (in [job] of the TOML or on the command line)"
             )
         validate_job_config(job_config)
+        cap_device_memory(job_config.benchmark.device_memory_gib)  # before any allocation
         self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
         self.plan: CPPlan | None = None
         super().__init__(job_config)
