@@ -33,14 +33,20 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` with the product formed in ``acc.dtype`` (operands upcast if needed).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-    For bf16/fp16 operands with a float32 accumulator the operands of one tile are upcast,
-    so every tile's partial sum is exact float32 (no per-tile rounding to low precision).
+
+def add_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b``, the product accumulated in ``acc.dtype``.
+
+    bf16/fp16 operands into a float32 accumulator: on CUDA (and meta) one GEMM with bf16
+    operands and float32 accumulation and output (``addmm(..., out_dtype=float32, out=acc)``:
+    tensor-core speed, no per-tile rounding to low precision).  On CPU, which has no such
+    kernel, the operands of one tile are upcast instead (exact float32 products).
     """
-    if a.dtype != acc.dtype:
-        a = a.to(acc.dtype)
-    if b.dtype != acc.dtype:
-        b = b.to(acc.dtype)
-    return acc.addmm_(a, b)
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if (acc.device.type in ("cuda", "meta") and acc.dtype == torch.float32
+            and a.dtype == b.dtype and a.dtype in _LOW_PRECISION):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
