@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import runner
 from tests.helpers.bench_data import CONFIG_8B, M
@@ -67,3 +68,18 @@ def test_the_device_cap_and_the_allocator_retries_are_recorded():
     got = runner.summarize(scalars, warmup=1)
     assert got == {"reserved_gib": 6.0, "active_gib": 4.5, "alloc_retries": 3.0, "step_s": 1.5,
                    "tps": 15.0}
+
+
+def test_a_failed_page_lock_of_the_offload_buffers_reads_as_a_host_oom():
+    """The error :class:`~torchtitan_upipe.memory.HostMemory` raises when cudaHostRegister fails
+    (here with the runtime's cudaErrorMemoryAllocation, 2) stops a sweep as a host OOM."""
+    from torchtitan_upipe.memory import host
+
+    def fail(ptr, nbytes):
+        host._check_register(2, nbytes)
+
+    memory = host.HostMemory(pinned=True, register=fail, unregister=lambda ptr: None)
+    with pytest.raises(RuntimeError) as err:
+        memory.empty((4,), torch.float32)
+    assert "memory.offload_pinned = false" in str(err.value)
+    assert runner.classify_failure(1, f"RuntimeError: {err.value}") == "host"

@@ -69,3 +69,25 @@ def test_host_buffers_round_trip():
     y = offloader.reload(2)
     assert torch.equal(y, x) and y.untyped_storage() is not x.untyped_storage()
     assert offloader.host_bytes() == x.nbytes
+
+
+def test_offloaded_inputs_are_pinned_at_exactly_their_size():
+    """Each layer's buffer is locked once at its exact size, re-locked when the input's shape
+    changes, and unlocked when replaced or closed: pinned bytes == host bytes."""
+    from tests.memory.test_host import _Locks
+    from torchtitan_upipe.memory import HostMemory
+
+    locks = _Locks()
+    memory = HostMemory(pinned=True, register=locks.register, unregister=locks.unregister)
+    offloader = HostOffloader(torch.device("cpu"), host_memory=memory)
+    for _ in range(2):  # the second step reuses the buffers
+        for layer in (1, 2):
+            offloader.offload(layer, torch.randn(3, 7, 5))
+    assert locks.calls == [("register", 420), ("register", 420)]
+    assert offloader.pinned_bytes() == offloader.host_bytes() == 840
+    offloader.offload(1, torch.randn(2, 7, 5))  # a new length: a new exact buffer
+    assert locks.calls[-2:] == [("unregister", 420), ("register", 280)]
+    assert offloader.pinned_bytes() == offloader.host_bytes() == 700
+    memory.close()
+    assert not locks.locked
+    assert HostOffloader(torch.device("cpu")).memory.pinned is False  # nothing to pin on CPU

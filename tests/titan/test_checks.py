@@ -134,3 +134,10 @@ def test_flash_attention_2_offset_overflow_is_refused_with_what_avoids_it():
                                 config=cfg), world_size=8, cuda=True)
     validate_job_config(_config("--training.seq_len=8388608", "--context_parallel.kernel=sdpa",
                                 config="llama3_8b_8xh100_upipe.toml"), world_size=8, cuda=True)
+
+
+def test_pageable_host_buffers_need_offloaded_activations():
+    _fails(r"memory.offload_pinned=false chooses pageable host buffers.*offload_activations=false",
+           "--memory.no-offload-pinned")
+    validate_job_config(_config("--memory.no-offload-pinned", config="llama3_debug_upipe_memory.toml"),
+                        world_size=2, cuda=False)

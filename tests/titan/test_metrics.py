@@ -26,3 +26,18 @@ def test_timer_pairs_forward_and_backward():
 def test_no_timer_is_a_plain_call():
     x = torch.randn(3, requires_grad=True)
     assert timed(None, lambda h: h * 3, x).grad_fn.name().startswith("Mul")
+
+
+def test_host_memory_of_offloaded_activations_is_logged_as_allocated_and_pinned():
+    from torchtitan_upipe.memory import HostMemory, HostOffloader
+    from torchtitan_upipe.titan.metrics import host_memory_metrics
+
+    assert host_memory_metrics(None) == {}
+    locked = {}
+    memory = HostMemory(True, register=lambda p, n: locked.__setitem__(p, n),
+                        unregister=lambda p: locked.pop(p))
+    offloader = HostOffloader(torch.device("cpu"), host_memory=memory)
+    offloader.offload(0, torch.zeros(256, 1024))  # 1 MiB
+    assert host_memory_metrics(offloader) == {"memory/host_offload(GiB)": 2**-10,
+                                              "memory/host_pinned(GiB)": 2**-10}
+    memory.close()

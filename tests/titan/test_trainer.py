@@ -130,6 +130,11 @@ def test_memory_stack_matches_plain_training(workdir, seed_checkpoint, reference
     """Offloaded full AC + tiled MLP/RMSNorm + chunked loss under FSDP and UPipe: same losses."""
     stacked = _losses(workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe_memory.toml")
     _assert_parity(stacked, reference_losses)
+    # the host buffers are logged at exactly their size: 5 offloaded layers x (2, 128, 256) fp32
+    host = tensorboard_scalars(str(workdir / "upipe_memory_stack"), "memory/host_offload(GiB)")
+    pinned = tensorboard_scalars(str(workdir / "upipe_memory_stack"), "memory/host_pinned(GiB)")
+    assert set(host.values()) == {5 * 2 * 128 * 256 * 4 / 2**30}, host
+    assert set(pinned.values()) == {0.0}, pinned  # nothing is page-locked without CUDA
 
 
 CP4 = ("--parallelism.context_parallel_degree=4",)

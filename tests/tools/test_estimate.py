@@ -92,6 +92,13 @@ def test_estimate_host_bytes_match_the_memory_model(tmp_path):
     st = mm.from_model_args(a, seq_len=s, batch=b, cp=c, world=4, style="upipe", param_bytes=4,
                             act_bytes=4, offload=True, keep_layers=1)
     assert mm.breakdown(st)["checkpointed_inputs_host"] == est["host_bytes"]
+    # all of it page-locked on CUDA (memory.offload_pinned, the default), or none of it
+    assert est["host_pinned_bytes"] == est["host_bytes"] and est["host_pinned_gib"] > 0
+    (tmp_path / "pageable").mkdir()
+    pageable = _estimate(tmp_path / "pageable", 4, "--job.config_file", DEBUG_STACK,
+                         "--parallelism.context_parallel_degree", "4", "--training.seq_len", "2048",
+                         "--memory.no-offload-pinned")
+    assert pageable["host_bytes"] == est["host_bytes"] and pageable["host_pinned_bytes"] == 0
 
 
 def test_offloaded_inputs_leave_the_device_count(tmp_path):

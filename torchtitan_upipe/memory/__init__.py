@@ -7,8 +7,8 @@
 * :func:`chunked_cross_entropy`: output projection + TorchTitan's sum-reduced cross entropy
   without ever materializing the (B, S, vocab) logits.
 * :func:`apply_offloaded_ac` / :class:`HostOffloader`: whole-block activation checkpointing
-  with the block inputs kept in pinned host memory (side-stream copies, prefetch one layer
-  ahead).
+  with the block inputs kept in host memory (side-stream copies, prefetch one layer ahead),
+  in buffers of exactly their size, pinned or pageable (:class:`HostMemory`).
 
 Torch only (this layer never imports TorchTitan); :mod:`torchtitan_upipe.titan.memory_stack`
 applies them to TorchTitan's Llama3 as the ``[memory]`` options say.
@@ -33,6 +33,7 @@ from .tiled_mlp import (
     tiled_mlp_class,
     tiled_mlp_forward,
 )
+from .host import HostMemory
 from .offload import HostOffloader, apply_offloaded_ac
 from .tiled_norm import (
     TiledRMSNorm,
@@ -43,6 +44,7 @@ from .tiled_norm import (
 )
 
 __all__ = [
+    "HostMemory",
     "HostOffloader",
     "IGNORE_INDEX",
     "apply_offloaded_ac",

@@ -5,8 +5,8 @@ forward and backward: its input ``x`` (``(B, S/C, dim)``; 5.4 GB per layer for L
 5M tokens over 8 ranks).  :class:`OffloadedCheckpointBlock` keeps that tensor in (pinned) host
 memory instead:
 
-* **forward**: run the block without autograd; copy ``x`` to a reusable pinned host buffer
-  on a side stream (``non_blocking``; ``x.record_stream`` keeps its GPU block alive until the
+* **forward**: run the block without autograd; copy ``x`` to a reusable host buffer of
+  exactly its size (page-locked by default, :mod:`.host`) on a side stream (``non_blocking``; ``x.record_stream`` keeps its GPU block alive until the
   copy ends, then the caching allocator reuses it) and drop the GPU reference.
 * **backward**: wait for the copy back of ``x`` (started one layer earlier, see prefetch),
   recompute the block with autograd, backpropagate ``dout`` through it, return ``dx``, and
@@ -33,24 +33,32 @@ tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tes
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .host import HostMemory
 
 
 class HostOffloader:
     """Reusable host buffers, one per layer, and the side stream that fills and drains them.
 
     ``on_new_buffer(buffer)``, if given, is called for every host buffer allocated (the CPU
-    memory estimator counts host buffers apart from device memory with it).
+    memory estimator counts host buffers apart from device memory with it).  On CUDA the
+    buffers are pinned (``pinned=True``, exactly their size) or pageable; ``host_memory``
+    replaces the allocator (tests).  Without CUDA they are ordinary CPU tensors.
     """
 
     def __init__(self, device: torch.device,
-                 on_new_buffer: Callable[[torch.Tensor], None] | None = None) -> None:
+                 on_new_buffer: Callable[[torch.Tensor], None] | None = None,
+                 pinned: bool = True, host_memory: HostMemory | None = None) -> None:
         self.device = device
         self.on_new_buffer = on_new_buffer
         self.cuda = device.type == "cuda"
+        self.memory = host_memory or HostMemory(pinned=pinned and self.cuda)
+        weakref.finalize(self, self.memory.close)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._host: dict[int, torch.Tensor] = {}
         self._done: dict[int, torch.cuda.Event | None] = {}
@@ -60,15 +68,21 @@ class HostOffloader:
     def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         buf = self._host.get(layer)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-            buf = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=self.cuda)
+            if buf is not None:
+                self.memory.free(buf)
+            buf = self.memory.empty(x.shape, x.dtype)
             self._host[layer] = buf
             if self.on_new_buffer is not None:
                 self.on_new_buffer(buf)
         return buf
 
     def host_bytes(self) -> int:
-        """Bytes of the host buffers allocated so far (one per offloaded layer)."""
+        """Bytes of the host buffers allocated so far (one per offloaded layer), exactly."""
         return sum(b.untyped_storage().nbytes() for b in self._host.values())
+
+    def pinned_bytes(self) -> int:
+        """Bytes of them page-locked: :meth:`host_bytes` when pinned, else 0."""
+        return self.memory.pinned_bytes
 
     def offload(self, layer: int, x: torch.Tensor) -> None:
         buf = self._buffer(layer, x)

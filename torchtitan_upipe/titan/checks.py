@@ -80,6 +80,12 @@ def _validate_memory(job_config) -> None:
     mem = getattr(job_config, "memory", None)
     if mem is None:
         return
+    if not mem.offload_pinned and not mem.offload_activations:
+        raise ConfigError(
+            "memory.offload_pinned=false chooses pageable host buffers for offloaded "
+            "activations, but memory.offload_activations=false offloads nothing; set "
+            "memory.offload_activations=true or leave memory.offload_pinned at true"
+        )
     if mem.offload_activations:
         mode = job_config.activation_checkpoint.mode
         if mode != "full":

@@ -68,7 +68,7 @@ class Memory:
     """The long-context memory stack (any style can use it, so comparisons are fair)::
 
         [memory]
-        offload_activations = true   # block inputs of full AC kept in pinned host memory
+        offload_activations = true   # block inputs of full AC kept in (pinned) host memory
         offload_keep_layers = 1      # ... except the first k layers, kept on the device
         tiled_mlp = true             # MLP over sequence tiles (mlp_tiles, 0 = ceil(S/C / dim))
         tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
@@ -81,6 +81,11 @@ class Memory:
 
     offload_keep_layers: int = 1
     """Keep the inputs of the first k layers on the device."""
+
+    offload_pinned: bool = True
+    """Page-lock the offloaded inputs' host buffers (exactly their size): asynchronous copies.
+    false keeps them pageable: no page-locked memory (for long contexts whose inputs exceed
+    what the host can lock), copies the host waits for."""
 
     offload_prefetch: bool = True
     """Copy the previous layer's input back while a layer runs its backward (overlap); false

@@ -11,7 +11,8 @@ is done).
 
 :class:`CPMetricsProcessor` is TorchTitan's ``MetricsProcessor`` plus two scalars,
 ``time_metrics/attention(s)`` and ``time_metrics/attention(%)`` (share of the wall time since
-the last log), summed over every attention layer of this rank.
+the last log), summed over every attention layer of this rank, and, with offloaded
+activations, their host buffers: ``memory/host_offload(GiB)`` and ``memory/host_pinned(GiB)``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,20 @@ def timed(timer: AttentionTimer | None, fn, x: torch.Tensor, *args) -> torch.Ten
     return out
 
 
+def host_memory_metrics(offloader) -> dict[str, float]:
+    """The offloaded activations' host buffers in GiB: allocated (exactly their size) and how
+    much of it is page-locked (all of it, or none with ``memory.offload_pinned = false``)."""
+    if offloader is None:
+        return {}
+    return {"memory/host_offload(GiB)": offloader.host_bytes() / 2**30,
+            "memory/host_pinned(GiB)": offloader.pinned_bytes() / 2**30}
+
+
 class CPMetricsProcessor(MetricsProcessor):
+    host_offloader = None
+    """The trainer's :class:`~torchtitan_upipe.memory.HostOffloader` (``memory.offload_activations``),
+    whose host bytes are logged next to TorchTitan's device memory."""
+
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
         timers = [
             m.timer
@@ -88,6 +102,9 @@ class CPMetricsProcessor(MetricsProcessor):
             for m in part.modules()
             if getattr(m, "timer", None) is not None
         ]
+        host = host_memory_metrics(self.host_offloader)
+        if host:
+            extra_metrics = {**(extra_metrics or {}), **host}
         if timers:
             seconds = sum(t.consume() for t in timers)
             wall = time.perf_counter() - self.time_last_log

@@ -78,8 +78,9 @@ class CPPlan:
         groups = (build_cp_groups(cp_mesh, shape.ulysses) if style.uses_all_to_all
                   else CPGroups.local())
         device = torch.device(device_type)
-        offloader = (HostOffloader(device, on_new_buffer=on_host_buffer)
-                     if job_config.memory.offload_activations else None)
+        mem = job_config.memory
+        offloader = (HostOffloader(device, on_new_buffer=on_host_buffer, pinned=mem.offload_pinned)
+                     if mem.offload_activations else None)
         return cls(shape, style, groups, style.sharder(groups), cp_mesh,
                    job_config.context_parallel.kernel, device, offloader, inline_upipe)
 

@@ -35,6 +35,7 @@ from torchtitan.train import Trainer
 
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
+from .metrics import CPMetricsProcessor
 from .parallelize import CPPlan, parallelize_llama_cp
 
 
@@ -78,6 +79,8 @@ class UPipeTrainer(Trainer):
         self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
         self.plan: CPPlan | None = None
         super().__init__(job_config)
+        if isinstance(self.metrics_processor, CPMetricsProcessor):
+            self.metrics_processor.host_offloader = self.plan.offloader
 
     def init_distributed(self):
         if self.job_config.comm.mode != "fake_backend":

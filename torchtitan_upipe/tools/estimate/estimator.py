@@ -22,7 +22,8 @@ How it estimates (the same code as training, with shapes and no data):
    :class:`~torchtitan_upipe.tools.memtrack.LiveTensorTracker` keeps the running and peak sum of the bytes of live storages.  The
    first step creates the optimizer state; the reported peak is the maximum over all steps.
 4. Host buffers of offloaded activations (``memory.offload_activations``) are counted apart:
-   they are host memory (:class:`~torchtitan_upipe.memory.HostOffloader`).
+   they are host memory (:class:`~torchtitan_upipe.memory.HostOffloader`), exactly their
+   size, all of it page-locked on CUDA unless ``memory.offload_pinned = false``.
 5. UPipe runs without its custom-op boundary (``upipe_attention(..., inline=True)``, same
    values): under fake tensors a custom op would run only its output-shape function and
    hide the stages' buffers.  A wrapper tensor (DTensor) is counted by its local tensor.
@@ -81,10 +82,11 @@ class Estimate:
     optim_peak_bytes: list[int]  # per step: peak in grad clipping + optimizer step (step 1
     #                              creates the Adam state)
     workspace_bytes: int         # the largest kernel workspace counted (see module doc)
-    host_bytes: int              # pinned host buffers of offloaded activations
+    host_bytes: int              # host buffers of offloaded activations (exactly their size)
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
     rank: int = 0                # the simulated rank (ring styles are not symmetric over ranks)
+    host_pinned_bytes: int = 0   # of host_bytes, page-locked on CUDA (memory.offload_pinned)
     # ``breakdown=N``: the N largest groups of storages live at the highest phase peak, as
     # (op [autograd node] @ source line, bytes, storages); the rest summed in one last row
     breakdown: list[tuple[str, int, int]] = field(default_factory=list)
@@ -99,6 +101,7 @@ class Estimate:
         d["peak_bytes"] = self.peak_bytes
         d["peak_gib"] = self.peak_bytes / GiB
         d["host_gib"] = self.host_bytes / GiB
+        d["host_pinned_gib"] = self.host_pinned_bytes / GiB
         return d
 
 
@@ -253,6 +256,7 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
         seconds=time.perf_counter() - start,
         argv=list(argv),
         rank=rank,
+        host_pinned_bytes=host if job_config.memory.offload_pinned else 0,
         breakdown=_top(at_peak, breakdown),
     )
     with contextlib.suppress(Exception):
