@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 
 try:
     import tomllib
@@ -114,6 +115,20 @@ def train_args(spec: RunSpec, dump_folder: str) -> list[str]:
         # TorchTitan writes TensorBoard on rank 0 only, unless every rank saves its own
         cmd += ["--benchmark.fake_rank", str(spec.rank), "--metrics.save_for_all_ranks"]
     return cmd + list(spec.extra)
+
+
+def check_command(spec: RunSpec) -> None:
+    """Parse a run's train.py options as train.py would and validate them for its ``N``-rank
+    CUDA job, without running anything (``--dry-run``): a bad option raises here, on CPU,
+    with the message the GPU run would have printed."""
+    from torchtitan.config import ConfigManager
+
+    import torchtitan_upipe.train_spec  # noqa: F401 - registers upipe_llama3
+    from torchtitan_upipe.titan.checks import validate_job_config
+
+    config = spec.config if os.path.isabs(spec.config) else os.path.join(ROOT, spec.config)
+    args = ["--comm.mode", "fake_backend", *train_args(dataclass_replace(spec, config=config), "$DUMP")]
+    validate_job_config(ConfigManager().parse_args(args), world_size=spec.ngpu, cuda=True)
 
 
 def _scalars(dump_folder: str) -> dict[str, dict[int, float]]:

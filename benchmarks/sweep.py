@@ -23,6 +23,8 @@ Arguments after ``--`` go to train.py unchanged.
 options under fake tensors, no GPU) instead of training, and records its predicted peak and
 host memory; the report puts them next to the GPU measurements and uses them to carry a
 few-layer measurement to full depth.  ``--jobs 2`` runs two styles at once on a 2-core CPU.
+``--dry-run`` runs nothing: it parses and validates every run's options for the ``N``-rank
+CUDA job (on any machine) and prints the commands.
 
 Stopping: the first run of a style that goes out of memory (on the device or on the host,
 :func:`.runner.classify_failure`) ends that style's sweep; a run that times out at ``(S, L)``
@@ -140,6 +142,28 @@ def summary_line(res: runner.RunResult, wall: float) -> str:
     return f"{res.spec.label():40s} FAIL {why}  ({wall:.0f} s)"
 
 
+def dry_run(args, extra: list[str]) -> int:
+    """Every run of the sweep, checked by :func:`.runner.check_command` and printed; 1 if any
+    is invalid (each is reported)."""
+    bad = 0
+    for style in args.styles:
+        for seq in sorted(args.seq_lens):
+            for layers in sorted(args.layers, key=_layer_key):
+                spec = runner.RunSpec(config=args.config, ngpu=args.ngpu, seq_len=seq,
+                                      n_layers=layers, steps=args.steps, warmup=args.warmup,
+                                      extra=list(extra), **style)
+                cmd = (runner.estimate_command(spec, "$DUMP", "$OUT") if args.estimate
+                       else runner.command(spec, "$DUMP"))
+                try:
+                    runner.check_command(spec)
+                except Exception as e:  # noqa: BLE001 - reported, and the sweep fails
+                    bad += 1
+                    print(f"INVALID {spec.label()}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                print(f"ok {spec.label()}: NGPU={spec.ngpu} {runner.shown_command(cmd)}", flush=True)
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -156,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--estimate", action="store_true",
                     help="run the CPU memory estimator (fake tensors, no GPU) instead of training")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="parse and validate every run's train.py options for the N-rank CUDA "
+                    "job and print its command; run nothing")
     ap.add_argument("--jobs", type=int, default=1,
                     help="styles measured concurrently (1 on a GPU: runs must not share it)")
     args = ap.parse_args(own)
@@ -167,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"job; valid: 0 to {args.ngpu - 1}")
     if args.steps <= args.warmup:
         ap.error("--steps must exceed --warmup (the time is the median of the steps after it)")
+
+    if args.dry_run:
+        return dry_run(args, extra)
 
     results: list[runner.RunResult] = []
     lock = threading.Lock()

@@ -19,14 +19,15 @@ PIP_PY=${PIP_PY:-python3}
 PACKAGES=(torchtitan tyro docstring-parser typeguard tomli torchdata datasets dill multiprocess
           xxhash typing-extensions)
 
-mkdir -p .whl
+WHL_DIR=${WHL_DIR:-.whl}
+mkdir -p "$WHL_DIR"
 for name in "${PACKAGES[@]}"; do
     version=$("$VENV_PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
     "$PIP_PY" -m pip download -q --no-deps --only-binary=:all: \
         --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "$name==$version"
+        -d "$WHL_DIR" "$name==$version"
     echo "$name==$version"
 done
-ls -1 .whl
-du -ch .whl/*.whl | tail -1
+ls -1 "$WHL_DIR"
+du -ch "$WHL_DIR"/*.whl | tail -1

@@ -99,3 +99,20 @@ def test_a_sweep_stops_at_its_first_out_of_memory_and_skips_past_timeouts():
     args.seq_lens, args.layers = [M, 8 * M, 16 * M], [1, 2]
     sweep.sweep({"style": "upipe"}, args, [], lambda res, wall: None, run=fake_run)
     assert calls == [(M, 1), (M, 2), (8 * M, 1)]  # nothing after the first OOM
+
+
+def test_the_dry_run_validates_every_command_line_for_the_gpu_job(capsys, tmp_path):
+    """``--dry-run`` runs nothing: each run's options are parsed and validated for the N-rank
+    CUDA job, so an option the GPU run would reject fails here, on CPU, by name."""
+    from benchmarks import sweep
+
+    argv = ["--config", CONFIG_8B, "--ngpu", "8", "--styles", "upipe:8", "upipe:3",
+            "--seq-lens", "128K", "--layers", "2", "--steps", "3", "--warmup", "1",
+            "--out", str(tmp_path / "unused.json"), "--dry-run"]
+    assert sweep.main(argv) == 1
+    lines = capsys.readouterr().out.splitlines()
+    ok = [line for line in lines if line.startswith("ok ")]
+    bad = [line for line in lines if line.startswith("INVALID ")]
+    assert len(ok) == 1 and ok[0].startswith("ok upipe(U=8) S=131072 L=2: NGPU=8 python train.py")
+    assert len(bad) == 1 and "context_parallel.upipe_chunk_heads=3" in bad[0] and "valid: [8, 16, 32]" in bad[0]
+    assert not (tmp_path / "unused.json").exists()
