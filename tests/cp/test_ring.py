@@ -10,7 +10,7 @@ from torchtitan_upipe.cp.ring import merge, ring_attention
 from torchtitan_upipe.cp.zigzag import zigzag_shard
 from tests.helpers.comm_trace import CollectiveTrace
 from tests.helpers.dist import run_distributed
-from tests.helpers.reference import attention
+from tests.helpers.reference import attention_case
 
 HEADS = [(4, 4), (8, 2), (4, 1)]
 GRID = list(itertools.product(HEADS, (1, 2), (True, False), ("math", "sdpa")))
@@ -19,13 +19,8 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def _case(ring_rank, degree, group, b, h, hkv, causal, kernel, chunk=3, d=8):
     seq = 2 * degree * chunk
-    torch.manual_seed(1000 + 31 * h + 7 * hkv + b)
-    q = torch.randn(b, seq, h, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, seq, hkv, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(b, seq, hkv, d, dtype=torch.float64, requires_grad=True)
-    dout = torch.randn(b, seq, h, d, dtype=torch.float64)
-    ref = attention(q, k, v, causal=causal)
-    ref.backward(dout)
+    q, k, v, dout, ref = attention_case(b, seq, h, hkv, d, causal=causal,
+                                        seed=1000 + 31 * h + 7 * hkv + b)
 
     def shard(t):
         return zigzag_shard(t.detach(), degree, ring_rank)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from torchtitan_upipe import ulysses_attention
 from tests.helpers.dist import run_distributed
-from tests.helpers.reference import attention
+from tests.helpers.reference import attention, attention_case
 
 # (H, H_kv): MHA, H_kv divisible by C, and C divisible by H_kv (replicated KV heads)
 HEADS = [(4, 4), (8, 8), (8, 4), (8, 2), (16, 4), (4, 1), (8, 1)]
@@ -15,13 +15,7 @@ HEADS = [(4, 4), (8, 8), (8, 4), (8, 2), (16, 4), (4, 1), (8, 1)]
 def _case(rank, c, b, h, hkv, kernel, causal=True):
     s_local, d = 5, 8
     seq = s_local * c
-    torch.manual_seed(1234 + h * 7 + hkv)
-    q = torch.randn(b, seq, h, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, seq, hkv, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(b, seq, hkv, d, dtype=torch.float64, requires_grad=True)
-    dout = torch.randn(b, seq, h, d, dtype=torch.float64)
-    ref = attention(q, k, v, causal=causal)
-    ref.backward(dout)
+    q, k, v, dout, ref = attention_case(b, seq, h, hkv, d, causal=causal, seed=1234 + h * 7 + hkv)
 
     sl = slice(rank * s_local, (rank + 1) * s_local)
     ql, kl, vl = (t.detach()[:, sl].clone().requires_grad_() for t in (q, k, v))

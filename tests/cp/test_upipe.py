@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
 from tests.helpers.dist import run_distributed
-from tests.helpers.reference import projected_attention
+from tests.helpers.reference import freqs_cis, projected_attention
 from torchtitan_upipe import upipe_attention
 from torchtitan_upipe.cp.kernels import get_kernel
 from torchtitan_upipe.cp.upipe import UPipeSchedule, valid_chunk_heads
@@ -16,12 +16,6 @@ from torchtitan_upipe.tools.memtrack import LiveTensorTracker
 
 HEADS = [(4, 4), (8, 2), (8, 8), (16, 4), (32, 8)]
 S_LOCAL, HEAD_DIM, DIM = 3, 4, 12
-
-
-def _freqs(seq, head_dim, theta=10000.0):
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.outer(torch.arange(seq, dtype=torch.float64), inv)
-    return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
 
 
 def _tensors(b, seq, h, hkv, seed):
@@ -37,7 +31,7 @@ def _tensors(b, seq, h, hkv, seed):
 def _check_case(rank, c, group, b, h, hkv, u, kernel="math"):
     seq = S_LOCAL * c
     x, wq, wk, wv, dout = _tensors(b, seq, h, hkv, seed=h * 100 + hkv * 10 + u + b)
-    freqs = _freqs(seq, HEAD_DIM)
+    freqs = freqs_cis(seq, HEAD_DIM)
     params = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
     ref = projected_attention(*params, freqs, h, hkv)
     ref.backward(dout)
@@ -158,7 +152,7 @@ def _count_collectives(rank, c):
         sched = UPipeSchedule(h, hkv, c, u)
         x, wq, wk, wv, dout = _tensors(1, S_LOCAL * c, h, hkv, seed=0)
         x = x[:, :S_LOCAL]
-        freqs = _freqs(S_LOCAL * c, HEAD_DIM)[:S_LOCAL]
+        freqs = freqs_cis(S_LOCAL * c, HEAD_DIM)[:S_LOCAL]
         (out, lse), n = _all_to_alls(
             lambda: upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, 0.5))
         # per KV chunk one fused K|V all-to-all; per stage one Q and one O all-to-all
@@ -184,7 +178,7 @@ def _transient_peaks(u, h=32, hkv=8, seq=512, b=1):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, seq, dim, generator=g)
     wq, wk, wv = (torch.randn(n * d, dim, generator=g) * 0.1 for n in (h, hkv, hkv))
-    freqs = _freqs(seq, d)
+    freqs = freqs_cis(seq, d)
     sched = UPipeSchedule(h, hkv, 1, u)
     kernel = get_kernel("sdpa")
     with LiveTensorTracker() as fwd:
@@ -221,13 +215,13 @@ def test_bad_chunk_heads_raise_with_the_option_name():
         UPipeSchedule(12, 3, 2, 2)
     with pytest.raises(ValueError, match="freqs_cis"):
         x, wq, wk, wv, _ = _tensors(1, 4, 4, 4, 0)
-        upipe_attention(x, wq, wk, wv, _freqs(3, HEAD_DIM), n_heads=4, n_kv_heads=4)
+        upipe_attention(x, wq, wk, wv, freqs_cis(3, HEAD_DIM), n_heads=4, n_kv_heads=4)
 
 
 def test_custom_op_is_opaque_to_torch_compile():
     """fullgraph compile traces the op as one node; forward and backward stay exact."""
     x, wq, wk, wv, dout = _tensors(1, 6, 8, 2, 0)
-    freqs = _freqs(6, HEAD_DIM)
+    freqs = freqs_cis(6, HEAD_DIM)
 
     def f(x, wq, wk, wv):
         return upipe_attention(x, wq, wk, wv, freqs, n_heads=8, n_kv_heads=2, chunk_heads=2, kernel="math")
@@ -246,7 +240,7 @@ def test_custom_op_is_opaque_to_torch_compile():
 def test_inline_ops_give_the_custom_ops_values_and_gradients():
     """The estimator's inline path (no custom-op boundary) computes exactly what the op does."""
     x, wq, wk, wv, dout = _tensors(2, 6, 8, 2, 1)
-    freqs = _freqs(6, HEAD_DIM)
+    freqs = freqs_cis(6, HEAD_DIM)
     results = []
     for inline in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
@@ -270,7 +264,7 @@ def test_bf16_gradients_are_as_accurate_as_ulysses():
     x = torch.randn(b, s, dim, generator=g, dtype=torch.float64)
     ws = [torch.randn(n * d, dim, generator=g, dtype=torch.float64) / dim**0.5 for n in (h, hkv, hkv)]
     dout = torch.randn(b, s, h * d, generator=g, dtype=torch.float64)
-    freqs = _freqs(s, d)
+    freqs = freqs_cis(s, d)
 
     def ulysses(x_, wq, wk, wv):
         q, k = apply_rotary_emb((x_ @ wq.T).view(b, s, h, d), (x_ @ wk.T).view(b, s, hkv, d), freqs)

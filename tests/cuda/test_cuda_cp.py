@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.cuda import CUDA, max_error
+from tests.helpers.reference import freqs_cis, projected_attention
 from torchtitan_upipe import upipe_attention
 from torchtitan_upipe.cp.ulysses import ulysses_attention
 
@@ -24,18 +25,6 @@ B, S, DIM, HEAD_DIM = 2, 384, 256, 64
 HEADS = [(8, 8), (8, 2)]
 
 
-def _freqs(seq: int, head_dim: int) -> torch.Tensor:
-    inv = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    ang = torch.outer(torch.arange(seq, dtype=torch.float64), inv)
-    return torch.polar(torch.ones_like(ang), ang).to(torch.complex64).cuda()
-
-
-def _rope(t, freqs):
-    """TorchTitan's RoPE: complex multiplication in float32, rounded back to ``t``'s dtype."""
-    tc = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
-    return torch.view_as_real(tc * freqs[None, :, None, :]).flatten(3).type_as(t)
-
-
 def _sdpa(q, k, v):
     """Causal SDPA on (B, S, H, D) tensors, GQA by repetition (torch's own autograd)."""
     g = q.shape[2] // k.shape[2]
@@ -43,14 +32,6 @@ def _sdpa(q, k, v):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True)
     return out.transpose(1, 2)
-
-
-def _projected(x, wq, wk, wv, freqs, h, h_kv):
-    b, s, _ = x.shape
-    q = _rope((x @ wq.T).view(b, s, h, HEAD_DIM), freqs)
-    k = _rope((x @ wk.T).view(b, s, h_kv, HEAD_DIM), freqs)
-    v = (x @ wv.T).view(b, s, h_kv, HEAD_DIM)
-    return _sdpa(q, k, v).reshape(b, s, h * HEAD_DIM)
 
 
 def _leaves(tensors, dtype):
@@ -79,10 +60,10 @@ def test_upipe_without_a_group_matches_float32_sdpa(u, h, h_kv, kernel):
     ws = [torch.randn(n * HEAD_DIM, DIM, device="cuda", generator=g) / DIM**0.5
           for n in (h, h_kv, h_kv)]
     dout = torch.randn(B, S, h * HEAD_DIM, device="cuda", generator=g)
-    freqs = _freqs(S, HEAD_DIM)
+    freqs = freqs_cis(S, HEAD_DIM).cuda()
 
     def plain(*t):
-        return _projected(*t[:4], freqs, h, h_kv)
+        return projected_attention(*t[:4], freqs, h, h_kv, attend=_sdpa)
 
     def upipe(*t):
         return upipe_attention(*t[:4], freqs, n_heads=h, n_kv_heads=h_kv, chunk_heads=u,

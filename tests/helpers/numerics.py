@@ -23,6 +23,21 @@ def leaf(*shape, dtype=torch.float64, scale=1.0, gen=None):
     return (torch.randn(*shape, dtype=dtype, generator=gen) * scale).requires_grad_()
 
 
+def assert_same_module(ref, mod, seed: int) -> None:
+    """``mod`` computes what ``ref`` computes on a random float64 ``(2, S, DIM)`` input:
+    output, input gradient and every parameter's gradient (parameters paired in order)."""
+    x = leaf(2, S, DIM, gen=torch.Generator().manual_seed(seed))
+    x2 = x.detach().clone().requires_grad_()
+    gy = torch.randn(2, S, DIM, dtype=torch.float64)
+    y_ref, y = ref(x), mod(x2)
+    close(y, y_ref)
+    y_ref.backward(gy)
+    y.backward(gy)
+    close(x2.grad, x.grad)
+    for p, q in zip(ref.parameters(), mod.parameters(), strict=True):
+        close(q.grad, p.grad)
+
+
 def grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 

@@ -24,18 +24,43 @@ def attention(q, k, v, *, causal=True, scale=None):
 
 
 def rope(x, freqs_cis):
-    """TorchTitan's complex RoPE: x (B,S,H,D) as D/2 complex pairs times freqs_cis (S, D/2)."""
-    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    """TorchTitan's complex RoPE: x (B,S,H,D) as D/2 complex pairs times freqs_cis (S, D/2),
+    computed in at least float32 (bf16/fp16 have no complex type) and returned in x's dtype."""
+    xc = torch.view_as_complex(
+        x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2).contiguous())
     f = freqs_cis.to(xc.dtype)[None, :, None, :]
-    return torch.view_as_real(xc * f).flatten(3)
+    return torch.view_as_real(xc * f).flatten(3).to(x.dtype)
 
 
-def projected_attention(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, *, causal=True):
-    """The Llama attention block up to (excluding) wo: returns (B, S, H*D)."""
+def freqs_cis(seq: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """TorchTitan's complex64 RoPE table ``(seq, head_dim/2)``, the angles formed in float64."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(seq, dtype=torch.float64), inv)
+    return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+
+
+def attention_case(b, seq, h, h_kv, d, *, causal=True, seed=0):
+    """float64 leaves ``q (b,seq,h,d)``, ``k, v (b,seq,h_kv,d)`` whose ``.grad`` holds the
+    reference's gradients for ``dout``; returns ``(q, k, v, dout, out)``, ``out`` detached."""
+    torch.manual_seed(seed)
+    q = torch.randn(b, seq, h, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, seq, h_kv, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, seq, h_kv, d, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(b, seq, h, d, dtype=torch.float64)
+    out = attention(q, k, v, causal=causal)
+    out.backward(dout)
+    return q, k, v, dout, out.detach()
+
+
+def projected_attention(x, wq, wk, wv, freqs_cis, n_heads, n_kv_heads, *, causal=True,
+                        attend=None):
+    """The Llama attention block up to (excluding) wo: returns (B, S, H*D).  ``attend(q, k, v)``
+    replaces the textbook causal :func:`attention` (e.g. torch's SDPA on a GPU)."""
     b, s, _ = x.shape
     d = wq.shape[0] // n_heads
     q = (x @ wq.T).view(b, s, n_heads, d)
     k = (x @ wk.T).view(b, s, n_kv_heads, d)
     v = (x @ wv.T).view(b, s, n_kv_heads, d)
     q, k = rope(q, freqs_cis), rope(k, freqs_cis)
-    return attention(q, k, v, causal=causal).reshape(b, s, n_heads * d)
+    out = attention(q, k, v, causal=causal) if attend is None else attend(q, k, v)
+    return out.reshape(b, s, n_heads * d)

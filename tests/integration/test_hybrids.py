@@ -15,8 +15,8 @@ from torchtitan_upipe.titan.groups import build_cp_groups
 from torchtitan_upipe.cp.ring import RingKernel
 from torchtitan_upipe.titan.sharding import sharder_for
 from tests.helpers.dist import run_distributed
-from tests.helpers.reference import attention, projected_attention
-from tests.cp.test_upipe import HEAD_DIM, _freqs, _tensors
+from tests.helpers.reference import attention, freqs_cis, projected_attention
+from tests.cp.test_upipe import HEAD_DIM, _tensors
 
 SEQ = 16  # divisible by 2 * C = 8
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -46,7 +46,7 @@ def _usp_case(groups, sharder, b, h, hkv):
 def _upipe_case(groups, sharder, b, h, hkv, u_heads):
     idx = sharder.indices(SEQ)
     x, wq, wk, wv, dout = _tensors(b, SEQ, h, hkv, seed=h * 7 + hkv + u_heads)
-    freqs = _freqs(SEQ, HEAD_DIM)
+    freqs = freqs_cis(SEQ, HEAD_DIM)
     params = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
     ref = projected_attention(*params, freqs, h, hkv)
     ref.backward(dout)

@@ -13,7 +13,7 @@ import torch
 
 from torchtitan.models.llama3.model.model import FeedForward
 
-from tests.helpers.numerics import DIM, S, close, leaf
+from tests.helpers.numerics import DIM, assert_same_module
 from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac, apply_tiled_mlp
 from torchtitan_upipe.titan.memory_stack import TiledFeedForward, apply_tiling
 from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
@@ -151,16 +151,7 @@ def test_apply_tiled_mlp_module(num_tiles):
     for k, v in ref.state_dict().items():
         assert torch.equal(tiled.state_dict()[k], v)
 
-    x = leaf(2, S, DIM, gen=torch.Generator().manual_seed(3))
-    x2 = x.detach().clone().requires_grad_()
-    gy = torch.randn(2, S, DIM, dtype=torch.float64)
-    y_ref, y = ref(x), tiled(x2)
-    close(y, y_ref)
-    y_ref.backward(gy)
-    y.backward(gy)
-    close(x2.grad, x.grad)
-    for (n, p), (_, q) in zip(ref.named_parameters(), tiled.named_parameters()):
-        close(q.grad, p.grad)
+    assert_same_module(ref, tiled, seed=3)
 
     # re-applying updates the tile count; a fresh TiledFeedForward has the same keys
     assert apply_tiled_mlp(tiled, 5).num_tiles == 5

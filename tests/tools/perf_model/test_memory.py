@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers.reference import freqs_cis
 from torchtitan_upipe.titan.shape import ModelShape
 from torchtitan_upipe.tools.perf_model import memory as mm
 from torchtitan_upipe.cp.kernels import get_kernel
@@ -46,12 +47,6 @@ def _tracker() -> LiveTensorTracker:
     return LiveTensorTracker()
 
 
-def _freqs(seq: int, d: int) -> torch.Tensor:
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.outer(torch.arange(seq, dtype=torch.float64), inv)
-    return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
-
-
 def _err(model: int, measured: int) -> float:
     return model / measured - 1
 
@@ -62,7 +57,7 @@ def _upipe_measure(u: int, dtype: torch.dtype = DT) -> tuple[int, int]:
     g = torch.Generator().manual_seed(u)
     x = torch.randn(1, S, DIM, generator=g).to(dtype)
     wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(dtype) for n in (H, HKV, HKV))
-    freqs, kernel, sched = _freqs(S, D), get_kernel("sdpa"), UPipeSchedule(H, HKV, 1, u)
+    freqs, kernel, sched = freqs_cis(S, D), get_kernel("sdpa"), UPipeSchedule(H, HKV, 1, u)
     with _tracker() as fwd:
         out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, None, kernel, True, D**-0.5)
     dout = torch.randn(out.shape, generator=g).to(dtype)
@@ -101,7 +96,7 @@ def _upipe_gloo_worker(rank: int, world: int) -> None:
             x = torch.randn(1, s, DIM, generator=g).to(dtype)
             wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(dtype)
                           for n in (H, hkv, hkv))
-            freqs, sched = _freqs(S, D)[rank * s:(rank + 1) * s], UPipeSchedule(H, hkv, world, u)
+            freqs, sched = freqs_cis(S, D)[rank * s:(rank + 1) * s], UPipeSchedule(H, hkv, world, u)
             with _tracker() as fwd:
                 out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, D**-0.5)
             dout = torch.randn(out.shape, generator=g).to(dtype)
@@ -148,7 +143,7 @@ def test_ulysses_forward_matches_model():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, S, DIM, generator=g).to(DT).requires_grad_()
     wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(DT) for n in (H, HKV, HKV))
-    freqs, kernel = _freqs(S, D), get_kernel("sdpa")
+    freqs, kernel = freqs_cis(S, D), get_kernel("sdpa")
     with _tracker() as t:
         q, k, v = (F.linear(x, w).view(1, S, -1, D) for w in (wq, wk, wv))
         q, k = apply_rotary_emb(q, k, freqs_cis=freqs)
