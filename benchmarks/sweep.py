@@ -97,34 +97,46 @@ def _layer_key(n: int) -> float:
     return float("inf") if n == 0 else n  # 0 = full depth, the most layers
 
 
+def _spec(args, extra: list[str], style: dict, seq: int, layers: int) -> runner.RunSpec:
+    return runner.RunSpec(config=args.config, ngpu=args.ngpu, seq_len=seq, n_layers=layers,
+                          steps=args.steps, warmup=args.warmup, extra=list(extra), **style)
+
+
+def _grid(args) -> list[tuple[int, int]]:
+    """``(S, L)`` in sweep order: lengths ascending, layer counts ascending (0 = all last)."""
+    return [(seq, layers) for seq in sorted(args.seq_lens)
+            for layers in sorted(args.layers, key=_layer_key)]
+
+
+def _shown(spec: runner.RunSpec, estimate: bool) -> str:
+    """The run's command as recorded (placeholders for the temporary folders)."""
+    if estimate:
+        return runner.shown_command(runner.estimate_command(spec, "$DUMP", "$OUT"))
+    return f"NGPU={spec.ngpu} " + runner.shown_command(runner.command(spec, "$DUMP"))
+
+
 def sweep(style: dict, args, extra: list[str], record, run=None) -> None:
     """All runs of one style: lengths ascending, layer counts ascending, stopping at the first
     OOM and skipping past timeouts.  ``run(spec, timeout)`` defaults to :func:`.runner.run`
     (or :func:`.runner.estimate` with ``--estimate``)."""
     run = run or (runner.estimate if args.estimate else runner.run)
     blocked: list[tuple[int, float]] = []  # (S, L) that failed: skip S' >= S and L' >= L
-    for seq in sorted(args.seq_lens):
-        for layers in sorted(args.layers, key=_layer_key):
-            if any(seq >= s and _layer_key(layers) >= l for s, l in blocked):
-                continue
-            spec = runner.RunSpec(config=args.config, ngpu=args.ngpu, seq_len=seq, n_layers=layers,
-                                  steps=args.steps, warmup=args.warmup, extra=list(extra), **style)
-            start = time.time()
-            try:
-                res = run(spec, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                if args.estimate:
-                    shown = runner.shown_command(runner.estimate_command(spec, "$DUMP", "$OUT"))
-                else:
-                    shown = f"NGPU={spec.ngpu} " + runner.shown_command(runner.command(spec, "$DUMP"))
-                res = runner.RunResult(spec, shown, ok=False, oom=False,
-                                       kind="estimate" if args.estimate else "measured",
-                                       error=f"timeout after {args.timeout} s")
-            record(res, time.time() - start)
-            if res.oom:  # out of memory (device or host): this style's sweep ends here
-                return
-            if not res.ok and (res.error or "").startswith("timeout"):
-                blocked.append((seq, _layer_key(layers)))
+    for seq, layers in _grid(args):
+        if any(seq >= s and _layer_key(layers) >= l for s, l in blocked):
+            continue
+        spec = _spec(args, extra, style, seq, layers)
+        start = time.time()
+        try:
+            res = run(spec, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            res = runner.RunResult(spec, _shown(spec, args.estimate), ok=False, oom=False,
+                                   kind="estimate" if args.estimate else "measured",
+                                   error=f"timeout after {args.timeout} s")
+        record(res, time.time() - start)
+        if res.oom:  # out of memory (device or host): this style's sweep ends here
+            return
+        if not res.ok and (res.error or "").startswith("timeout"):
+            blocked.append((seq, _layer_key(layers)))
 
 
 def summary_line(res: runner.RunResult, wall: float) -> str:
@@ -147,20 +159,15 @@ def dry_run(args, extra: list[str]) -> int:
     is invalid (each is reported)."""
     bad = 0
     for style in args.styles:
-        for seq in sorted(args.seq_lens):
-            for layers in sorted(args.layers, key=_layer_key):
-                spec = runner.RunSpec(config=args.config, ngpu=args.ngpu, seq_len=seq,
-                                      n_layers=layers, steps=args.steps, warmup=args.warmup,
-                                      extra=list(extra), **style)
-                cmd = (runner.estimate_command(spec, "$DUMP", "$OUT") if args.estimate
-                       else runner.command(spec, "$DUMP"))
-                try:
-                    runner.check_command(spec)
-                except Exception as e:  # noqa: BLE001 - reported, and the sweep fails
-                    bad += 1
-                    print(f"INVALID {spec.label()}: {type(e).__name__}: {e}", flush=True)
-                    continue
-                print(f"ok {spec.label()}: NGPU={spec.ngpu} {runner.shown_command(cmd)}", flush=True)
+        for seq, layers in _grid(args):
+            spec = _spec(args, extra, style, seq, layers)
+            try:
+                runner.check_command(spec)
+            except Exception as e:  # noqa: BLE001 - reported, and the sweep fails
+                bad += 1
+                print(f"INVALID {spec.label()}: {type(e).__name__}: {e}", flush=True)
+                continue
+            print(f"ok {spec.label()}: {_shown(spec, args.estimate)}", flush=True)
     return 1 if bad else 0
 
 
