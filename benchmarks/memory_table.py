@@ -1,4 +1,4 @@
-"""Print the analytic per-rank memory breakdown (torchtitan_upipe.tools.perf_model.memory), in GiB.
+"""Print the analytic per-rank memory breakdown (torchtitan_upipe.titan.memory_model), in GiB.
 
     python scripts/memory_table.py              # aligned text
     python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from torchtitan_upipe.tools.perf_model.memory import (
+from torchtitan_upipe.titan.memory_model import (
+    from_job_config,
     GiB,
     Setup,
     breakdown,
@@ -91,12 +92,11 @@ def setup_of_run(spec: dict) -> Setup:
     from torchtitan.config import ConfigManager
 
     import torchtitan_upipe.train_spec  # noqa: F401  (registers the model)
-    from torchtitan_upipe.tools.perf_model.job import memory_setup
 
     from . import runner
 
     job = ConfigManager().parse_args(runner.train_args(runner.RunSpec(**spec), "unused"))
-    return memory_setup(job, spec["ngpu"])
+    return from_job_config(job, spec["ngpu"])
 
 
 def estimate_table(paths: list[str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from torchtitan_upipe.tools.perf_model import memory as mm
+from torchtitan_upipe.titan import memory_model as mm
 
 M = 1 << 20
 

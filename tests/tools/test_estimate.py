@@ -78,10 +78,10 @@ def test_fake_estimate_equals_real_tensor_measurement(tmp_path, case):
 
 def test_estimate_host_bytes_match_the_memory_model(tmp_path):
     """Offloaded inputs are host memory: exactly (L - keep) x (b, S/C, dim) x 4 bytes, as the
-    analytic model (tools/perf_model/memory.py) says.  (The device peaks are compared on Llama3-8B
+    analytic model (titan/memory_model.py) says.  (The device peaks are compared on Llama3-8B
     shapes below, where the model's terms dominate; at debug shapes its unmodelled small
     tensors, token ids and labels, matter.)"""
-    from torchtitan_upipe.tools.perf_model import memory as mm
+    from torchtitan_upipe.titan import memory_model as mm
     from torchtitan_upipe.titan.llama3 import FLAVORS
 
     est = _estimate(tmp_path, 4, "--job.config_file", DEBUG_STACK,
@@ -171,7 +171,7 @@ def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
     peaks outside the attention (the debug model's MLP and loss), so the workspace must not
     raise the peak; the estimator used to add it anyway.  Where an attention backward is the
     peak, the Llama3-8B agreement tests below need the workspace to match the model."""
-    from torchtitan_upipe.tools.perf_model import memory as mm
+    from torchtitan_upipe.titan import memory_model as mm
     from torchtitan_upipe.titan.llama3 import FLAVORS
 
     args = ("--job.config_file", DEBUG, "--context_parallel.upipe_chunk_heads", "4")
@@ -203,10 +203,10 @@ LLAMA8B = os.path.join(ROOT, "train_configs", "llama3_8b_8xh100_upipe.toml")
 ])
 def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, heads, seq,
                                                                 ring_rank):
-    """Two derivations of one rank's peak: formulas read off the code (perf_model/memory.py) and
+    """Two derivations of one rank's peak: formulas read off the code (titan/memory_model.py) and
     the code itself run on fake tensors.  Llama3-8B on 8 ranks with the memory stack, four
     layers (so one offloaded layer prefetches another), CUDA workspaces on both sides."""
-    from torchtitan_upipe.tools.perf_model import memory as mm
+    from torchtitan_upipe.titan import memory_model as mm
     from torchtitan_upipe.titan.llama3 import FLAVORS
 
     ring = () if ring_rank is None else ("--context_parallel.ulysses_degree", "1",

@@ -40,7 +40,7 @@ What fake tensors do not see, and what is added for it:
   (``--target cuda``, the default) every call of the attention backward op
   (``_scaled_dot_product_flash_attention_for_cpu_backward``, what the ``sdpa`` kernel runs
   on CPU) also counts what FlashAttention-2's backward would allocate for that call's shapes,
-  :func:`torchtitan_upipe.tools.perf_model.memory.fa2_backward_workspace_bytes`, at that moment: on top
+  :func:`torchtitan_upipe.titan.memory_model.fa2_backward_workspace_bytes`, at that moment: on top
   of the live tensors, the op's inputs and its dq, dk, dv.  So the workspace raises the peak
   only where an attention backward is the peak.
 * **The caching allocator.**  Fragmentation and the rounding of blocks, the CUDA context,

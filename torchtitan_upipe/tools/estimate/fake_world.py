@@ -24,7 +24,7 @@ from typing import Iterator
 
 from torch._subclasses.fake_tensor import is_fake
 
-from ..perf_model.memory import fa2_backward_workspace_bytes
+from ...titan.memory_model import fa2_backward_workspace_bytes
 
 
 class Counted:

@@ -1,3 +1,4 @@
-"""Performance models of a job: memory per rank (:mod:`.memory`), communication
-(:mod:`.comm`), train.py's options to their inputs (:mod:`.job`), and the affine fit over the
-layer count that carries few-layer measurements to full depth (:mod:`.fit`)."""
+"""Performance models of a job: communication (:mod:`.comm`) and the affine fit over the
+layer count that carries few-layer measurements to full depth (:mod:`.fit`).  The per-rank
+memory model is :mod:`torchtitan_upipe.titan.memory_model` (the trainer's config-time
+``upipe_chunk_heads = "auto"`` uses it)."""

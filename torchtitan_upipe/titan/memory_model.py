@@ -3,12 +3,12 @@
 Symbols (per rank): ``T = b*S/C`` local tokens (``s = S/C``), ``e``/``p`` activation/param
 bytes, ``H``, ``H_kv``, ``D`` heads, KV heads, head dim, ``F`` MLP hidden, ``V`` vocab, ``L``
 layers, ``u`` all-to-all degree, ``R = C/u`` ring degree, ``U`` UPipe query heads per stage,
-``rho`` KV replication.  Every size comes from the job's :class:`~...titan.shape.JobShape`
-(UPipe's geometry from its :class:`~...cp.upipe.schedule.UPipeSchedule`), never re-derived
+``rho`` KV replication.  Every size comes from the job's :class:`~.shape.JobShape`
+(UPipe's geometry from its :class:`~..cp.upipe.schedule.UPipeSchedule`), never re-derived
 here.  Each term names the code it models as ``function: tensor`` (``upipe_forward: lse``);
 "TorchTitan's" means ``torchtitan/models/llama3/model/model.py``.  ``_rope(n)``: one RoPE
 over ``n`` bf16 elements adds an fp32 copy, the fp32 product and the cast back, 10n.  The
-model-vs-measurement tests (``tests/tools/test_perf_model_memory.py``) and the
+model-vs-measurement tests (``tests/titan/test_memory_model.py``) and the
 model-vs-estimator tests (``tests/tools/test_estimate.py``) guard every term.
 
 Assumption: full activation checkpointing (TorchTitan's, or ``memory.offload``): between
@@ -27,9 +27,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ...memory import auto_num_tiles
-from ...titan.memory_stack import DEFAULT_CHUNK_TOKENS
-from ...titan.shape import JobShape, ModelShape
+from ..memory import auto_num_tiles
+from .memory_stack import DEFAULT_CHUNK_TOKENS
+from .shape import JobShape, ModelShape
 
 GiB = 1 << 30
 
@@ -46,9 +46,9 @@ def _from_shape(path: str, doc: str) -> property:
 
 @dataclass(frozen=True)
 class Setup:
-    """One rank of a job for the model: its :class:`~...titan.shape.JobShape` and the options
+    """One rank of a job for the model: its :class:`~.shape.JobShape` and the options
     the memory depends on.  Build it with :func:`setup`, :func:`from_flavor`,
-    :func:`from_model_args` or :func:`~.job.memory_setup` (from train.py's options)."""
+    :func:`from_model_args` or :func:`from_job_config` (from train.py's options)."""
 
     shape: JobShape
     param_bytes: int = 2         # bf16 compute params / unsharded grads
@@ -98,7 +98,7 @@ def setup(model: ModelShape, seq_len: int, *, style: str = "upipe", cp: int = 1,
 
 
 def from_flavor(flavor: str, **kw) -> Setup:
-    """:func:`setup` for a flavor of :data:`~...titan.llama3.FLAVORS`."""
+    """:func:`setup` for a flavor of :data:`~.llama3.FLAVORS`."""
     return setup(ModelShape.from_flavor(flavor), **kw)
 
 
@@ -358,7 +358,7 @@ def logits_bytes(st: Setup) -> int:
 # ---------------------------------------------------------------------------------- total
 def param_counts(st: Setup) -> dict:
     """Parameters per FSDP unit (TorchTitan apply_fsdp: embedding, each block, [norm, output]),
-    from :class:`~...titan.shape.ModelShape`."""
+    from :class:`~.shape.ModelShape`."""
     m = st.shape.model
     return {"block": m.block_params, "embedding": m.embedding_params,
             "output": m.output_params, "total": m.total_params}
@@ -487,3 +487,26 @@ def stack(st: Setup, on: bool = True) -> Setup:
     """``st`` with the [memory] stack on (offload keep 1, auto tiles, 1K-token chunks) or off."""
     return replace(st, offload=on, keep_layers=1, tiled_mlp=on, mlp_tiles=0, tiled_norm=on,
                    norm_tiles=0, chunked_loss=on, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)
+
+
+# ------------------------------------------------------------------ train.py's options
+def element_bytes(dtype_name: str) -> int:
+    """Bytes of a ``training.mixed_precision_*`` element: 4 for float32, else 2."""
+    return 4 if dtype_name == "float32" else 2
+
+
+def from_job_config(job_config, world: int, model_args=None, **changes) -> Setup:
+    """The :class:`Setup` of ``job_config`` on ``world`` ranks, as the trainer builds the job
+    (:meth:`~.shape.JobShape.from_job_config`; ``benchmark.n_layers`` limits the depth):
+    precision from ``training.mixed_precision_*``, the ``[memory]`` stack from its section.
+    ``changes``: other :class:`Setup` fields (e.g. ``cuda_workspaces``)."""
+    mem, tr = job_config.memory, job_config.training
+    e = element_bytes(tr.mixed_precision_param)
+    return Setup(
+        JobShape.from_job_config(job_config, world, model_args),
+        param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
+        offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
+        offload_prefetch=mem.offload_prefetch, tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
+        tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
+        **changes,
+    )

@@ -1,4 +1,4 @@
-"""The analytic memory model (torchtitan_upipe.tools.perf_model.memory) against CPU measurements.
+"""The analytic memory model (torchtitan_upipe.titan.memory_model) against CPU measurements.
 
 Measured with :class:`~torchtitan_upipe.tools.memtrack.LiveTensorTracker` (peak bytes of the storages
 a region allocates) at small bf16 shapes with C = 1 and the CPU kernels, so the model runs
@@ -15,14 +15,18 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import torchtitan_upipe.train_spec  # noqa: F401  (registers upipe_llama3)
+from tests.helpers.paths import CONFIGS
 from tests.helpers.reference import freqs_cis
+from torchtitan.config import ConfigManager
 from torchtitan_upipe.titan.shape import ModelShape
-from torchtitan_upipe.tools.perf_model import memory as mm
+from torchtitan_upipe.titan import memory_model as mm
 from torchtitan_upipe.cp.kernels import get_kernel
 from torchtitan_upipe.tools.memtrack import LiveTensorTracker
 from torchtitan_upipe.cp.upipe import UPipeSchedule
@@ -380,3 +384,23 @@ def test_8b_table_is_finite_and_upipe_below_ulysses():
           f"ulysses {ul['attention_transient'] / mm.GiB:.1f} GiB")
     assert up["attention_transient"] < ul["attention_transient"]
     assert up["peak_device"] < ul["peak_device"]
+
+
+# ------------------------------------------------------------------ train.py's options
+
+def test_from_job_config_is_the_configs_job():
+    path = os.path.join(CONFIGS, "llama3_8b_8xh100_upipe.toml")
+    job = ConfigManager().parse_args(["--job.config_file", path, "--training.seq_len", "3145728",
+                                      "--memory.no-offload-prefetch"])
+    st = mm.from_job_config(job, world=8)
+    want = mm.replace(mm.stack(mm.from_flavor("8B", seq_len=3 << 20, cp=8, world=8, style="upipe",
+                                              chunk_heads=8)), offload_prefetch=False)
+    assert st == want
+    assert (st.act_bytes, st.reduce_bytes) == (2, 4)
+    two = ConfigManager().parse_args(["--job.config_file", path, "--benchmark.n_layers", "2"])
+    assert mm.from_job_config(two, world=8).n_layers == 2
+
+
+def test_element_bytes():
+    assert mm.element_bytes("float32") == 4
+    assert mm.element_bytes("bfloat16") == mm.element_bytes("float16") == 2
