@@ -71,9 +71,41 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
                 f"parallelism.tensor_parallel_degree and pipeline_parallel_degree to 1"
             )
     args = model_args(job_config) if args is None else args
+    if cp.upipe_chunk_heads == "auto":
+        _resolve_auto_chunk_heads(job_config, style, world, args, cuda)
     shape = JobShape.from_job_config(job_config, world, args)
     style.check(job_config, shape, args, cuda)
     return shape
+
+
+def _resolve_auto_chunk_heads(job_config, style, world: int, args, cuda: bool) -> None:
+    """``upipe_chunk_heads = "auto"``: the layout must pass the style's checks with the
+    default ``U``; then the largest ``U`` that passes them and fits is written into the config
+    (:func:`~.fitting.resolve_auto_chunk_heads`), and the log says why."""
+    from torchtitan.tools.logging import logger
+
+    from .fitting import resolve_auto_chunk_heads
+
+    cp = job_config.context_parallel
+
+    def check(chunk_heads: int) -> None:
+        cp.upipe_chunk_heads = chunk_heads
+        try:
+            style.check(job_config, JobShape.from_job_config(job_config, world, args), args, cuda)
+        finally:
+            cp.upipe_chunk_heads = "auto"
+
+    def allowed(chunk_heads: int) -> bool:
+        try:
+            check(chunk_heads)
+        except ConfigError:
+            return False
+        return True
+
+    if cp.style == "upipe":
+        check(0)  # the layout's own errors first, worded for the options the user set
+    choice = resolve_auto_chunk_heads(job_config, world, args, cuda, allowed)
+    logger.info(f"context_parallel.upipe_chunk_heads='auto' -> {choice.reason()}")
 
 
 def _validate_memory(job_config) -> None:

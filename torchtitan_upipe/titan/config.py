@@ -33,9 +33,11 @@ class ContextParallel:
     """Context-parallel attention: "none" | "ulysses" | "upipe" | "ring" (TorchTitan's built-in
     ring attention, CUDA only) | "usp" (Ulysses x ring hybrid)."""
 
-    upipe_chunk_heads: int = 0
-    """U for style "upipe": query heads processed per stage across all C ranks. A multiple of
-    C that divides n_heads; 0 means C (the smallest, most memory-saving choice)."""
+    upipe_chunk_heads: int | str = 0
+    """U for style "upipe": query heads processed per stage across the all-to-all's ranks. A
+    multiple of ulysses_degree (C by default) that divides n_heads; 0 means that degree (the
+    smallest, most memory-saving choice); "auto" takes, at config time, the largest valid U
+    whose predicted peak fits the device less memory.reserve_gib (titan/fitting.py)."""
 
     ulysses_degree: int = 0
     """For hybrid styles: size of the all-to-all group (0 = C). Ring degree = C / this."""
@@ -55,11 +57,17 @@ class ContextParallel:
             raise ValueError(
                 f"context_parallel.kernel={self.kernel!r} is not one of {list(KERNEL_CHOICES)}"
             )
+        if isinstance(self.upipe_chunk_heads, str) and self.upipe_chunk_heads.strip().isdigit():
+            self.upipe_chunk_heads = int(self.upipe_chunk_heads)  # a TOML string "8"
         for name in ("upipe_chunk_heads", "ulysses_degree"):
             value = getattr(self, name)
+            if name == "upipe_chunk_heads" and value == "auto":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                also = ' or "auto"' if name == "upipe_chunk_heads" else ""
                 raise ValueError(
                     f"context_parallel.{name}={value!r} must be an integer >= 0 (0 = default)"
+                    f"{also}"
                 )
 
 
@@ -103,11 +111,23 @@ class Memory:
     loss_chunks: int = 0
     """Chunks for chunked_loss; 0 = chunks of about 1024 tokens."""
 
+    device_gib: float = 0.0
+    """Device memory per rank that context_parallel.upipe_chunk_heads = "auto" fits in, GiB;
+    0 = this CUDA device's (capped by benchmark.device_memory_gib). Required for "auto" on CPU."""
+
+    reserve_gib: float = 4.0
+    """Of that memory, what "auto" keeps free of the predicted peak (the CUDA context, NCCL
+    buffers, fragmentation: what the memory model leaves out), GiB."""
+
     def __post_init__(self) -> None:
         for name in ("offload_keep_layers", "mlp_tiles", "norm_tiles", "loss_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"memory.{name}={value!r} must be an integer >= 0")
+        for name in ("device_gib", "reserve_gib"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"memory.{name}={value!r} must be a number of GiB >= 0")
 
 
 @dataclass

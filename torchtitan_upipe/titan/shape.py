@@ -125,6 +125,10 @@ class JobShape:
         args = configured_model_args(job_config) if model_args is None else model_args
         bench = getattr(job_config, "benchmark", None)
         cp = job_config.context_parallel
+        if cp.upipe_chunk_heads == "auto":
+            raise ValueError("context_parallel.upipe_chunk_heads='auto' is resolved at config "
+                             "time (checks.validate_job_config); resolve it before building "
+                             "the job's shape")
         tr = job_config.training
         return cls.build(
             ModelShape.from_args(args, bench.n_layers if bench is not None else None),

@@ -1,0 +1,282 @@
+"""The planner's search: every layout the job's CP degree allows, every ``[memory]`` choice,
+the ones that fit (:mod:`...titan.fitting`) and the fastest of them (:mod:`.speed`).
+
+A *layout* is a style with its all-to-all degree ``u`` and UPipe's ``U``, checked by the
+trainer's own config checks (:func:`~...titan.checks.validate_job_config`) on a copy of the
+job's config: ``ulysses`` (``u = C``), ``upipe`` (``u`` any divisor of ``C``: UPipe x ring
+below ``C``; each valid ``U``), ``usp`` (``u < C``; ``u = 1`` is a pure zigzag ring).
+TorchTitan's built-in ``ring`` is not searched: the memory model and the estimator model our
+ring (``usp`` with ``ulysses_degree = 1``), not torch's DTensor ring.
+
+A *row* of the answer is one style and ``u``; its configuration is the fastest that fits
+(``U``, and the memory options: offload with the most layers kept on the device that fit,
+prefetch, the tiles and the chunked loss), or, when none fits, its leanest.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from ...titan import fitting as fm
+from ...titan import memory_model as mm
+from ...titan.checks import validate_job_config
+from ...cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
+from ...titan.config import ConfigError
+from ...titan.shape import JobShape, ModelShape
+from .speed import Hardware, Prediction, predict
+
+
+@dataclass(frozen=True)
+class Layout:
+    style: str
+    ulysses: int           # u
+    chunk_heads: int = 0   # U (upipe)
+
+    @property
+    def row(self) -> str:
+        """The answer's row: style and ``u`` (``U`` is chosen within it)."""
+        return f"{self.style} u={self.ulysses}"
+
+    def label(self, cp: int) -> str:
+        ring = cp // self.ulysses
+        parts = [self.style] + ([f"U={self.chunk_heads}"] if self.chunk_heads else [])
+        parts.append(f"u={self.ulysses}" + (f" x ring {ring}" if ring > 1 else ""))
+        return " ".join(parts)
+
+    def options(self, cp=None) -> dict[str, object]:
+        """train.py options of the layout; with ``cp`` (the job's ``[context_parallel]``),
+        only those that differ from it (the style always)."""
+        out: dict[str, object] = {
+            "context_parallel.style": self.style,
+            "context_parallel.ulysses_degree": 0 if self.style == "ulysses" else self.ulysses,
+            "context_parallel.upipe_chunk_heads": self.chunk_heads,
+        }
+        if cp is not None:
+            given = {"context_parallel.ulysses_degree": cp.ulysses_degree,
+                     "context_parallel.upipe_chunk_heads": cp.upipe_chunk_heads}
+            out = {k: v for k, v in out.items() if k not in given or given[k] != v}
+        return out
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    fit: fm.Fit
+    prediction: Prediction | None = None
+
+    @property
+    def setup(self) -> mm.Setup:
+        return self.fit.setup
+
+    def options(self, job: Job) -> dict[str, object]:
+        """train.py options of this candidate that differ from the job's."""
+        opts = self.layout.options(job.job_config.context_parallel)
+        opts.update(fm.memory_changes(job.base, self.setup))
+        return opts
+
+
+@dataclass
+class Job:
+    """The job to plan: its parsed config, world and the hardware."""
+
+    job_config: object
+    world: int
+    budget: fm.Budget
+    hardware: Hardware
+    model_args: object
+    base: mm.Setup = field(init=False)
+    layouts: list[tuple[Layout, mm.Setup]] = field(init=False)
+    refused: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.job_config.activation_checkpoint.mode != "full":
+            raise ConfigError(
+                "the planner predicts memory for full activation checkpointing (what long "
+                f"contexts need); set activation_checkpoint.mode='full' (got "
+                f"{self.job_config.activation_checkpoint.mode!r})")
+        self.layouts, self.refused = [], {}
+        for layout in _layouts(self.job_config, self.model_args):
+            try:
+                st = self.setup_of(layout)
+            except (ConfigError, ValueError) as e:
+                self.refused.setdefault(layout.row, str(e))
+                continue
+            self.layouts.append((layout, st))
+        if not self.layouts:
+            raise ConfigError("no context-parallel layout of this job passes the config checks: "
+                              + "; ".join(f"{k}: {v}" for k, v in self.refused.items()))
+        # every layout carries the job's own [memory] options: the base the answer's
+        # options are printed against
+        self.base = self.layouts[0][1]
+
+    @property
+    def cp(self) -> int:
+        return self.job_config.parallelism.context_parallel_degree
+
+    def config_for(self, layout: Layout):
+        """A copy of the job's config with ``layout``, checked as the trainer checks it."""
+        jc = copy.deepcopy(self.job_config)
+        jc.context_parallel.style = layout.style
+        jc.context_parallel.ulysses_degree = layout.ulysses if layout.style != "ulysses" else 0
+        jc.context_parallel.upipe_chunk_heads = layout.chunk_heads
+        if jc.context_parallel.kernel == "auto":
+            # the GPU's pick: cuDNN on Hopper (no 32-bit offset limit), else FlashAttention-2
+            jc.context_parallel.kernel = "auto" if self.hardware.gpu.hopper else "sdpa"
+        return jc
+
+    def setup_of(self, layout: Layout, seq_len: int | None = None) -> mm.Setup:
+        jc = self.config_for(layout)
+        if seq_len is not None:
+            jc.training.seq_len = seq_len
+        validate_job_config(jc, self.world, cuda=True, args=self.model_args)
+        return mm.from_job_config(jc, self.world, self.model_args)
+
+    def at(self, seq_len: int, row: str | None = None) -> list[tuple[Layout, mm.Setup]]:
+        """The layouts (of ``row``, or all) valid at ``seq_len`` (divisibility depends on
+        it), as setups."""
+        out = []
+        for layout, _ in self.layouts:
+            if row is not None and layout.row != row:
+                continue
+            try:
+                out.append((layout, self.setup_of(layout, seq_len)))
+            except ConfigError:
+                continue
+        return out
+
+
+def _layouts(job_config, model_args) -> list[Layout]:
+    c = job_config.parallelism.context_parallel_degree
+    model = ModelShape.from_args(model_args)
+    divisors = [d for d in range(c, 0, -1) if c % d == 0]
+    out = [Layout("ulysses", c)]
+    for u in divisors:
+        shape = JobShape(model, 2 * c, "upipe", c, u, u)
+        try:
+            choices = fm.chunk_heads_choices(mm.Setup(shape))
+        except ValueError:
+            choices = []
+        out += [Layout("upipe", u, big_u) for big_u in choices]
+    out += [Layout("usp", u) for u in divisors if u < c]
+    return out
+
+
+def kernel_ok(st: mm.Setup, hw: Hardware) -> bool:
+    """FlashAttention-2 (what ``kernel = "auto"`` runs off Hopper) cannot take the job's
+    largest attention call (its 32-bit offset limit); cuDNN on Hopper can."""
+    if hw.gpu.hopper:
+        return True
+    q_len, heads = st.shape.attention_call
+    return fa2_backward_offset(q_len, heads, st.head_dim) < FA2_OFFSET_LIMIT
+
+
+# --------------------------------------------------------------------------- per length
+def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> Candidate | None:
+    """The fastest ``[memory]`` choice of one layout that fits, or ``None``."""
+    if not kernel_ok(st, hw):
+        return None
+    best = None
+    for tiled in (False, True):
+        t = mm.replace(st, tiled_mlp=tiled or st.tiled_mlp, tiled_norm=tiled or st.tiled_norm,
+                       chunked_loss=tiled or st.chunked_loss)
+        for pre in (True, False):
+            f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), budget)
+            if f is None:
+                continue
+            c = Candidate(None, f, predict(f.setup, hw))
+            if best is None or _faster(c, best):
+                best = c
+    return best
+
+
+def _faster(a: Candidate, b: Candidate) -> bool:
+    """By predicted step time; ties (the tiles cost nothing in the prediction) go to fewer
+    options on, then the lower peak."""
+    def options_on(c):
+        s = c.setup
+        return sum((s.offload, s.tiled_mlp, s.tiled_norm, s.chunked_loss, not s.offload_prefetch))
+
+    ka = (round(a.prediction.step_s, 9), options_on(a), a.fit.peak)
+    kb = (round(b.prediction.step_s, 9), options_on(b), b.fit.peak)
+    return ka < kb
+
+
+@dataclass
+class Row:
+    """One style and ``u`` at one length: its fastest fitting candidate, or its leanest."""
+
+    row: str
+    best: Candidate | None
+    leanest: Candidate
+
+    @property
+    def fits(self) -> bool:
+        return self.best is not None
+
+
+def plan_length(job: Job, seq_len: int, row: str | None = None) -> list[Row]:
+    """Every row (or ``row``) at ``seq_len``, in the order of :func:`_layouts`."""
+    rows: dict[str, Row] = {}
+    for layout, st in job.at(seq_len, row):
+        cand = options_for(st, job.budget, job.hardware)
+        if cand is not None:
+            cand.layout = layout
+        lean = Candidate(layout, fm.fit(fm.leanest(st), job.budget))
+        lean.prediction = predict(lean.setup, job.hardware)
+        row = rows.get(layout.row)
+        if row is None:
+            rows[layout.row] = Row(layout.row, cand, lean)
+            continue
+        if cand is not None and (row.best is None or _faster(cand, row.best)):
+            row.best = cand
+        if lean.fit.peak < row.leanest.fit.peak:
+            row.leanest = lean
+    return list(rows.values())
+
+
+def fastest(rows: list[Row]) -> Candidate | None:
+    best = None
+    for r in rows:
+        if r.best is not None and (best is None or _faster(r.best, best)):
+            best = r.best
+    return best
+
+
+# ---------------------------------------------------------------------------- max context
+def fits_somehow(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> bool:
+    """Whether some ``[memory]`` choice fits ``st``: the leanest device options, keeping as
+    many layers on the device as the host needs (and the kernel can take the length)."""
+    return kernel_ok(st, hw) and fm.fitting_keep(fm.leanest(st), budget) is not None
+
+
+@dataclass
+class MaxContext:
+    row: str
+    seq_len: int
+    at: Candidate | None  # the fastest configuration that fits at seq_len
+
+
+def max_context(job: Job, limit: int = 1 << 28) -> list[MaxContext]:
+    """Per row, the longest ``seq_len`` some configuration fits (bisected in steps of
+    :func:`~...titan.fitting.seq_quantum`; the smallest ``U`` of a UPipe row is its
+    leanest), and the fastest configuration at that length."""
+    smallest: dict[str, tuple[Layout, mm.Setup]] = {}
+    for layout, st in job.layouts:
+        have = smallest.get(layout.row)
+        if have is None or layout.chunk_heads < have[0].chunk_heads:
+            smallest[layout.row] = (layout, st)
+    out = []
+    for row, (layout, st) in smallest.items():
+        s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job.budget, job.hardware),
+                           limit=limit)
+        best = None
+        if s:
+            rows = plan_length(job, s, row)
+            best = rows[0].best if rows else None
+        out.append(MaxContext(row, s, best))
+    return out
+
+
+__all__ = ["Candidate", "Job", "Layout", "MaxContext", "Row", "fastest", "fits_somehow",
+           "kernel_ok", "max_context", "options_for", "plan_length"]
