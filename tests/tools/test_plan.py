@@ -39,7 +39,7 @@ def _setup_of_command(cmd: str, world: int) -> mm.Setup:
 
 def test_the_answer_for_2m_on_8_h200_is_a_command_that_runs_what_was_planned():
     out, ours, rest = _plan("--gpus", "8", "--gpu", "h200", "--job.config_file", CFG8,
-                            "--training.seq_len", str(2 * M))
+                            "--training.seq_len", str(2 * M), "--benchmark.device_memory_gib", "0")
     ans = out["answer"]
     assert ans["fits"] and ans["peak_gib"] <= 139.7 - 4
     assert out["seq_len"] == 2 * M and "not measured" in out["predicted"]
@@ -73,9 +73,20 @@ def test_max_context_for_llama3_8b_on_8_h100():
     for m in found.values():
         at = m["at"]
         assert at["fits"] and at["seq_len"] == m["seq_len"]
+        assert _setup_of_command(at["command"], 8).seq_len == m["seq_len"]
     best = max(found.values(), key=lambda m: m["seq_len"])
     assert out["answer"]["seq_len"] == best["seq_len"]
     assert "Longest context per style" in planner.text(out)
+
+
+def test_a_configured_device_cap_is_planned_for_and_said():
+    """The H100 configs cap the device at 80 GiB (benchmark.device_memory_gib): on H200s the
+    plan is for 80 unless the cap is lifted."""
+    capped, _, _ = _plan("--gpus", "8", "--gpu", "h200", "--job.config_file", CFG8)
+    assert capped["device_gib"] == 80 and "device_memory_gib=80 caps" in planner.text(capped)
+    whole, _, _ = _plan("--gpus", "8", "--gpu", "h200", "--job.config_file", CFG8,
+                        "--benchmark.device_memory_gib", "0")
+    assert whole["device_gib"] == fm.GPUS["h200"].memory_gib and whole["device_cap"] is None
 
 
 def test_the_host_budget_binds_and_is_said():
@@ -189,9 +200,10 @@ def test_the_answer_is_confirmed_by_the_estimator(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     c = out["confirm"]
-    assert c["fits"] and c["command"].startswith("python -m torchtitan_upipe.tools.estimate")
+    assert c["n_layers"] == 4 and c["command"].startswith("python -m torchtitan_upipe.tools.estimate")
+    assert "--benchmark.n_layers 4" in c["command"]
     assert abs(c["model_over_estimate"]) < 0.25, c  # the CPU path: composite RMSNorm
-    assert c["model_gib"] == pytest.approx(out["answer"]["peak_gib"])
+    assert c["model_host_gib"] == pytest.approx(c["estimate_host_gib"])
 
 
 def test_a_job_without_a_valid_layout_says_why():

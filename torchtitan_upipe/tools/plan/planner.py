@@ -2,7 +2,7 @@
 
     python -m torchtitan_upipe.tools.plan --gpus N [--gpu h100|h200|a100|b200 | --device-gib G]
         [--host-gib H] [--gpus-per-node 8] [--reserve-gib 4] [--host-reserve-gib 64]
-        [--max-context] [--no-confirm] [--json] [--png PATH]
+        [--max-context] [--no-confirm | --confirm-layers L] [--json] [--png PATH]
         --job.config_file train_configs/<name>.toml [any train.py option]
 
 It reads the job as train.py does (TorchTitan's ``ConfigManager``; the config's CP degree,
@@ -19,7 +19,9 @@ all-to-all degree ``u``; UPipe's ``U`` is chosen within the row):
 
 The search uses the analytic memory model (:mod:`...titan.memory_model`, through
 :mod:`...titan.fitting`); the final answer is confirmed with the CPU fake-tensor estimator
-(:mod:`..estimate`, the real training code on fake tensors; a minute or more at full depth),
+(:mod:`..estimate`, the real training code on fake tensors), at its first
+``--confirm-layers`` layers (4; 0 = full depth, minutes to hours on CPU: the estimator's
+time grows with layers x UPipe stages x ring steps) against the model at the same depth,
 both printed with their difference; ``--no-confirm`` skips it.  Every figure is a prediction
 per rank (host also per node) and labelled so; nothing here is measured on a GPU.
 """
@@ -65,6 +67,10 @@ def parse(argv: list[str]):
                     help="search the longest context per style instead of planning seq_len")
     ap.add_argument("--no-confirm", dest="confirm", action="store_false",
                     help="skip the CPU estimator's confirmation of the final answer")
+    ap.add_argument("--confirm-layers", type=int, default=4, metavar="L",
+                    help="confirm at the first L layers (the model at the same depth; the "
+                    "estimator's time grows with layers x stages x ring steps); 0 = full "
+                    "depth; default 4")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
     ap.add_argument("--png", default=None,
                     help="also plot predicted peak memory vs length per style to this PNG")
@@ -73,6 +79,8 @@ def parse(argv: list[str]):
         ap.error(f"--gpus must be >= 1, got {ours.gpus}")
     if ours.gpus_per_node < 1:
         ap.error(f"--gpus-per-node must be >= 1, got {ours.gpus_per_node}")
+    if ours.confirm_layers < 0:
+        ap.error(f"--confirm-layers must be >= 0 (0 = full depth), got {ours.confirm_layers}")
     if not 0 < ours.mfu <= 1:
         ap.error(f"--mfu must be in (0, 1], got {ours.mfu}")
     if not any(a.split("=")[0] in ("--job.config_file", "--job.config-file") for a in rest):
@@ -93,6 +101,9 @@ def build_job(ours, rest: list[str]) -> Job:
         args = model_args(job_config)
     gpu = fm.get_gpu(ours.gpu)
     device_gib = gpu.memory_gib if ours.device_gib is None else ours.device_gib
+    cap = job_config.benchmark.device_memory_gib
+    if cap and cap < device_gib:  # train.py will cap the device there: plan for the cap
+        device_gib = cap
     host_gib = gpu.node_host_gib if ours.host_gib is None else ours.host_gib
     if ours.host_gib is not None and ours.host_gib <= 0:
         raise ConfigError(f"--host-gib must be > 0 GiB per node, got {ours.host_gib}")
@@ -191,19 +202,23 @@ def _where(where) -> str:
 
 def confirm(cand: Candidate, job: Job, ours, rest) -> dict:
     """The CPU estimator on the chosen configuration (its worst rank): the real training code
-    on fake tensors, two steps."""
+    on fake tensors, two steps, at ``--confirm-layers`` layers, against the model at the same
+    depth."""
+    from ...titan import memory_model as mm
     from ..estimate import estimate_memory
 
+    layers = min(ours.confirm_layers or cand.setup.n_layers, cand.setup.n_layers)
     argv = train_args(rest, cand.options(job))
+    if layers < cand.setup.n_layers:
+        argv = train_args(argv, {"benchmark.n_layers": layers})
     with tempfile.TemporaryDirectory() as dump:
         est = estimate_memory([*argv, "--job.dump_folder", dump], ours.gpus, steps=2,
                               target="cuda", rank=worst_rank(cand))
-    model = cand.fit.peak
-    return {"estimate_gib": est.peak_bytes / GiB, "model_gib": model / GiB,
-            "model_over_estimate": model / est.peak_bytes - 1,
-            "estimate_host_gib": est.host_bytes / GiB, "model_host_gib": cand.fit.host_rank / GiB,
+    model = fm.fit(mm.replace(cand.setup, n_layers=layers), job.budget)
+    return {"n_layers": layers, "estimate_gib": est.peak_bytes / GiB,
+            "model_gib": model.peak / GiB, "model_over_estimate": model.peak / est.peak_bytes - 1,
+            "estimate_host_gib": est.host_bytes / GiB, "model_host_gib": model.host_rank / GiB,
             "seconds": est.seconds, "rank": est.rank,
-            "fits": est.peak_bytes <= job.budget.device_limit,
             "command": "python -m torchtitan_upipe.tools.estimate --ngpu "
                        f"{ours.gpus} --rank {est.rank} " + " ".join(argv)}
 
@@ -211,7 +226,11 @@ def confirm(cand: Candidate, job: Job, ours, rest) -> dict:
 def run(ours, rest: list[str]) -> dict:
     job = build_job(ours, rest)
     b = job.budget
+    cap = job.job_config.benchmark.device_memory_gib
     out = {
+        "device_cap": (f"benchmark.device_memory_gib={cap:g} caps each GPU (train.py caps it "
+                       f"too); give --benchmark.device_memory_gib 0 to plan for the whole GPU")
+        if cap and cap == b.device_gib else None,
         "predicted": "analytic memory model per rank; step time from an assumed "
                      f"{ours.mfu:g} of the GPU's dense bf16 peak + the communication model; "
                      "not measured",
@@ -263,7 +282,10 @@ def text(out: dict) -> str:
              f"{out['device_gib']:g} GiB per GPU less a {out['reserve_gib']:g} GiB reserve; host "
              f"{out['host_gib_per_node']:g} GiB per node of {out['ranks_per_node']} GPUs less "
              f"{out['host_reserve_gib']:g}; CP degree {out['cp_degree']}",
-             f"All figures predicted ({out['predicted']}).", ""]
+             f"All figures predicted ({out['predicted']})."]
+    if out["device_cap"]:
+        lines.append(f"Note: {out['device_cap']}.")
+    lines.append("")
     if "max_context" in out:
         lines.append("Longest context per style (bisected), and the fastest configuration there:")
         for m in out["max_context"]:
@@ -291,10 +313,13 @@ def text(out: dict) -> str:
         lines += [f"Fastest that fits: {_cand_line(ans)}", f"  {ans['command']}"]
     if "confirm" in out:
         c = out["confirm"]
-        lines.append(f"Confirmed by the CPU estimator (rank {c['rank']}, {c['seconds']:.0f} s): "
-                     f"{c['estimate_gib']:.2f} GiB; model {c['model_gib']:.2f} GiB "
-                     f"({100 * c['model_over_estimate']:+.1f}%); host {c['estimate_host_gib']:.1f} "
-                     f"GiB per rank; {'fits' if c['fits'] else 'DOES NOT FIT'} the device")
+        depth = ("full depth" if c["n_layers"] == out["n_layers"]
+                 else f"the first {c['n_layers']} layers")
+        lines.append(f"Checked by the CPU estimator at {depth} (rank {c['rank']}, "
+                     f"{c['seconds']:.0f} s): {c['estimate_gib']:.2f} GiB, the model "
+                     f"{c['model_gib']:.2f} GiB ({100 * c['model_over_estimate']:+.1f}%); host "
+                     f"{c['estimate_host_gib']:.1f} GiB per rank (model "
+                     f"{c['model_host_gib']:.1f})")
         lines.append(f"  {c['command']}")
     if out.get("png"):
         lines.append(f"Plot: {out['png']}")

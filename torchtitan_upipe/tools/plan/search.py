@@ -72,6 +72,8 @@ class Candidate:
     def options(self, job: Job) -> dict[str, object]:
         """train.py options of this candidate that differ from the job's."""
         opts = self.layout.options(job.job_config.context_parallel)
+        if self.setup.seq_len != job.job_config.training.seq_len:
+            opts["training.seq_len"] = self.setup.seq_len
         opts.update(fm.memory_changes(job.base, self.setup))
         return opts
 
