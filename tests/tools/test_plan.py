@@ -210,3 +210,20 @@ def test_a_job_without_a_valid_layout_says_why():
     job = ConfigManager().parse_args(["--job.config_file", CFG8, "--training.seq_len", "1004"])
     with pytest.raises(fm.ConfigError, match="no context-parallel layout.*not divisible by"):
         Job(job, 8, fm.Budget(80), speed.Hardware(fm.GPUS["h100"]), model_args(job))
+
+
+@pytest.mark.parametrize("seq", [M, 5 * M])
+def test_auto_takes_the_planners_u(seq):
+    """upipe_chunk_heads = "auto" on the planner's memory options for its UPipe row chooses
+    the planner's U (1M: everything fits, U = H; 5M: only U = C does)."""
+    out, _, _ = _plan("--gpus", "8", "--device-gib", "80", "--job.config_file", CFG8,
+                      "--training.seq_len", str(seq))
+    best = {r["row"]: r for r in out["rows"]}["upipe u=8"]["best"]
+    memory = {k: v for k, v in best["options"].items() if k.startswith("memory.")}
+    job = ConfigManager().parse_args([
+        "--job.config_file", CFG8, "--training.seq_len", str(seq), *fm.option_args(memory),
+        "--context_parallel.upipe_chunk_heads", "auto", "--memory.device_gib", "80",
+        "--memory.reserve_gib", "4"])
+    validate_job_config(job, 8, cuda=True)
+    assert job.context_parallel.upipe_chunk_heads == best["chunk_heads"]
+    assert best["chunk_heads"] == (32 if seq == M else 8)

@@ -130,7 +130,11 @@ class Fit:
         return self.device_ok and self.host_ok
 
     def verdict(self) -> str:
-        """``fits``, or which memory does not, with the numbers."""
+        """``fits`` or ``does not fit``, with :meth:`numbers`."""
+        return f"{'fits' if self.ok else 'does not fit'}: {self.numbers()}"
+
+    def numbers(self) -> str:
+        """Device and host memory against the budget."""
         b = self.budget
         dev = (f"device {gib(self.peak)} GiB + {b.reserve_gib:g} reserve "
                f"{'<=' if self.device_ok else '>'} {b.device_gib:g}")
@@ -139,8 +143,7 @@ class Fit:
         else:
             host = (f"host {gib(self.host_node)} GiB per node + {b.host_reserve_gib:g} "
                     f"reserve {'<=' if self.host_ok else '>'} {b.host_gib:g}")
-        state = "fits" if self.ok else "does not fit"
-        return f"{state}: {dev}; {host}"
+        return f"{dev}; {host}"
 
 
 def gib(nbytes: float) -> str:
@@ -187,7 +190,7 @@ class ChunkHeadsChoice:
             return "no U fits"
         chosen = self.tried[-1][1]
         why = (f"U={self.chunk_heads}, the largest of the valid {self.choices} whose predicted "
-               f"peak fits: {chosen.verdict()}")
+               f"peak fits ({chosen.numbers()})")
         if len(self.tried) > 1:
             bigger = self.tried[-2]
             why += f"; U={bigger[0]} would need {gib(bigger[1].peak)} GiB"
