@@ -364,6 +364,21 @@ def test_local_rope_table():
         assert bf["peak_device"] - bl["peak_device"] == bf["rope_table"] - bl["rope_table"] + rows
 
 
+def test_loss_head_with_loss_chunks_matches_model():
+    """``memory.loss_chunks = n`` (n chunks, not 1K-token ones) reaches the model."""
+    torch.manual_seed(0)
+    h = torch.randn(1, S, DIM).to(DT).requires_grad_()
+    w = (torch.randn(VOCAB, DIM) * 0.1).to(DT).requires_grad_()
+    labels = torch.randint(0, VOCAB, (1, S))
+    from torchtitan_upipe.memory import chunked_cross_entropy
+
+    with _tracker() as t:
+        chunked_cross_entropy(h, w, labels, 3).backward()
+    model = mm.logits_bytes(_setup(chunked_loss=True, loss_chunks=3))
+    assert model != mm.logits_bytes(_setup(chunked_loss=True))
+    assert abs(_err(model, t.peak_bytes)) <= TOL, (model, t.peak_bytes)
+
+
 def test_chunked_logits_below_untiled():
     for seq in (S, 64 * S):
         assert (mm.logits_bytes(_setup(seq_len=seq, chunked_loss=True, loss_chunk_tokens=64))
@@ -397,6 +412,9 @@ def test_from_job_config_is_the_configs_job():
                                               chunk_heads=8)), offload_prefetch=False)
     assert st == want
     assert (st.act_bytes, st.reduce_bytes) == (2, 4)
+    debug = ConfigManager().parse_args(
+        ["--job.config_file", os.path.join(CONFIGS, "llama3_debug_upipe_memory.toml")])
+    assert mm.from_job_config(debug, world=2).loss_chunks == 3
     two = ConfigManager().parse_args(["--job.config_file", path, "--benchmark.n_layers", "2"])
     assert mm.from_job_config(two, world=8).n_layers == 2
 

@@ -227,3 +227,18 @@ def test_auto_takes_the_planners_u(seq):
     validate_job_config(job, 8, cuda=True)
     assert job.context_parallel.upipe_chunk_heads == best["chunk_heads"]
     assert best["chunk_heads"] == (32 if seq == M else 8)
+
+
+def test_a_page_lock_limit_plans_pageable_buffers():
+    """8B at 5M offloads about 1.2 TiB per node; with only 100 GiB lockable the plan keeps
+    the buffers pageable, and pays for the synchronous copies in its prediction."""
+    free, _, _ = _plan("--gpus", "8", "--device-gib", "80", "--job.config_file", CFG8,
+                       "--training.seq_len", str(5 * M))
+    locked, _, _ = _plan("--gpus", "8", "--device-gib", "80", "--pinned-gib", "100",
+                         "--job.config_file", CFG8, "--training.seq_len", str(5 * M))
+    a, b = free["answer"], locked["answer"]
+    assert a["pinned"] is True and "memory.offload_pinned" not in a["options"]
+    assert b["pinned"] is False and b["options"]["memory.offload_pinned"] is False
+    assert b["predicted_offload_s"] > a["predicted_offload_s"]
+    assert "--memory.no_offload_pinned" in b["command"]
+    assert _setup_of_command(b["command"], 8).offload

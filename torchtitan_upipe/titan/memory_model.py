@@ -62,7 +62,8 @@ class Setup:
     tiled_norm: bool = False
     norm_tiles: int = 0
     chunked_loss: bool = False
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # ChunkedLossOutput's chunks
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # ChunkedLossOutput's chunks ...
+    loss_chunks: int = 0         # ... or memory.loss_chunks of them
     fused_rms_norm: bool = True    # CUDA aten._fused_rms_norm; False = the composite (CPU) path
     local_rope: bool = True        # RoPE table = this rank's S/C rows (titan.llama3's
     #                                Transformer.use_local_rope); False: all S rows
@@ -349,7 +350,7 @@ def logits_bytes(st: Setup) -> int:
     e, T, V, dim = st.act_bytes, st.tokens, st.vocab, st.dim
     if not st.chunked_loss:
         return max(e + 8, 12) * T * V
-    c = _tile(st.s, math.ceil(T / st.loss_chunk_tokens), st.batch)
+    c = _tile(st.s, st.loss_chunks or math.ceil(T / st.loss_chunk_tokens), st.batch)
     fwd = max(e + 4, 8 if st.cuda_workspaces else 4) * c * V
     bwd = e * T * dim + 4 * V * dim + max((4 + e) * c * V + 4 * c * dim, e * V * dim)
     return 4 * T + max(fwd, bwd)
@@ -486,7 +487,8 @@ def breakdown(st: Setup) -> dict:
 def stack(st: Setup, on: bool = True) -> Setup:
     """``st`` with the [memory] stack on (offload keep 1, auto tiles, 1K-token chunks) or off."""
     return replace(st, offload=on, keep_layers=1, tiled_mlp=on, mlp_tiles=0, tiled_norm=on,
-                   norm_tiles=0, chunked_loss=on, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)
+                   norm_tiles=0, chunked_loss=on, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                   loss_chunks=0)
 
 
 # ------------------------------------------------------------------ train.py's options
@@ -508,5 +510,5 @@ def from_job_config(job_config, world: int, model_args=None, **changes) -> Setup
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
-        **changes,
+        loss_chunks=mem.loss_chunks, **changes,
     )

@@ -2,6 +2,7 @@
 
     python -m torchtitan_upipe.tools.plan --gpus N [--gpu h100|h200|a100|b200 | --device-gib G]
         [--host-gib H] [--gpus-per-node 8] [--reserve-gib 4] [--host-reserve-gib 64]
+        [--pinned-gib P] [--mfu 0.5]
         [--max-context] [--no-confirm | --confirm-layers L] [--json] [--png PATH]
         --job.config_file train_configs/<name>.toml [any train.py option]
 
@@ -11,7 +12,8 @@ all-to-all degree ``u``; UPipe's ``U`` is chosen within the row):
 
 * at the config's ``training.seq_len``: whether the row fits the device and the host, its
   predicted peak and host memory, its fastest configuration that fits (``U``; offload with
-  the most layers kept on the device, prefetch, the tiles and the chunked loss) and that
+  the most layers kept on the device, prefetch, pinned or pageable host buffers
+  (``--pinned-gib``), the tiles and the chunked loss) and that
   configuration's predicted tokens/s per GPU (:mod:`.speed`); then the fastest of all, as a
   ``torchrun ... train.py`` command line;
 * with ``--max-context``: the longest ``seq_len`` per row (bisected in steps of 1024 tokens
@@ -61,6 +63,10 @@ def parse(argv: list[str]):
     ap.add_argument("--host-reserve-gib", type=float, default=64.0,
                     help="host memory per node kept for everything but offloaded activations "
                     "(processes, data loading, the OS); default 64")
+    ap.add_argument("--pinned-gib", type=float, default=None,
+                    help="host memory per node that may be page-locked (default: all); "
+                    "offloaded inputs above it are planned in pageable buffers "
+                    "(memory.offload_pinned = false: slower, synchronous copies)")
     ap.add_argument("--mfu", type=float, default=0.5,
                     help="assumed fraction of the GPU's dense bf16 peak the step achieves")
     ap.add_argument("--max-context", action="store_true",
@@ -109,7 +115,9 @@ def build_job(ours, rest: list[str]) -> Job:
         raise ConfigError(f"--host-gib must be > 0 GiB per node, got {ours.host_gib}")
     budget = fm.Budget(device_gib, ours.reserve_gib, host_gib, ours.host_reserve_gib,
                        min(ours.gpus, ours.gpus_per_node))
-    job = Job(job_config, ours.gpus, budget, Hardware(gpu, ours.mfu), args)
+    if ours.pinned_gib is not None and ours.pinned_gib < 0:
+        raise ConfigError(f"--pinned-gib must be >= 0 GiB per node, got {ours.pinned_gib}")
+    job = Job(job_config, ours.gpus, budget, Hardware(gpu, ours.mfu), args, ours.pinned_gib)
     _check_model_states(job)
     return job
 
@@ -186,6 +194,7 @@ def candidate_json(cand: Candidate | None, job: Job, ours, rest) -> dict | None:
         "options": cand.options(job), "fits": f.ok, "device_ok": f.device_ok,
         "host_ok": f.host_ok, "peak_gib": f.peak / GiB, "host_rank_gib": f.host_rank / GiB,
         "host_node_gib": f.host_node / GiB, "peak_at": _where(f.where),
+        "pinned": cand.pinned if cand.setup.offload else None,
         "predicted_step_s": p.step_s if p else None, "predicted_tps": p.tps if p else None,
         "predicted_compute_s": p.compute_s if p else None,
         "predicted_merge_s": p.merge_s if p else None,

@@ -64,6 +64,7 @@ class Candidate:
     layout: Layout
     fit: fm.Fit
     prediction: Prediction | None = None
+    pinned: bool = True  # offloaded inputs in page-locked host buffers (memory.offload_pinned)
 
     @property
     def setup(self) -> mm.Setup:
@@ -75,6 +76,11 @@ class Candidate:
         if self.setup.seq_len != job.job_config.training.seq_len:
             opts["training.seq_len"] = self.setup.seq_len
         opts.update(fm.memory_changes(job.base, self.setup))
+        configured = job.job_config.memory.offload_pinned
+        if self.setup.offload and self.pinned != configured:
+            opts["memory.offload_pinned"] = self.pinned
+        elif not self.setup.offload and not configured:
+            opts["memory.offload_pinned"] = True  # pageable buffers need offloading on
         return opts
 
 
@@ -87,6 +93,9 @@ class Job:
     budget: fm.Budget
     hardware: Hardware
     model_args: object
+    pinned_gib: float | None = None
+    """Host memory per node that may be page-locked (``None``: all of it); offloaded inputs
+    above it go to pageable buffers (``memory.offload_pinned = false``, slower copies)."""
     base: mm.Setup = field(init=False)
     layouts: list[tuple[Layout, mm.Setup]] = field(init=False)
     refused: dict[str, str] = field(init=False)
@@ -174,8 +183,10 @@ def kernel_ok(st: mm.Setup, hw: Hardware) -> bool:
 
 
 # --------------------------------------------------------------------------- per length
-def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> Candidate | None:
-    """The fastest ``[memory]`` choice of one layout that fits, or ``None``."""
+def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware,
+                pinned_gib: float | None = None) -> Candidate | None:
+    """The fastest ``[memory]`` choice of one layout that fits, or ``None``.  Offloaded
+    inputs are pinned unless a node's exceed ``pinned_gib``."""
     if not kernel_ok(st, hw):
         return None
     best = None
@@ -186,7 +197,9 @@ def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> Candidate | No
             f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), budget)
             if f is None:
                 continue
-            c = Candidate(None, f, predict(f.setup, hw))
+            pinned = (not f.setup.offload or pinned_gib is None
+                      or f.host_node <= pinned_gib * fm.GiB)
+            c = Candidate(None, f, predict(f.setup, hw, pinned), pinned)
             if best is None or _faster(c, best):
                 best = c
     return best
@@ -221,7 +234,7 @@ def plan_length(job: Job, seq_len: int, row: str | None = None) -> list[Row]:
     """Every row (or ``row``) at ``seq_len``, in the order of :func:`_layouts`."""
     rows: dict[str, Row] = {}
     for layout, st in job.at(seq_len, row):
-        cand = options_for(st, job.budget, job.hardware)
+        cand = options_for(st, job.budget, job.hardware, job.pinned_gib)
         if cand is not None:
             cand.layout = layout
         lean = Candidate(layout, fm.fit(fm.leanest(st), job.budget))
