@@ -423,7 +423,7 @@ def no_fit_message(choice: ChunkHeadsChoice, budget: Budget) -> str:
     fixes = remedies(st, budget)
     text = (f"context_parallel.upipe_chunk_heads='auto': no U fits training.seq_len="
             f"{st.seq_len} on this device: the smallest, U={smallest}, {f.verdict()} "
-            f"(peak at {_where(f.where)}). With these options the longest context that fits is "
+            f"(peak at {where_text(f.where)}). With these options the longest context that fits is "
             f"training.seq_len={longest}")
     if fixes:
         text += "; these [memory] options make this one fit: " + " | ".join(
@@ -436,7 +436,8 @@ def no_fit_message(choice: ChunkHeadsChoice, budget: Budget) -> str:
     return text
 
 
-def _where(where: tuple[int | None, str]) -> str:
+def where_text(where: tuple[int | None, str]) -> str:
+    """A :attr:`Fit.where` as words: ``loss`` or ``layer 3 attention_bwd``."""
     layer, phase = where
     return phase if layer is None else f"layer {layer} {phase}"
 
@@ -445,6 +446,7 @@ __all__ = [
     "DEFAULT_RESERVE_GIB", "GPUS", "Budget", "ChunkHeadsChoice", "Fit", "Gpu",
     "budget_from_job_config", "choose_chunk_heads", "chunk_heads_choices", "fit",
     "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest", "max_context", "memory_changes",
-    "memory_variants", "remedies", "resolve_auto_chunk_heads", "seq_quantum", "with_chunk_heads",
+    "memory_variants", "remedies", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
+    "with_chunk_heads",
     "with_seq_len",
 ]

@@ -193,7 +193,7 @@ def candidate_json(cand: Candidate | None, job: Job, ours, rest) -> dict | None:
         "seq_len": cand.setup.seq_len,
         "options": cand.options(job), "fits": f.ok, "device_ok": f.device_ok,
         "host_ok": f.host_ok, "peak_gib": f.peak / GiB, "host_rank_gib": f.host_rank / GiB,
-        "host_node_gib": f.host_node / GiB, "peak_at": _where(f.where),
+        "host_node_gib": f.host_node / GiB, "peak_at": fm.where_text(f.where),
         "pinned": cand.pinned if cand.setup.offload else None,
         "predicted_step_s": p.step_s if p else None, "predicted_tps": p.tps if p else None,
         "predicted_compute_s": p.compute_s if p else None,
@@ -202,11 +202,6 @@ def candidate_json(cand: Candidate | None, job: Job, ours, rest) -> dict | None:
         "predicted_offload_s": p.offload_s if p else None,
         "command": command(ours, rest, cand, job),
     }
-
-
-def _where(where) -> str:
-    layer, phase = where
-    return phase if layer is None else f"layer {layer} {phase}"
 
 
 def confirm(cand: Candidate, job: Job, ours, rest) -> dict:

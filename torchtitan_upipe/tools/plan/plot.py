@@ -5,25 +5,19 @@ offloaded, no prefetch, the tiles and the chunked loss), with the device's limit
 from __future__ import annotations
 
 from ...titan import fitting as fm
-from .search import Job, kernel_ok
+from .search import Job, kernel_ok, smallest_u
 
 
 def series(job: Job, lengths: list[int]) -> dict[str, list[float | None]]:
     """GiB per row at each length (``None`` where the layout or the kernel cannot run it)."""
-    smallest = {}
-    for layout, st in job.layouts:
-        have = smallest.get(layout.row)
-        if have is None or layout.chunk_heads < have[0].chunk_heads:
-            smallest[layout.row] = (layout, st)
     out = {}
-    for row, (layout, st) in smallest.items():
+    for layout, st in smallest_u(job).values():
         q = fm.seq_quantum(st)
         vals = []
         for s in lengths:
             x = fm.leanest(fm.with_seq_len(st, max(q, s // q * q)))
             vals.append(fm.fit(x, job.budget).peak / fm.GiB if kernel_ok(x, job.hardware) else None)
-        out[layout.label(job.cp).replace(f"U={layout.chunk_heads} ", "")
-            if layout.chunk_heads else layout.label(job.cp)] = vals
+        out[layout.label(job.cp)] = vals
     return out
 
 
@@ -35,12 +29,15 @@ def plot_peaks(job: Job, path: str, lengths: list[int] | None = None) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise fm.ConfigError(f"--png needs matplotlib ({e}); pip install matplotlib") from None
-    lengths = lengths or [1 << k for k in range(16, 25)]
+    lengths = lengths or sorted({int(m * (1 << k)) for k in range(17, 24) for m in (1, 1.5)})
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, vals in series(job, lengths).items():
+    styles = ["-", "--", "-.", ":"]
+    for i, (label, vals) in enumerate(series(job, lengths).items()):
         xs = [s for s, v in zip(lengths, vals) if v is not None]
-        ax.plot(xs, [v for v in vals if v is not None], marker="o", ms=3, label=label)
+        ax.plot(xs, [v for v in vals if v is not None], marker="os^vD<>"[i % 7], ms=3,
+                ls=styles[i % len(styles)], label=label)
     b = job.budget
+    ax.set_ylim(0, 2 * b.device_gib)
     ax.axhline(b.device_gib - b.reserve_gib, color="k", ls=":",
                label=f"{b.device_gib:g} GiB less {b.reserve_gib:g} reserve")
     ax.set_xscale("log", base=2)

@@ -114,6 +114,8 @@ class Job:
                 self.refused.setdefault(layout.row, str(e))
                 continue
             self.layouts.append((layout, st))
+        valid_rows = {layout.row for layout, _ in self.layouts}
+        self.refused = {row: why for row, why in self.refused.items() if row not in valid_rows}
         if not self.layouts:
             raise ConfigError("no context-parallel layout of this job passes the config checks: "
                               + "; ".join(f"{k}: {v}" for k, v in self.refused.items()))
@@ -265,6 +267,16 @@ def fits_somehow(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> bool:
     return kernel_ok(st, hw) and fm.fitting_keep(fm.leanest(st), budget) is not None
 
 
+def smallest_u(job: Job) -> dict[str, tuple[Layout, mm.Setup]]:
+    """Per row, its layout of the least memory: the smallest ``U`` (one layout otherwise)."""
+    out: dict[str, tuple[Layout, mm.Setup]] = {}
+    for layout, st in job.layouts:
+        have = out.get(layout.row)
+        if have is None or layout.chunk_heads < have[0].chunk_heads:
+            out[layout.row] = (layout, st)
+    return out
+
+
 @dataclass
 class MaxContext:
     row: str
@@ -276,13 +288,8 @@ def max_context(job: Job, limit: int = 1 << 28) -> list[MaxContext]:
     """Per row, the longest ``seq_len`` some configuration fits (bisected in steps of
     :func:`~...titan.fitting.seq_quantum`; the smallest ``U`` of a UPipe row is its
     leanest), and the fastest configuration at that length."""
-    smallest: dict[str, tuple[Layout, mm.Setup]] = {}
-    for layout, st in job.layouts:
-        have = smallest.get(layout.row)
-        if have is None or layout.chunk_heads < have[0].chunk_heads:
-            smallest[layout.row] = (layout, st)
     out = []
-    for row, (layout, st) in smallest.items():
+    for row, (layout, st) in smallest_u(job).items():
         s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job.budget, job.hardware),
                            limit=limit)
         best = None
@@ -294,4 +301,4 @@ def max_context(job: Job, limit: int = 1 << 28) -> list[MaxContext]:
 
 
 __all__ = ["Candidate", "Job", "Layout", "MaxContext", "Row", "fastest", "fits_somehow",
-           "kernel_ok", "max_context", "options_for", "plan_length"]
+           "kernel_ok", "max_context", "options_for", "plan_length", "smallest_u"]
