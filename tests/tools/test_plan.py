@@ -242,3 +242,21 @@ def test_a_page_lock_limit_plans_pageable_buffers():
     assert b["predicted_offload_s"] > a["predicted_offload_s"]
     assert "--memory.no_offload_pinned" in b["command"]
     assert _setup_of_command(b["command"], 8).offload
+
+
+def test_flash_attention_2s_offset_limit_bounds_the_context():
+    """Off Hopper (A100: kernel 'auto' is FlashAttention-2), or with kernel = 'sdpa' on an
+    H100, Ulysses on 8 ranks stops below 2^31 / (4 heads x 128) query tokens = 4M; with
+    cuDNN ('auto' on Hopper) only memory bounds it."""
+    limit = (1 << 31) // (4 * 128)
+    whole = ["--benchmark.device_memory_gib", "0"]  # lift the H100 config's 80 GiB cap
+    for argv in (["--gpu", "a100", "--device-gib", "1000"],
+                 ["--gpu", "h100", "--device-gib", "1000", "--context_parallel.kernel", "sdpa",
+                  "--training.mixed_precision_param", "bfloat16"]):
+        out, _, _ = _plan("--gpus", "8", "--job.config_file", CFG8, "--max-context", *whole,
+                          *argv)
+        found = {m["row"]: m["seq_len"] for m in out["max_context"]}
+        assert found["ulysses u=8"] < limit <= found["upipe u=8"]
+    cudnn, _, _ = _plan("--gpus", "8", "--gpu", "h100", "--device-gib", "1000",
+                        "--job.config_file", CFG8, "--max-context", *whole)
+    assert {m["row"]: m["seq_len"] for m in cudnn["max_context"]}["ulysses u=8"] > limit

@@ -16,7 +16,8 @@ def series(job: Job, lengths: list[int]) -> dict[str, list[float | None]]:
         vals = []
         for s in lengths:
             x = fm.leanest(fm.with_seq_len(st, max(q, s // q * q)))
-            vals.append(fm.fit(x, job.budget).peak / fm.GiB if kernel_ok(x, job.hardware) else None)
+            vals.append(fm.fit(x, job.budget).peak / fm.GiB if kernel_ok(x, job.hardware, job.kernel)
+                        else None)
         out[layout.label(job.cp)] = vals
     return out
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from ...cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
 from ...titan import fitting as fm
 from ...titan import memory_model as mm
 from ...titan.checks import validate_job_config
-from ...cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
 from ...titan.config import ConfigError
 from ...titan.shape import JobShape, ModelShape
 from .speed import Hardware, Prediction, predict
@@ -127,6 +127,11 @@ class Job:
     def cp(self) -> int:
         return self.job_config.parallelism.context_parallel_degree
 
+    @property
+    def kernel(self) -> str:
+        """The configured ``context_parallel.kernel``."""
+        return self.job_config.context_parallel.kernel
+
     def config_for(self, layout: Layout):
         """A copy of the job's config with ``layout``, checked as the trainer checks it."""
         jc = copy.deepcopy(self.job_config)
@@ -175,10 +180,11 @@ def _layouts(job_config, model_args) -> list[Layout]:
     return out
 
 
-def kernel_ok(st: mm.Setup, hw: Hardware) -> bool:
-    """FlashAttention-2 (what ``kernel = "auto"`` runs off Hopper) cannot take the job's
-    largest attention call (its 32-bit offset limit); cuDNN on Hopper can."""
-    if hw.gpu.hopper:
+def kernel_ok(st: mm.Setup, hw: Hardware, kernel: str = "auto") -> bool:
+    """Whether the attention kernel can take the job's largest call: FlashAttention-2
+    (``sdpa``, ``flash_attn``, and what ``kernel = "auto"`` runs off Hopper) cannot past its
+    32-bit offset limit; cuDNN (``auto`` on Hopper) and ``math`` can."""
+    if kernel in ("cudnn", "math") or (kernel == "auto" and hw.gpu.hopper):
         return True
     q_len, heads = st.shape.attention_call
     return fa2_backward_offset(q_len, heads, st.head_dim) < FA2_OFFSET_LIMIT
@@ -186,10 +192,10 @@ def kernel_ok(st: mm.Setup, hw: Hardware) -> bool:
 
 # --------------------------------------------------------------------------- per length
 def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware,
-                pinned_gib: float | None = None) -> Candidate | None:
+                pinned_gib: float | None = None, kernel: str = "auto") -> Candidate | None:
     """The fastest ``[memory]`` choice of one layout that fits, or ``None``.  Offloaded
     inputs are pinned unless a node's exceed ``pinned_gib``."""
-    if not kernel_ok(st, hw):
+    if not kernel_ok(st, hw, kernel):
         return None
     best = None
     for tiled in (False, True):
@@ -236,7 +242,7 @@ def plan_length(job: Job, seq_len: int, row: str | None = None) -> list[Row]:
     """Every row (or ``row``) at ``seq_len``, in the order of :func:`_layouts`."""
     rows: dict[str, Row] = {}
     for layout, st in job.at(seq_len, row):
-        cand = options_for(st, job.budget, job.hardware, job.pinned_gib)
+        cand = options_for(st, job.budget, job.hardware, job.pinned_gib, job.kernel)
         if cand is not None:
             cand.layout = layout
         lean = Candidate(layout, fm.fit(fm.leanest(st), job.budget))
@@ -261,10 +267,10 @@ def fastest(rows: list[Row]) -> Candidate | None:
 
 
 # ---------------------------------------------------------------------------- max context
-def fits_somehow(st: mm.Setup, budget: fm.Budget, hw: Hardware) -> bool:
+def fits_somehow(st: mm.Setup, budget: fm.Budget, hw: Hardware, kernel: str = "auto") -> bool:
     """Whether some ``[memory]`` choice fits ``st``: the leanest device options, keeping as
     many layers on the device as the host needs (and the kernel can take the length)."""
-    return kernel_ok(st, hw) and fm.fitting_keep(fm.leanest(st), budget) is not None
+    return kernel_ok(st, hw, kernel) and fm.fitting_keep(fm.leanest(st), budget) is not None
 
 
 def smallest_u(job: Job) -> dict[str, tuple[Layout, mm.Setup]]:
@@ -290,7 +296,7 @@ def max_context(job: Job, limit: int = 1 << 28) -> list[MaxContext]:
     leanest), and the fastest configuration at that length."""
     out = []
     for row, (layout, st) in smallest_u(job).items():
-        s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job.budget, job.hardware),
+        s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job.budget, job.hardware, job.kernel),
                            limit=limit)
         best = None
         if s:
