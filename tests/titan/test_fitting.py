@@ -116,8 +116,8 @@ def test_max_context_lies_between_the_estimators_fitting_and_failing_lengths(con
     lo, hi = bracket
     assert longest >= lo and (hi is None or longest < hi), longest / M
     assert longest % fm.seq_quantum(st) == 0
-    assert fm.fit(fm.with_seq_len(st, longest), H100).device_ok
-    assert not fm.fit(fm.with_seq_len(st, longest + fm.seq_quantum(st)), H100).device_ok
+    assert fm.fit(mm.replace(st, seq_len=longest), H100).device_ok
+    assert not fm.fit(mm.replace(st, seq_len=longest + fm.seq_quantum(st)), H100).device_ok
 
 
 # ------------------------------------------------------------------------------- UPipe U
@@ -126,7 +126,7 @@ def test_auto_takes_u_equal_h_where_everything_fits_and_c_near_the_limit():
     assert roomy.chunk_heads == 32 and len(roomy.tried) == 1
     near = _8b(5 * M)  # 8B at 5M: only U = 8 fits, with prefetch off
     near = mm.replace(near, offload_prefetch=False)
-    peaks = {u: fm.fit(fm.with_chunk_heads(near, u), H100).peak for u in (32, 16, 8)}
+    peaks = {u: fm.fit(mm.replace(near, chunk_heads=u), H100).peak for u in (32, 16, 8)}
     assert peaks[8] < 76 * fm.GiB < peaks[16] < peaks[32]
     choice = fm.choose_chunk_heads(near, H100)
     assert choice.chunk_heads == 8 and [u for u, _ in choice.tried] == [32, 16, 8]

@@ -422,3 +422,11 @@ def test_from_job_config_is_the_configs_job():
 def test_element_bytes():
     assert mm.element_bytes("float32") == 4
     assert mm.element_bytes("bfloat16") == mm.element_bytes("float16") == 2
+
+
+def test_replace_changes_setup_and_job_fields():
+    st = mm.from_flavor("8B", seq_len=1 << 20, cp=8, world=8, style="upipe", chunk_heads=8)
+    new = mm.replace(st, seq_len=1 << 21, chunk_heads=16, n_layers=2, offload=True)
+    assert (new.seq_len, new.shape.chunk_heads, new.n_layers, new.offload) == (1 << 21, 16, 2, True)
+    assert new.shape.schedule.chunk_heads == 16 and st.shape.schedule.chunk_heads == 8
+    assert (st.seq_len, st.n_layers, st.offload) == (1 << 20, 32, False)

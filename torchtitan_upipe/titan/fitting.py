@@ -21,7 +21,6 @@ NCCL buffers, the caching allocator's fragmentation).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -172,10 +171,6 @@ def chunk_heads_choices(st: mm.Setup) -> list[int]:
     return sorted(out, reverse=True)
 
 
-def with_chunk_heads(st: mm.Setup, chunk_heads: int) -> mm.Setup:
-    return dataclasses.replace(st, shape=dataclasses.replace(st.shape, chunk_heads=chunk_heads))
-
-
 @dataclass(frozen=True)
 class ChunkHeadsChoice:
     """What ``upipe_chunk_heads = "auto"`` chose and why: every ``U`` tried, largest first,
@@ -203,7 +198,7 @@ def choose_chunk_heads(st: mm.Setup, budget: Budget,
     larger stages run faster; host memory does not depend on ``U``)."""
     tried, choices = [], [u for u in chunk_heads_choices(st) if allowed(u)]
     for u_heads in choices:
-        f = fit(with_chunk_heads(st, u_heads), budget)
+        f = fit(mm.replace(st, chunk_heads=u_heads), budget)
         tried.append((u_heads, f))
         if f.device_ok:
             return ChunkHeadsChoice(u_heads, tried, choices)
@@ -330,10 +325,6 @@ def seq_quantum(st: mm.Setup) -> int:
     return need * 1024 // math.gcd(need, 1024)
 
 
-def with_seq_len(st: mm.Setup, seq_len: int) -> mm.Setup:
-    return dataclasses.replace(st, shape=dataclasses.replace(st.shape, seq_len=seq_len))
-
-
 def max_context(st: mm.Setup, budget: Budget, fits=None, limit: int = 1 << 31) -> int:
     """The longest ``seq_len`` (a multiple of :func:`seq_quantum`) with ``fits(setup)``
     true; default: ``st``'s options fit device and host.  0 if not even one quantum fits.
@@ -341,11 +332,11 @@ def max_context(st: mm.Setup, budget: Budget, fits=None, limit: int = 1 << 31) -
     fits = fits or (lambda s: fit(s, budget).ok)
     q = seq_quantum(st)
     lo, hi = 0, 1
-    while hi * q <= limit and fits(with_seq_len(st, hi * q)):
+    while hi * q <= limit and fits(mm.replace(st, seq_len=hi * q)):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(with_seq_len(st, mid * q)):
+        if fits(mm.replace(st, seq_len=mid * q)):
             lo = mid
         else:
             hi = mid
@@ -447,6 +438,4 @@ __all__ = [
     "budget_from_job_config", "choose_chunk_heads", "chunk_heads_choices", "fit",
     "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest", "max_context", "memory_changes",
     "memory_variants", "remedies", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
-    "with_chunk_heads",
-    "with_seq_len",
 ]

@@ -108,11 +108,19 @@ def from_model_args(a, **kw) -> Setup:
     return setup(ModelShape.from_args(a), **kw)
 
 
+_JOB_FIELDS = {f.name for f in dataclasses.fields(JobShape)} - {"model"}
+
+
 def replace(st: Setup, **changes) -> Setup:
-    """``st`` with some options changed; ``n_layers`` changes the model's depth."""
+    """``st`` with some options changed: :class:`Setup` fields, :class:`JobShape` fields
+    (``seq_len``, ``chunk_heads``, ...) and ``n_layers`` (the model's depth)."""
+    shape = st.shape
     if "n_layers" in changes:
-        st = dataclasses.replace(st, shape=st.shape.with_layers(changes.pop("n_layers")))
-    return dataclasses.replace(st, **changes)
+        shape = shape.with_layers(changes.pop("n_layers"))
+    job = {k: changes.pop(k) for k in list(changes) if k in _JOB_FIELDS}
+    if job:
+        shape = dataclasses.replace(shape, **job)
+    return dataclasses.replace(st, shape=shape, **changes)
 
 
 def _rope(n, e):

@@ -5,6 +5,7 @@ offloaded, no prefetch, the tiles and the chunked loss), with the device's limit
 from __future__ import annotations
 
 from ...titan import fitting as fm
+from ...titan import memory_model as mm
 from .search import Job, kernel_ok, smallest_u
 
 
@@ -15,7 +16,7 @@ def series(job: Job, lengths: list[int]) -> dict[str, list[float | None]]:
         q = fm.seq_quantum(st)
         vals = []
         for s in lengths:
-            x = fm.leanest(fm.with_seq_len(st, max(q, s // q * q)))
+            x = fm.leanest(mm.replace(st, seq_len=max(q, s // q * q)))
             vals.append(fm.fit(x, job.budget).peak / fm.GiB if kernel_ok(x, job.hardware, job.kernel)
                         else None)
         out[layout.label(job.cp)] = vals
