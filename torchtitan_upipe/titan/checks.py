@@ -86,14 +86,9 @@ def _resolve_auto_chunk_heads(job_config, style, world: int, args, cuda: bool) -
 
     from .fitting import resolve_auto_chunk_heads
 
-    cp = job_config.context_parallel
-
     def check(chunk_heads: int) -> None:
-        cp.upipe_chunk_heads = chunk_heads
-        try:
-            style.check(job_config, JobShape.from_job_config(job_config, world, args), args, cuda)
-        finally:
-            cp.upipe_chunk_heads = "auto"
+        shape = JobShape.from_job_config(job_config, world, args, chunk_heads)
+        style.check(job_config, shape, args, cuda)
 
     def allowed(chunk_heads: int) -> bool:
         try:
@@ -102,7 +97,7 @@ def _resolve_auto_chunk_heads(job_config, style, world: int, args, cuda: bool) -
             return False
         return True
 
-    if cp.style == "upipe":
+    if job_config.context_parallel.style == "upipe":
         check(0)  # the layout's own errors first, worded for the options the user set
     choice = resolve_auto_chunk_heads(job_config, world, args, cuda, allowed)
     logger.info(f"context_parallel.upipe_chunk_heads='auto' -> {choice.reason()}")

@@ -387,16 +387,13 @@ def resolve_auto_chunk_heads(job_config, world: int, model_args, cuda: bool,
             f"checkpointing (what long contexts need); set activation_checkpoint.mode='full' "
             f"(got {ac!r}) or choose U yourself")
     budget = budget_from_job_config(job_config, cuda)
-    cp.upipe_chunk_heads = 0  # the shape of U = u; each U is tried below
-    try:
-        st = mm.from_job_config(job_config, world, model_args,
+    try:  # from U = u; each U is tried below
+        st = mm.from_job_config(job_config, world, model_args, chunk_heads=0,
                                 cuda_workspaces=cuda, fused_rms_norm=cuda)
         choice = choose_chunk_heads(st, budget, allowed)
     except ValueError as e:  # heads that cannot be split: the style's check words it
-        cp.upipe_chunk_heads = "auto"
         raise ConfigError(str(e)) from None
     if choice.chunk_heads is None:
-        cp.upipe_chunk_heads = "auto"
         raise ConfigError(no_fit_message(choice, budget))
     cp.upipe_chunk_heads = choice.chunk_heads
     return choice

@@ -505,15 +505,16 @@ def element_bytes(dtype_name: str) -> int:
     return 4 if dtype_name == "float32" else 2
 
 
-def from_job_config(job_config, world: int, model_args=None, **changes) -> Setup:
+def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | None = None,
+                    **changes) -> Setup:
     """The :class:`Setup` of ``job_config`` on ``world`` ranks, as the trainer builds the job
-    (:meth:`~.shape.JobShape.from_job_config`; ``benchmark.n_layers`` limits the depth):
-    precision from ``training.mixed_precision_*``, the ``[memory]`` stack from its section.
-    ``changes``: other :class:`Setup` fields (e.g. ``cuda_workspaces``)."""
+    (:meth:`~.shape.JobShape.from_job_config`, with its ``chunk_heads``; ``benchmark.n_layers``
+    limits the depth): precision from ``training.mixed_precision_*``, the ``[memory]`` stack
+    from its section.  ``changes``: other :class:`Setup` fields (e.g. ``cuda_workspaces``)."""
     mem, tr = job_config.memory, job_config.training
     e = element_bytes(tr.mixed_precision_param)
     return Setup(
-        JobShape.from_job_config(job_config, world, model_args),
+        JobShape.from_job_config(job_config, world, model_args, chunk_heads),
         param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,

@@ -116,16 +116,20 @@ class JobShape:
         return cls.build(ModelShape.from_flavor(flavor), seq_len, **options)
 
     @classmethod
-    def from_job_config(cls, job_config, world: int, model_args=None) -> JobShape:
+    def from_job_config(cls, job_config, world: int, model_args=None,
+                        chunk_heads: int | None = None) -> JobShape:
         """The job train.py's options describe on ``world`` ranks.  ``model_args`` default to
         the configured ``model.name``/``model.flavor`` (:func:`~.checks.model_args`);
-        ``benchmark.n_layers`` limits the depth."""
+        ``benchmark.n_layers`` limits the depth; ``chunk_heads`` stands for
+        ``upipe_chunk_heads`` (how ``"auto"`` tries each ``U``)."""
         from .checks import model_args as configured_model_args
 
         args = configured_model_args(job_config) if model_args is None else model_args
         bench = getattr(job_config, "benchmark", None)
         cp = job_config.context_parallel
-        if cp.upipe_chunk_heads == "auto":
+        if chunk_heads is None:
+            chunk_heads = cp.upipe_chunk_heads
+        if chunk_heads == "auto":
             raise ValueError("context_parallel.upipe_chunk_heads='auto' is resolved at config "
                              "time (checks.validate_job_config); resolve it before building "
                              "the job's shape")
@@ -133,7 +137,7 @@ class JobShape:
         return cls.build(
             ModelShape.from_args(args, bench.n_layers if bench is not None else None),
             tr.seq_len, cp.style, job_config.parallelism.context_parallel_degree,
-            cp.ulysses_degree, cp.upipe_chunk_heads, tr.local_batch_size, world,
+            cp.ulysses_degree, chunk_heads, tr.local_batch_size, world,
         )
 
     def with_layers(self, n_layers: int) -> JobShape:
