@@ -134,9 +134,8 @@ def test_auto_takes_u_equal_h_where_everything_fits_and_c_near_the_limit():
 
 
 def test_chunk_heads_choices_are_the_schedules_valid_u():
-    assert fm.chunk_heads_choices(_8b(M)) == [32, 16, 8]
-    hybrid = mm.stack(mm.from_flavor("32B", seq_len=M, cp=16, ulysses=8, world=16, style="upipe"))
-    assert fm.chunk_heads_choices(hybrid) == [64, 32, 16, 8]
+    assert fm.chunk_heads_choices(32, 8, 8) == [32, 16, 8]  # 8B on 8
+    assert fm.chunk_heads_choices(64, 8, 8) == [64, 32, 16, 8]  # 32B, u = 8 of 16
 
 
 def _debug_job(*extra):

@@ -157,14 +157,13 @@ def fit(st: mm.Setup, budget: Budget) -> Fit:
 
 
 # ------------------------------------------------------------------------------- UPipe U
-def chunk_heads_choices(st: mm.Setup) -> list[int]:
-    """The valid ``U`` of ``st``'s model over its all-to-all degree, largest first (those
+def chunk_heads_choices(n_heads: int, n_kv_heads: int, degree: int) -> list[int]:
+    """The valid ``U`` over an all-to-all of ``degree`` ranks, largest first (those
     :class:`~..cp.upipe.schedule.UPipeSchedule` accepts: GQA constraints included)."""
-    sh = st.shape
     out = []
-    for u_heads in valid_chunk_heads(sh.model.n_heads, sh.ulysses):
+    for u_heads in valid_chunk_heads(n_heads, degree):
         try:
-            UPipeSchedule(sh.model.n_heads, sh.model.n_kv_heads, sh.ulysses, u_heads)
+            UPipeSchedule(n_heads, n_kv_heads, degree, u_heads)
         except ValueError:
             continue
         out.append(u_heads)
@@ -196,7 +195,9 @@ def choose_chunk_heads(st: mm.Setup, budget: Budget,
                        allowed=lambda chunk_heads: True) -> ChunkHeadsChoice:
     """The largest valid (and ``allowed``) ``U`` whose predicted device peak fits (fewer,
     larger stages run faster; host memory does not depend on ``U``)."""
-    tried, choices = [], [u for u in chunk_heads_choices(st) if allowed(u)]
+    m = st.shape.model
+    choices = [u for u in chunk_heads_choices(m.n_heads, m.n_kv_heads, st.u) if allowed(u)]
+    tried = []
     for u_heads in choices:
         f = fit(mm.replace(st, chunk_heads=u_heads), budget)
         tried.append((u_heads, f))
@@ -250,13 +251,19 @@ def format_options(options: dict[str, object]) -> str:
     return " ".join(option_args(options))
 
 
+def with_tiles(st: mm.Setup, on: bool) -> mm.Setup:
+    """``st`` with the tiled MLP, the tiled norm and the chunked loss on (``on``), or as
+    configured."""
+    return mm.replace(st, tiled_mlp=on or st.tiled_mlp, tiled_norm=on or st.tiled_norm,
+                      chunked_loss=on or st.chunked_loss)
+
+
 def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False)):
     """``st`` under every ``[memory]`` choice the search makes: the tiles and the chunked loss
     off or on together (as configured when off), and no offload or offload with each
     ``keep_layers`` from ``L - 1`` down to 0, with and without prefetch."""
     for tiled in tiles:
-        t = mm.replace(st, tiled_mlp=tiled or st.tiled_mlp, tiled_norm=tiled or st.tiled_norm,
-                       chunked_loss=tiled or st.chunked_loss)
+        t = with_tiles(st, tiled)
         yield mm.replace(t, offload=False)
         for keep in range(t.n_layers - 1, -1, -1):
             for pre in prefetch:
@@ -435,4 +442,5 @@ __all__ = [
     "budget_from_job_config", "choose_chunk_heads", "chunk_heads_choices", "fit",
     "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest", "max_context", "memory_changes",
     "memory_variants", "remedies", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
+    "with_tiles",
 ]

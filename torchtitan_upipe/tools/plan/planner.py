@@ -195,11 +195,9 @@ def candidate_json(cand: Candidate | None, job: Job, ours, rest) -> dict | None:
         "host_ok": f.host_ok, "peak_gib": f.peak / GiB, "host_rank_gib": f.host_rank / GiB,
         "host_node_gib": f.host_node / GiB, "peak_at": fm.where_text(f.where),
         "pinned": cand.pinned if cand.setup.offload else None,
-        "predicted_step_s": p.step_s if p else None, "predicted_tps": p.tps if p else None,
-        "predicted_compute_s": p.compute_s if p else None,
-        "predicted_merge_s": p.merge_s if p else None,
-        "predicted_comm_s": p.comm_s if p else None,
-        "predicted_offload_s": p.offload_s if p else None,
+        "predicted_step_s": p.step_s, "predicted_tps": p.tps, "predicted_compute_s": p.compute_s,
+        "predicted_merge_s": p.merge_s, "predicted_comm_s": p.comm_s,
+        "predicted_offload_s": p.offload_s,
         "command": command(ours, rest, cand, job),
     }
 

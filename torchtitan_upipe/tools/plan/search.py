@@ -23,7 +23,7 @@ from ...titan import fitting as fm
 from ...titan import memory_model as mm
 from ...titan.checks import validate_job_config
 from ...titan.config import ConfigError
-from ...titan.shape import JobShape, ModelShape
+from ...titan.shape import ModelShape
 from .speed import Hardware, Prediction, predict
 
 
@@ -63,7 +63,7 @@ class Layout:
 class Candidate:
     layout: Layout
     fit: fm.Fit
-    prediction: Prediction | None = None
+    prediction: Prediction
     pinned: bool = True  # offloaded inputs in page-locked host buffers (memory.offload_pinned)
 
     @property
@@ -170,12 +170,8 @@ def _layouts(job_config, model_args) -> list[Layout]:
     divisors = [d for d in range(c, 0, -1) if c % d == 0]
     out = [Layout("ulysses", c)]
     for u in divisors:
-        shape = JobShape(model, 2 * c, "upipe", c, u, u)
-        try:
-            choices = fm.chunk_heads_choices(mm.Setup(shape))
-        except ValueError:
-            choices = []
-        out += [Layout("upipe", u, big_u) for big_u in choices]
+        out += [Layout("upipe", u, big_u)
+                for big_u in fm.chunk_heads_choices(model.n_heads, model.n_kv_heads, u)]
     out += [Layout("usp", u) for u in divisors if u < c]
     return out
 
@@ -191,23 +187,21 @@ def kernel_ok(st: mm.Setup, hw: Hardware, kernel: str = "auto") -> bool:
 
 
 # --------------------------------------------------------------------------- per length
-def options_for(st: mm.Setup, budget: fm.Budget, hw: Hardware,
-                pinned_gib: float | None = None, kernel: str = "auto") -> Candidate | None:
-    """The fastest ``[memory]`` choice of one layout that fits, or ``None``.  Offloaded
-    inputs are pinned unless a node's exceed ``pinned_gib``."""
-    if not kernel_ok(st, hw, kernel):
+def options_for(layout: Layout, st: mm.Setup, job: Job) -> Candidate | None:
+    """The fastest ``[memory]`` choice of ``layout`` (as ``st``) that fits, or ``None``.
+    Offloaded inputs are pinned unless a node's exceed ``job.pinned_gib``."""
+    if not kernel_ok(st, job.hardware, job.kernel):
         return None
     best = None
     for tiled in (False, True):
-        t = mm.replace(st, tiled_mlp=tiled or st.tiled_mlp, tiled_norm=tiled or st.tiled_norm,
-                       chunked_loss=tiled or st.chunked_loss)
+        t = fm.with_tiles(st, tiled)
         for pre in (True, False):
-            f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), budget)
+            f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), job.budget)
             if f is None:
                 continue
-            pinned = (not f.setup.offload or pinned_gib is None
-                      or f.host_node <= pinned_gib * fm.GiB)
-            c = Candidate(None, f, predict(f.setup, hw, pinned), pinned)
+            pinned = (not f.setup.offload or job.pinned_gib is None
+                      or f.host_node <= job.pinned_gib * fm.GiB)
+            c = Candidate(layout, f, predict(f.setup, job.hardware, pinned), pinned)
             if best is None or _faster(c, best):
                 best = c
     return best
@@ -242,11 +236,9 @@ def plan_length(job: Job, seq_len: int, row: str | None = None) -> list[Row]:
     """Every row (or ``row``) at ``seq_len``, in the order of :func:`_layouts`."""
     rows: dict[str, Row] = {}
     for layout, st in job.at(seq_len, row):
-        cand = options_for(st, job.budget, job.hardware, job.pinned_gib, job.kernel)
-        if cand is not None:
-            cand.layout = layout
-        lean = Candidate(layout, fm.fit(fm.leanest(st), job.budget))
-        lean.prediction = predict(lean.setup, job.hardware)
+        cand = options_for(layout, st, job)
+        lean_fit = fm.fit(fm.leanest(st), job.budget)
+        lean = Candidate(layout, lean_fit, predict(lean_fit.setup, job.hardware))
         row = rows.get(layout.row)
         if row is None:
             rows[layout.row] = Row(layout.row, cand, lean)
@@ -267,10 +259,11 @@ def fastest(rows: list[Row]) -> Candidate | None:
 
 
 # ---------------------------------------------------------------------------- max context
-def fits_somehow(st: mm.Setup, budget: fm.Budget, hw: Hardware, kernel: str = "auto") -> bool:
+def fits_somehow(st: mm.Setup, job: Job) -> bool:
     """Whether some ``[memory]`` choice fits ``st``: the leanest device options, keeping as
     many layers on the device as the host needs (and the kernel can take the length)."""
-    return kernel_ok(st, hw, kernel) and fm.fitting_keep(fm.leanest(st), budget) is not None
+    return (kernel_ok(st, job.hardware, job.kernel)
+            and fm.fitting_keep(fm.leanest(st), job.budget) is not None)
 
 
 def smallest_u(job: Job) -> dict[str, tuple[Layout, mm.Setup]]:
@@ -296,7 +289,7 @@ def max_context(job: Job, limit: int = 1 << 28) -> list[MaxContext]:
     leanest), and the fastest configuration at that length."""
     out = []
     for row, (layout, st) in smallest_u(job).items():
-        s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job.budget, job.hardware, job.kernel),
+        s = fm.max_context(st, job.budget, fits=lambda x: fits_somehow(x, job),
                            limit=limit)
         best = None
         if s:
