@@ -23,15 +23,25 @@ def main() -> None:
     if not any(a.split("=")[0] in ("--job.config_file", "--job.config-file") for a in sys.argv[1:]):
         sys.argv[1:1] = ["--job.config_file", DEFAULT_CONFIG]
 
+    from torchtitan_upipe.titan.console import clean_console, parse_args, user_errors
     from torchtitan_upipe.titan.cpu_compat import cpu_compat
 
-    with cpu_compat():  # before TorchTitan is imported; patches nothing when CUDA is present
-        import torchtitan_upipe.train_spec  # noqa: F401  (registers model.name = "upipe_llama3")
-        from torchtitan.train import main as torchtitan_main
+    # One rank logs (LOG_RANK, default 0), inapplicable warnings are dropped, and a user error
+    # is one line and exit code 2 (UPIPE_TRACEBACK=1: the traceback).
+    with clean_console() as console, user_errors("train.py"):
+        with cpu_compat():  # before TorchTitan is imported; patches nothing when CUDA is present
+            import torchtitan_upipe.train_spec  # noqa: F401  (registers model.name = "upipe_llama3")
+            from torchtitan.tools.logging import init_logger
+            from torchtitan.train import main as torchtitan_main
 
-        from torchtitan_upipe.titan.trainer import UPipeTrainer
+            from torchtitan_upipe.titan.train_spec import prepare_assets
+            from torchtitan_upipe.titan.trainer import UPipeTrainer
 
-        torchtitan_main(UPipeTrainer)
+            init_logger()  # TorchTitan's main sets it up again
+            job_config = parse_args(quiet=not console.log_rank)  # TorchTitan parses it again
+            console.set_job(job_config)
+            prepare_assets(job_config)  # the debug tokenizer, before TorchTitan looks for it
+            torchtitan_main(UPipeTrainer)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,23 @@ DEBUG_DATASET = "upipe_debug_text"
 SYNTHETIC_DATASET = "synthetic"
 
 
-def build_tokenizer(job_config):
-    if job_config.training.dataset == SYNTHETIC_DATASET:
-        return None
+def prepare_assets(job_config) -> None:
+    """Generate the debug dataset's tokenizer into ``model.hf_assets_path`` if it is not there."""
     path = job_config.model.hf_assets_path
     if job_config.training.dataset == DEBUG_DATASET and not os.path.exists(
         os.path.join(path, "tokenizer.json")
     ):
+        from torchtitan.tools.logging import logger
+
+        logger.info(f"Generating the {DEBUG_DATASET} tokenizer into model.hf_assets_path={path} "
+                    f"(first run)")
         ensure_debug_tokenizer(path)
+
+
+def build_tokenizer(job_config):
+    if job_config.training.dataset == SYNTHETIC_DATASET:
+        return None
+    prepare_assets(job_config)
     return build_hf_tokenizer(job_config)
 
 
