@@ -159,3 +159,29 @@ def test_apply_tiled_mlp_module(num_tiles):
     assert list(fresh.state_dict()) == list(ref.state_dict())
     fresh.load_state_dict(ref.state_dict())  # strict
     assert "num_tiles=2" in repr(fresh)
+
+
+def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
+    from types import SimpleNamespace as NS
+
+    from torchtitan_upipe.titan.memory_stack import describe
+
+    mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
+             loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
+             offload_prefetch=True)
+    assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
+        "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
+        "(mlp_tiles=0: ceil(1000 / dim 256))",
+        "memory.tiled_norm: RMSNorm over 3 tiles of <= 334 tokens per sample (norm_tiles=3)",
+        "memory.chunked_loss: output projection and loss over 3 chunks of <= 334 tokens per sample "
+        "(loss_chunks=0: about 1024 tokens each)",
+        "memory.offload_activations: block inputs of layers 1-5 (5 of 6) in pageable host memory, "
+        "layer 0 kept on the device (offload_keep_layers=1); prefetch on",
+    ]
+    off = NS(**{**vars(mem), "tiled_mlp": False, "tiled_norm": False, "chunked_loss": False,
+                "offload_activations": False})
+    assert describe(off, 1000, 3, 256, 6) == []
+    none_kept = NS(**{**vars(off), "offload_activations": True, "offload_keep_layers": 0})
+    assert describe(none_kept, 1000, 3, 256, 6) == [
+        "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
+        "none kept on the device (offload_keep_layers=0); prefetch on"]

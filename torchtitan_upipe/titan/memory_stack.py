@@ -103,6 +103,42 @@ def apply_tiling(model: nn.Module, mem, local_seq_len: int) -> None:
         apply_chunked_loss(model.output, mem.loss_chunks)
 
 
+def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[str]:
+    """One line per ``[memory]`` option that is on, with the values it takes effect with
+    (``local_seq`` tokens per rank and sample, ``batch`` samples per rank)."""
+
+    def tiles(name: str, value: int) -> str:
+        n = value or auto_num_tiles(local_seq, dim)
+        rule = f"{name}=0: ceil({local_seq} / dim {dim})" if not value else f"{name}={value}"
+        return f"{n} tiles of <= {math.ceil(local_seq / n)} tokens per sample ({rule})"
+
+    lines = []
+    if mem.tiled_mlp:
+        lines.append(f"memory.tiled_mlp: the MLP over {tiles('mlp_tiles', mem.mlp_tiles)}")
+    if mem.tiled_norm:
+        lines.append(f"memory.tiled_norm: RMSNorm over {tiles('norm_tiles', mem.norm_tiles)}")
+    if mem.chunked_loss:
+        auto = max(1, math.ceil(batch * local_seq / DEFAULT_CHUNK_TOKENS))
+        n = mem.loss_chunks or min(auto, local_seq)
+        rule = (f"loss_chunks={mem.loss_chunks}" if mem.loss_chunks
+                else f"loss_chunks=0: about {DEFAULT_CHUNK_TOKENS} tokens each")
+        lines.append(f"memory.chunked_loss: output projection and loss over {n} chunks of "
+                     f"<= {math.ceil(local_seq / n)} tokens per sample ({rule})")
+    if mem.offload_activations:
+        def layers(a: int, b: int) -> str:
+            return f"layer {a}" if a == b else f"layers {a}-{b}"
+
+        keep = min(mem.offload_keep_layers, n_layers)
+        kept = f"{layers(0, keep - 1)} kept on the device" if keep else "none kept on the device"
+        which = layers(keep, n_layers - 1) if keep < n_layers else "no layer"
+        lines.append(
+            f"memory.offload_activations: block inputs of {which} ({n_layers - keep} of "
+            f"{n_layers}) in {'pinned' if mem.offload_pinned else 'pageable'} host memory, "
+            f"{kept} (offload_keep_layers={mem.offload_keep_layers}); prefetch "
+            f"{'on' if mem.offload_prefetch else 'off'}")
+    return lines
+
+
 def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloader) -> None:
     """Full activation checkpointing with the inputs of layers ``>= mem.offload_keep_layers``
     kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``)."""

@@ -38,7 +38,7 @@ from ..memory import HostOffloader
 from .checks import validate_job_config
 from .cpu_compat import use_sum_reductions
 from .groups import CPGroups, build_cp_groups
-from .memory_stack import apply_offloaded_checkpointing, apply_tiling
+from .memory_stack import apply_offloaded_checkpointing, apply_tiling, describe
 from .shape import JobShape
 from .sharding import SequenceSharder
 from .styles import CPStyle, get_style
@@ -108,12 +108,11 @@ def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_conf
     apply_tiling(model, mem, local_seq_len=plan.shape.local_seq)
 
     model_compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
+    shape = plan.shape
+    for line in describe(mem, shape.local_seq, shape.batch, shape.model.dim, len(model.layers)):
+        logger.info(line)
     if plan.offloader is not None:  # validated: activation_checkpoint.mode == "full", no compile
         apply_offloaded_checkpointing(model, mem, plan.offloader)
-        logger.info(
-            f"Applied full activation checkpointing with block inputs offloaded to host memory "
-            f"(first {mem.offload_keep_layers} layers kept on the device)"
-        )
     elif job_config.activation_checkpoint.mode != "none":
         apply_ac(
             model,
