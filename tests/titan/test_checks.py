@@ -141,3 +141,42 @@ def test_pageable_host_buffers_need_offloaded_activations():
            "--memory.no-offload-pinned")
     validate_job_config(_config("--memory.no-offload-pinned", config="llama3_debug_upipe_memory.toml"),
                         world_size=2, cuda=False)
+
+
+@pytest.mark.parametrize("on, name", [("tiled_mlp", "mlp_tiles"), ("tiled_norm", "norm_tiles"),
+                                      ("chunked_loss", "loss_chunks")])
+def test_more_tiles_than_tokens_is_an_error_not_a_clamp(on, name):
+    # seq_len 512 over C = 2: 256 tokens per rank and sample
+    validate_job_config(_config(f"--memory.{on}", f"--memory.{name}=256"), world_size=2, cuda=False)
+    _fails(rf"memory.{name}=257 splits the sequence into more pieces than the 256 tokens each "
+           rf"rank holds.*valid: 0 \(automatic\) or 1 to 256", f"--memory.{on}", f"--memory.{name}=257")
+
+
+def test_keeping_more_layers_than_the_model_has_is_an_error():
+    full = ("--activation_checkpoint.mode=full", "--memory.offload_activations")
+    validate_job_config(_config(*full, "--memory.offload_keep_layers=6"), world_size=2, cuda=False)
+    _fails(r"memory.offload_keep_layers=7 keeps more layers on the device than the model has "
+           r"\(6\); valid: 0 to 6", *full, "--memory.offload_keep_layers=7")
+    # at the depth the job builds: benchmark.n_layers
+    _fails(r"offload_keep_layers=3 .* \(2\); valid: 0 to 2", *full,
+           "--memory.offload_keep_layers=3", "--benchmark.n_layers=2")
+
+
+def test_on_schedule_change_choices():
+    cfg = _config("--checkpoint.on_schedule_change=rebuild")
+    assert cfg.checkpoint.on_schedule_change == "rebuild"
+    validate_job_config(cfg, world_size=2, cuda=False)
+    _fails(r"checkpoint.on_schedule_change='restart' is not one of \['error', 'rebuild'\]",
+           "--checkpoint.on_schedule_change=restart")
+
+
+def test_a_weights_only_last_save_is_announced(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        validate_job_config(_config("--checkpoint.enable"), world_size=2, cuda=False)
+    assert "last_save_model_only" not in caplog.text  # the shipped configs save everything
+    with caplog.at_level(logging.WARNING):
+        validate_job_config(_config("--checkpoint.enable", "--checkpoint.last_save_model_only"),
+                            world_size=2, cuda=False)
+    assert "cannot be resumed or extended from it" in caplog.text

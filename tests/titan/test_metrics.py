@@ -41,3 +41,12 @@ def test_host_memory_of_offloaded_activations_is_logged_as_allocated_and_pinned(
     assert host_memory_metrics(offloader) == {"memory/host_offload(GiB)": 2**-10,
                                               "memory/host_pinned(GiB)": 2**-10}
     memory.close()
+
+
+def test_mfu_is_shown_only_for_a_device_torchtitan_knows_the_peak_of():
+    from torchtitan_upipe.titan.metrics import peak_known
+
+    assert not peak_known("cpu", "x86_64")
+    assert not peak_known("cpu", "H100")  # a CPU named like a GPU is still a CPU
+    assert peak_known("cuda", "NVIDIA H100 80GB HBM3") and peak_known("cuda", "NVIDIA H200")
+    assert not peak_known("cuda", "NVIDIA GeForce RTX 4090")  # TorchTitan would take an A100's

@@ -59,6 +59,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
         )
     _validate_memory(job_config)
     _validate_benchmark(job_config, world)
+    _validate_checkpoint(job_config)
     if cp.style != "none":
         if degree == 1:
             raise ConfigError(
@@ -75,6 +76,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
         _resolve_auto_chunk_heads(job_config, style, world, args, cuda)
     shape = JobShape.from_job_config(job_config, world, args)
     style.check(job_config, shape, args, cuda)
+    _validate_memory_shape(job_config, shape)
     return shape
 
 
@@ -129,6 +131,47 @@ def _validate_memory(job_config) -> None:
         )
     if mem.chunked_loss and job_config.parallelism.tensor_parallel_degree > 1:
         raise ConfigError("memory.chunked_loss=true does not support tensor parallelism (loss parallel)")
+
+
+def _validate_memory_shape(job_config, shape: JobShape) -> None:
+    """``[memory]`` values the job's shape cannot honour are errors, not clamps: more tiles or
+    loss chunks than the tokens each rank holds per sample, more kept layers than layers."""
+    mem = getattr(job_config, "memory", None)
+    if mem is None:
+        return
+    tokens = shape.local_seq
+    for on, name in (("tiled_mlp", "mlp_tiles"), ("tiled_norm", "norm_tiles"),
+                     ("chunked_loss", "loss_chunks")):
+        value = getattr(mem, name)
+        if getattr(mem, on) and value > tokens:
+            raise ConfigError(
+                f"memory.{name}={value} splits the sequence into more pieces than the {tokens} "
+                f"tokens each rank holds (training.seq_len / parallelism.context_parallel_degree); "
+                f"valid: 0 (automatic) or 1 to {tokens}"
+            )
+    layers = shape.model.n_layers
+    if mem.offload_activations and mem.offload_keep_layers > layers:
+        raise ConfigError(
+            f"memory.offload_keep_layers={mem.offload_keep_layers} keeps more layers on the device "
+            f"than the model has ({layers}); valid: 0 to {layers} ({layers} offloads nothing)"
+        )
+
+
+def _validate_checkpoint(job_config) -> None:
+    from .resume import ON_SCHEDULE_CHANGE
+
+    ckpt = job_config.checkpoint
+    choice = getattr(ckpt, "on_schedule_change", "error")
+    if choice not in ON_SCHEDULE_CHANGE:
+        raise ConfigError(f"checkpoint.on_schedule_change={choice!r} is not one of "
+                          f"{list(ON_SCHEDULE_CHANGE)}")
+    if ckpt.enable and ckpt.last_save_model_only and not ckpt.create_seed_checkpoint:
+        from torchtitan.tools.logging import logger
+
+        logger.warning(
+            "checkpoint.last_save_model_only=true: the checkpoint saved at the last step will "
+            "hold the model weights only, so this run cannot be resumed or extended from it; "
+            "--checkpoint.no_last_save_model_only saves everything (the plugin's configs do)")
 
 
 def _validate_benchmark(job_config, world: int) -> None:

@@ -161,9 +161,21 @@ class Benchmark:
 
 
 @dataclass
+class Checkpoint:
+    """Merged into TorchTitan's ``[checkpoint]`` section (its options stay as they are)."""
+
+    on_schedule_change: str = "error"
+    """Resuming from a checkpoint trained on another LR schedule (training.steps or
+    lr_scheduler.total_steps, warmup, decay, min_lr_factor, optimizer.lr): "error" stops with
+    what changed; "rebuild" follows this run's schedule from the saved step on (titan/resume.py).
+    Checked by the config checks: TorchTitan's merged section runs its own __post_init__ only."""
+
+
+@dataclass
 class JobConfig:
     """Merged into TorchTitan's JobConfig by its ConfigManager."""
 
     context_parallel: ContextParallel = field(default_factory=ContextParallel)
     memory: Memory = field(default_factory=Memory)
     benchmark: Benchmark = field(default_factory=Benchmark)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)

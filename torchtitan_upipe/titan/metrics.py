@@ -1,4 +1,4 @@
-"""The attention share of step time, as a TensorBoard scalar next to TorchTitan's metrics.
+"""TorchTitan's metrics with the attention share of step time, counted tokens and no false MFU.
 
 :class:`AttentionTimer` brackets everything a :class:`~.models.attention.ContextParallelAttention`
 does before ``wo`` (projections, RoPE, all-to-alls, ring passes, the kernel), in the forward,
@@ -13,6 +13,8 @@ is done).
 ``time_metrics/attention(s)`` and ``time_metrics/attention(%)`` (share of the wall time since
 the last log), summed over every attention layer of this rank, and, with offloaded
 activations, their host buffers: ``memory/host_offload(GiB)`` and ``memory/host_pinned(GiB)``.
+It counts each token once in ``n_tokens_seen`` and shows MFU and TFLOP/s only where a peak is
+known for the device (see the class).
 """
 
 from __future__ import annotations
@@ -90,28 +92,104 @@ def host_memory_metrics(offloader) -> dict[str, float]:
             "memory/host_pinned(GiB)": offloader.pinned_bytes() / 2**30}
 
 
+# The devices TorchTitan 0.2.2's ``get_peak_flops`` has a bf16 peak for (by name); any other
+# device gets an A100's peak there, so MFU and TFLOP/s are not shown for it.
+_PEAK_KNOWN = ("A100", "H100", "H200", "H20", "B200", "MI355X", "MI300X", "MI325X", "MI250X",
+               "Data Center GPU Max 1550", "l40s")
+
+
+def peak_known(device_type: str, device_name: str) -> bool:
+    """Whether TorchTitan knows the bf16 peak FLOP/s of this device (never for a CPU)."""
+    return device_type != "cpu" and any(key in device_name for key in _PEAK_KNOWN)
+
+
 class CPMetricsProcessor(MetricsProcessor):
+    """TorchTitan's metrics, with three differences in what is logged:
+
+    * ``tflops`` and ``mfu(%)`` only where a peak is known for the device
+      (:func:`peak_known`): TorchTitan would divide by an A100's peak on a CPU;
+    * ``n_tokens_seen`` counts each token of the global batch once (``tokens_seen``, set by
+      the trainer), where TorchTitan sums every data-parallel and CP rank's count, which counts
+      a token C times under CP;
+    * the attention time and the host buffers (module doc).
+
+    ``tps`` is TorchTitan's: tokens of the global batch per second per GPU (the tokens of
+    one data-parallel rank's batch over the CP x TP ranks that share them).
+    """
+
     host_offloader = None
     """The trainer's :class:`~torchtitan_upipe.memory.HostOffloader` (``memory.offload_activations``),
     whose host bytes are logged next to TorchTitan's device memory."""
 
+    tokens_seen = None
+    """A callable returning the tokens trained on so far, each counted once (the trainer's)."""
+
+    def __init__(self, job_config, parallel_dims, tag=None) -> None:
+        super().__init__(job_config, parallel_dims, tag)
+        from torchtitan.tools.utils import device_type
+
+        monitor = self.device_memory_monitor
+        self.show_flops = peak_known(device_type, monitor.device_name)
+        if not self.show_flops and tag is None:
+            from torchtitan.tools.logging import logger
+
+            where = "a CPU" if device_type == "cpu" else monitor.device_name
+            logger.info(f"MFU and TFLOP/s are not shown: TorchTitan knows no bf16 peak for {where}")
+
     def log(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
-        timers = [
-            m.timer
-            for part in (self.model_parts or [])
-            for m in part.modules()
-            if getattr(m, "timer", None) is not None
-        ]
-        host = host_memory_metrics(self.host_offloader)
-        if host:
-            extra_metrics = {**(extra_metrics or {}), **host}
+        extra = dict(extra_metrics or {})
+        if self.tokens_seen is not None:
+            extra["n_tokens_seen"] = self.tokens_seen()
+        extra.update(host_memory_metrics(self.host_offloader))
+        time_delta = time.perf_counter() - self.time_last_log
+        timers = [m.timer for part in (self.model_parts or []) for m in part.modules()
+                  if getattr(m, "timer", None) is not None]
         if timers:
             seconds = sum(t.consume() for t in timers)
-            wall = time.perf_counter() - self.time_last_log
-            extra_metrics = dict(extra_metrics or {})
-            extra_metrics["time_metrics/attention(s)"] = seconds
-            extra_metrics["time_metrics/attention(%)"] = 100.0 * seconds / wall if wall > 0 else 0.0
-        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra_metrics)
+            extra["time_metrics/attention(s)"] = seconds
+            extra["time_metrics/attention(%)"] = 100.0 * seconds / time_delta if time_delta > 0 else 0.0
+        if self.show_flops:
+            super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+            return
+        self._log_without_flops(step, global_avg_loss, global_max_loss, grad_norm, extra,
+                                time_delta)
+
+    def _log_without_flops(self, step, global_avg_loss, global_max_loss, grad_norm, extra,
+                           time_delta) -> None:
+        """TorchTitan's ``MetricsProcessor.log`` without ``tflops`` and ``mfu(%)``."""
+        from torchtitan.tools.logging import logger
+
+        tps = self.ntokens_since_last_log / (time_delta * self.parallel_dims.non_data_parallel_size)
+        loading = self.data_loading_times
+        mem = self.device_memory_monitor.get_peak_stats()
+        metrics = {
+            "loss_metrics/global_avg_loss": global_avg_loss,
+            "loss_metrics/global_max_loss": global_max_loss,
+            "grad_norm": grad_norm,
+            "throughput(tps)": tps,
+            "time_metrics/end_to_end(s)": time_delta / self.job_config.metrics.log_freq,
+            "time_metrics/data_loading(s)": sum(loading) / len(loading) if loading else 0.0,
+            "time_metrics/data_loading(%)": 100 * sum(loading) / time_delta,
+            "memory/max_active(GiB)": mem.max_active_gib,
+            "memory/max_active(%)": mem.max_active_pct,
+            "memory/max_reserved(GiB)": mem.max_reserved_gib,
+            "memory/max_reserved(%)": mem.max_reserved_pct,
+            "memory/num_alloc_retries": mem.num_alloc_retries,
+            "memory/num_ooms": mem.num_ooms,
+            **extra,
+        }
+        self.logger.log(metrics, step)
+        c = self.color
+        logger.info(
+            f"{c.red}step: {step:2}  {c.green}loss: {global_avg_loss:8.5f}  "
+            f"{c.orange}grad_norm: {grad_norm:7.4f}  "
+            f"{c.turquoise}memory: {mem.max_reserved_gib:5.2f}GiB({mem.max_reserved_pct:.2f}%)  "
+            f"{c.blue}tps: {round(tps):,}{c.reset}"
+        )
+        self.ntokens_since_last_log = 0
+        self.data_loading_times.clear()
+        self.time_last_log = time.perf_counter()
+        self.device_memory_monitor.reset_peak_stats()
 
 
 def build_cp_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):

@@ -1,6 +1,6 @@
 """TorchTitan's trainer with this plugin's config checks, process groups and sequence sharding.
 
-:class:`UPipeTrainer` changes four things in ``torchtitan.train.Trainer``:
+:class:`UPipeTrainer` changes six things in ``torchtitan.train.Trainer``:
 
 1. it validates the ``[context_parallel]`` and ``[memory]`` options (and the degrees, model
    and device they imply) before TorchTitan initializes distributed or builds anything;
@@ -10,7 +10,12 @@
    :class:`~.sharding.SequenceSharder` instead of TorchTitan's head-tail load balancer (which
    is kept for ``style = "ring"``);
 4. with ``memory.chunked_loss`` it hands each batch's (sharded) labels to the model's output
-   layer, which then returns the loss sum instead of the logits.
+   layer, which then returns the loss sum instead of the logits;
+5. it checks the checkpoint a run will resume from before anything is loaded (a weights-only
+   save, a changed LR schedule: :mod:`.resume`), and every checkpoint it saves carries the
+   schedule and the token count (:class:`~.resume.RunRecord`);
+6. it counts each token of the global batch once (``n_tokens_seen``), where TorchTitan sums
+   each rank's count and so counts a token once per CP rank.
 
 Loss normalization is TorchTitan's: the valid-token count is taken on the unsharded labels
 and summed over the data-parallel ranks, each CP rank divides its local loss sum by it, and
@@ -37,6 +42,19 @@ from .checks import validate_job_config
 from .fake_rank import fake_group_as
 from .metrics import CPMetricsProcessor
 from .parallelize import CPPlan, parallelize_llama_cp
+from .resume import RECORD, RunRecord, check_resume, rebuild_schedule
+
+
+def _note_layout_dependent_init(job_config, parallel_dims) -> None:
+    """On CPU, DTensor's RNG is per rank: each rank initializes its own FSDP shards, so the
+    initial weights depend on the world size. Say so once, with the remedy."""
+    ckpt = job_config.checkpoint
+    if (torch.cuda.is_available() or parallel_dims.world_size == 1
+            or (ckpt.enable and ckpt.initial_load_path) or job_config.comm.mode != "default"):
+        return
+    logger.info("Initial weights depend on the world size on CPU (each rank initializes its own "
+                "shards): to compare layouts step by step, start every run from one seed "
+                "checkpoint (README: Reproducible runs)")
 
 
 def memory_fraction(cap_gib: float, total_bytes: int) -> float | None:
@@ -78,9 +96,38 @@ class UPipeTrainer(Trainer):
         cap_device_memory(job_config.benchmark.device_memory_gib)  # before any allocation
         self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
         self.plan: CPPlan | None = None
+        self.tokens_seen = 0  # each token of the global batch once (TorchTitan's: once per rank)
         super().__init__(job_config)
         if isinstance(self.metrics_processor, CPMetricsProcessor):
             self.metrics_processor.host_offloader = self.plan.offloader
+            self.metrics_processor.tokens_seen = lambda: self.tokens_seen
+        self.run_record = RunRecord(job_config, lambda: self.tokens_seen)
+        self.checkpointer.states[RECORD] = self.run_record
+        rebuild = check_resume(self.checkpointer, job_config, self.run_record)
+        self.checkpointer.load = functools.partial(self._load_checkpoint, self.checkpointer.load,
+                                                   bool(rebuild))
+        _note_layout_dependent_init(job_config, self.parallel_dims)
+
+    def _load_checkpoint(self, load, rebuild: bool, step: int = -1) -> bool:
+        """TorchTitan's ``checkpointer.load`` (checked by :func:`~.resume.check_resume` at
+        construction), then the token count and, with ``rebuild``, the new LR schedule."""
+        loaded = load(step)
+        if loaded and self.step > 0:
+            saved = self.run_record.saved
+            self.tokens_seen = (saved["tokens_seen"] if saved is not None
+                                else self.ntokens_seen * self._data_parallel_degree())
+            if rebuild:
+                rebuild_schedule(self.lr_schedulers, self.job_config)
+        return loaded
+
+    def _data_parallel_degree(self) -> int:
+        return self.parallel_dims.dp_replicate * self.parallel_dims.dp_shard
+
+    def batch_generator(self, data_iterable):
+        dp = self._data_parallel_degree()
+        for input_dict, labels in super().batch_generator(data_iterable):
+            self.tokens_seen += labels.numel() * dp  # every data-parallel rank's batch is as big
+            yield input_dict, labels
 
     def init_distributed(self):
         if self.job_config.comm.mode != "fake_backend":

@@ -212,7 +212,10 @@ def confirm(cand: Candidate, job: Job, ours, rest) -> dict:
     layers = min(ours.confirm_layers or cand.setup.n_layers, cand.setup.n_layers)
     argv = train_args(rest, cand.options(job))
     if layers < cand.setup.n_layers:
-        argv = train_args(argv, {"benchmark.n_layers": layers})
+        shallow = {"benchmark.n_layers": layers}
+        if cand.setup.offload and cand.setup.keep_layers > layers:  # all kept at this depth
+            shallow["memory.offload_keep_layers"] = layers
+        argv = train_args(argv, shallow)
     with tempfile.TemporaryDirectory() as dump:
         est = estimate_memory([*argv, "--job.dump_folder", dump], ours.gpus, steps=2,
                               target="cuda", rank=worst_rank(cand))
@@ -329,12 +332,15 @@ def text(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The planner's command line; a user error is one line on stderr and exit code 2."""
+    from ...titan.console import user_errors
+
     ours, rest = parse(sys.argv[1:] if argv is None else argv)
     try:
-        out = run(ours, rest)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with user_errors("python -m torchtitan_upipe.tools.plan"):
+            out = run(ours, rest)
+    except SystemExit as e:
+        return e.code
     print(json.dumps(out, indent=1) if ours.json else text(out))
     return 0 if out["answer"] is not None else 1
 

@@ -1,0 +1,197 @@
+"""Resuming the obvious way: check the checkpoint a run is about to resume from, before loading it.
+
+TorchTitan resumes from the newest ``step-N`` under ``job.dump_folder/checkpoint.folder`` when
+``checkpoint.enable`` is on (or from ``checkpoint.load_step``). Two things go wrong there, one
+with an error from inside DCP and one silently:
+
+1. **A weights-only last save.** With ``checkpoint.last_save_model_only = true``
+   (TorchTitan's default) the final checkpoint holds the model only, and resuming from it
+   fails deep in DCP (``Missing key in checkpoint state_dict: dataloader.dp_rank_0``). The
+   plugin's configs set it to false; for any other, :func:`check_resume` names the option.
+2. **A changed LR schedule.** The LR scheduler is rebuilt from the current config, but its
+   saved state (``last_epoch``, ``base_lrs``) and the optimizer's saved ``lr`` are loaded
+   into it: a run extended from ``training.steps = 3`` to 6 trains step 4 at the old
+   schedule's last LR (0 after a decay to 0), then jumps onto the new curve; a changed
+   ``optimizer.lr`` is ignored. Every checkpoint therefore carries a :class:`RunRecord`
+   (``upipe_run``): the options that define the schedule (:data:`SCHEDULE`, the total steps
+   being ``lr_scheduler.total_steps`` or else ``training.steps``) and the tokens trained on.
+   On resume a difference is a :class:`~.config.ConfigError` that lists it and says what to
+   do, unless ``checkpoint.on_schedule_change = "rebuild"``: then the schedule is the current
+   config's from the saved step on (:func:`rebuild_schedule`: base LR and the next step's LR
+   from the new schedule at the saved step).
+
+A plan to stop early and continue later needs neither: set ``lr_scheduler.total_steps`` to
+the final length and ``training.steps`` to where to stop; a later run with more
+``training.steps`` has the same schedule and continues exactly.
+
+A checkpoint without the record (plain TorchTitan's) is resumed unchecked, with a log line.
+The checks read the checkpoint's metadata and the record only: nothing is loaded before they
+pass.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from torch.distributed.checkpoint.stateful import Stateful
+
+from .config import ConfigError
+
+RECORD = "upipe_run"
+"""The checkpoint key of :class:`RunRecord`."""
+
+SCHEDULE: dict[str, tuple[str, str]] = {
+    "total_steps": ("lr_scheduler", "total_steps"),
+    "warmup_steps": ("lr_scheduler", "warmup_steps"),
+    "decay_ratio": ("lr_scheduler", "decay_ratio"),
+    "decay_type": ("lr_scheduler", "decay_type"),
+    "min_lr_factor": ("lr_scheduler", "min_lr_factor"),
+    "lr": ("optimizer", "lr"),
+}
+"""The record's schedule fields and the options they come from (``total_steps``:
+``lr_scheduler.total_steps``, or ``training.steps`` when that is unset, as TorchTitan builds it)."""
+
+ON_SCHEDULE_CHANGE = ("error", "rebuild")
+
+
+def schedule_of(job_config) -> dict[str, Any]:
+    """The options that define the LR schedule, as :data:`SCHEDULE` names them."""
+    out = {name: getattr(getattr(job_config, section), key)
+           for name, (section, key) in SCHEDULE.items()}
+    if out["total_steps"] is None:
+        out["total_steps"] = job_config.training.steps
+    return out
+
+
+def _option(name: str, job_config) -> str:
+    if name == "total_steps" and job_config.lr_scheduler.total_steps is None:
+        return "training.steps"
+    section, key = SCHEDULE[name]
+    return f"{section}.{key}"
+
+
+class RunRecord(Stateful):
+    """What a resume is checked against, saved with every checkpoint under :data:`RECORD`:
+    ``{"schedule": schedule_of(job_config), "tokens_seen": tokens_seen()}``.
+
+    ``tokens_seen`` counts each token of the global batch once (not once per CP rank as
+    TorchTitan's summed ``ntokens_seen`` does), so it does not change with the layout.
+    After a load, :attr:`saved` holds the loaded values and :attr:`tokens_base` the count."""
+
+    def __init__(self, job_config, tokens_seen: Callable[[], int]) -> None:
+        self.job_config = job_config
+        self.tokens_seen = tokens_seen
+        self.saved: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": schedule_of(self.job_config), "tokens_seen": int(self.tokens_seen())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = {"schedule": dict(state_dict["schedule"]),
+                      "tokens_seen": int(state_dict["tokens_seen"])}
+
+
+def checkpoint_to_resume(checkpointer, job_config) -> tuple[int, str] | None:
+    """``(step, path)`` of the checkpoint TorchTitan's ``checkpointer.load()`` will resume a run
+    from, or None when it will start one (no folder yet, no step, or the step-0 seed
+    checkpoint, which holds weights by design)."""
+    if not checkpointer.enable or not os.path.isdir(checkpointer.folder):
+        return None
+    step = job_config.checkpoint.load_step
+    step = checkpointer._find_load_step() if step == -1 else step
+    if step <= 0:
+        return None
+    path = checkpointer._create_checkpoint_id(step)
+    return (step, path) if os.path.isdir(path) else None  # else TorchTitan's own error
+
+
+def _saved_keys(path: str) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def _read_record(path: str, keys: set[str]) -> dict[str, Any]:
+    """The saved :class:`RunRecord` (only the fields the checkpoint has)."""
+    import torch.distributed.checkpoint as dcp
+
+    prefix = f"{RECORD}.schedule."
+    template = {"schedule": {k[len(prefix):]: None for k in keys if k.startswith(prefix)},
+                "tokens_seen": 0}
+    holder = {RECORD: template}
+    dcp.load(holder, checkpoint_id=path)
+    return holder[RECORD]
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, now)}`` for every schedule field that differs."""
+    return {k: (saved.get(k), now[k]) for k in now if saved.get(k, now[k]) != now[k]}
+
+
+def mismatch_message(step: int, path: str, diffs: dict[str, tuple[Any, Any]], job_config) -> str:
+    changed = ", ".join(f"{_option(k, job_config)}: {a!r} then, {b!r} now"
+                        for k, (a, b) in diffs.items())
+    return (
+        f"the checkpoint to resume from ({path}, step {step}) was trained on another LR schedule "
+        f"({changed}). Resumed as is, its saved scheduler state and LR would be mixed with the "
+        f"new schedule. To continue on the new schedule from step {step + 1}, set "
+        f"checkpoint.on_schedule_change='rebuild' (valid: {list(ON_SCHEDULE_CHANGE)}); to "
+        f"resume the saved run exactly, use its options. To stop a run early and extend it "
+        f"later, set lr_scheduler.total_steps to the final length from the start"
+    )
+
+
+def check_resume(checkpointer, job_config, record: RunRecord) -> dict[str, tuple[Any, Any]]:
+    """Check the checkpoint a run will resume from (module doc); return the schedule
+    differences to rebuild after the load (empty when none, or nothing is resumed).
+
+    Raises :class:`~.config.ConfigError` for a weights-only checkpoint, and for a changed
+    schedule unless ``checkpoint.on_schedule_change = "rebuild"``. For a checkpoint without
+    the record, leaves the record out of the load."""
+    from torchtitan.tools.logging import logger
+
+    found = checkpoint_to_resume(checkpointer, job_config)
+    if found is None:
+        return {}
+    step, path = found
+    keys = _saved_keys(path)
+    if not any(k.startswith("optimizer.") for k in keys):
+        raise ConfigError(
+            f"the checkpoint to resume from ({path}, step {step}) holds the model weights only: "
+            f"it was a last save with checkpoint.last_save_model_only=true (TorchTitan's "
+            f"default), and a run cannot resume from it. Train with "
+            f"--checkpoint.no_last_save_model_only (the plugin's configs set it) to resume later; "
+            f"to start a new run from these weights, point checkpoint.initial_load_path at it "
+            f"with checkpoint.initial_load_model_only=true and an empty checkpoint.folder"
+        )
+    if not any(k.startswith(f"{RECORD}.") for k in keys):
+        checkpointer.exclude_from_loading = [*checkpointer.exclude_from_loading, RECORD]
+        logger.info(f"Resuming from {path}, which has no {RECORD} record (plain TorchTitan's): "
+                    f"its LR schedule is not checked against this run's")
+        return {}
+    saved = _read_record(path, keys)
+    diffs = differences(saved["schedule"], schedule_of(job_config))
+    if diffs and job_config.checkpoint.on_schedule_change != "rebuild":
+        raise ConfigError(mismatch_message(step, path, diffs, job_config))
+    if diffs:
+        logger.info(f"checkpoint.on_schedule_change='rebuild': from step {step + 1} the LR "
+                    f"follows this run's schedule ({', '.join(diffs)} changed)")
+    return diffs
+
+
+def rebuild_schedule(lr_schedulers, job_config) -> None:
+    """After loading: the current config's schedule from the saved step on. Each scheduler's
+    base LR becomes ``optimizer.lr`` and each param group's LR the new schedule's value for
+    the next step (``LambdaLR``: ``base * lambda(last_epoch)``)."""
+    lr = job_config.optimizer.lr
+    for sched in lr_schedulers.schedulers:
+        sched.base_lrs = [lr for _ in sched.optimizer.param_groups]
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
+
+__all__ = ["ON_SCHEDULE_CHANGE", "RECORD", "SCHEDULE", "RunRecord", "check_resume",
+           "checkpoint_to_resume", "differences", "mismatch_message", "rebuild_schedule",
+           "schedule_of"]
