@@ -92,7 +92,7 @@ def command(spec: RunSpec, dump_folder: str) -> list[str]:
 def estimate_command(spec: RunSpec, dump_folder: str, json_path: str) -> list[str]:
     """The CPU memory estimator (:mod:`torchtitan_upipe.tools.estimate`) on the run's options."""
     return [sys.executable, "-m", "torchtitan_upipe.tools.estimate", "--ngpu", str(spec.ngpu),
-            "--json", json_path, *train_args(spec, dump_folder)]
+            "--out", json_path, *train_args(spec, dump_folder)]
 
 
 def train_args(spec: RunSpec, dump_folder: str) -> list[str]:

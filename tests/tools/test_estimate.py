@@ -9,8 +9,10 @@ measured by the benchmark (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +30,7 @@ def _estimate(tmp_path, ngpu: int, *args: str, real: bool = False, check: bool =
               target: str = "cpu"):
     out = tmp_path / f"est_{'real' if real else 'fake'}_{target}.json"
     cmd = [sys.executable, "-m", "torchtitan_upipe.tools.estimate", "--ngpu", str(ngpu),
-           "--target", target, "--json", str(out), *args] + (["--real"] if real else [])
+           "--target", target, "--out", str(out), *args] + (["--real"] if real else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     if not check:
@@ -152,10 +154,41 @@ def test_ranks_of_a_ring_differ_and_all_to_all_ranks_do_not(tmp_path):
     assert ring[0] != ring[1], ring
 
 
-def test_a_rank_outside_the_job_is_refused(tmp_path):
+def test_a_rank_outside_the_job_is_refused_in_one_line(tmp_path):
     proc = _estimate(tmp_path, 2, "--rank", "2", "--job.config_file", DEBUG, check=False)
-    assert proc.returncode != 0
-    assert "--rank 2 is not a rank of the 2-rank job; valid: 0 to 1" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "python -m torchtitan_upipe.tools.estimate: error: --rank 2 is not a rank of the 2-rank "
+        "job; valid: 0 to 1")
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_summary_reads_like_a_tool_and_json_on_request(tmp_path):
+    """Default: the peak and where it is, host per rank and node, the reserve's verdict."""
+    cmd = [sys.executable, "-m", "torchtitan_upipe.tools.estimate", "--ngpu", "2",
+           "--job.config_file", DEBUG_STACK, "--device-gib", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    proc = run(cmd + ["--reserve-gib", "0.5"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("upipe_llama3/debugmodel, 6 layers, 512 tokens, style 'upipe': "
+                               "rank 0 of 2; CPU estimate (fake tensors), 2 steps")
+    assert re.match(r"  peak device   0\.\d\d GiB, in step \d (forward\+backward|optimizer)",
+                    lines[1])
+    assert any(re.match(r"  host          0\.\d\d GiB per rank \(pinned\), 0\.\d GiB per node "
+                        r"of 2 ranks", line) for line in lines)
+    assert any(re.match(r"  verdict       fits: peak \+ 0\.5 GiB reserve = 0\.\d\d GiB <= 1 GiB",
+                        line) for line in lines)
+    assert "Warning" not in proc.stderr and "lspci" not in proc.stderr + proc.stdout
+    proc = run(cmd + ["--reserve-gib", "0.99", "--json"])
+    est = json.loads(proc.stdout)
+    assert est["peak_bytes"] > 0.01 * 2**30 and est["peak_phase"].startswith("step ")
+    proc = run(cmd)  # the default 4 GiB reserve does not fit in 1 GiB: said before estimating
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "python -m torchtitan_upipe.tools.estimate: error: --reserve-gib 4 must be >= 0 and below "
+        "the device memory per GPU (1 GiB; --device-gib or --gpu)")
 
 
 def test_ring_style_is_refused_with_the_alternative(tmp_path):

@@ -1,7 +1,9 @@
 """CPU memory estimator: one rank of an N-rank job, run under ``FakeTensorMode`` (no GPU).
 
     python -m torchtitan_upipe.tools.estimate --ngpu 8 --job.config_file train_configs/<name>.toml \\
-        [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option] [--json out.json]
+        [--training.seq_len 5242880] [--benchmark.n_layers 2] [any train.py option]
+        [--gpu h100 | --device-gib 80]   # judge the peak (plus --reserve-gib 4) against a device
+        [--json] [--out est.json]         # print JSON instead of the summary; also write it
         [--breakdown N]   # also print the N largest groups of tensors alive at the peak
         [--rank R]        # simulate rank R (default 0; same as --benchmark.fake_rank R)
 
@@ -63,6 +65,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from ...titan.config import ConfigError
+
 GiB = 1 << 30
 
 
@@ -90,11 +94,21 @@ class Estimate:
     # ``breakdown=N``: the N largest groups of storages live at the highest phase peak, as
     # (op [autograd node] @ source line, bytes, storages); the rest summed in one last row
     breakdown: list[tuple[str, int, int]] = field(default_factory=list)
+    model: str = ""              # model.name/model.flavor
+    device_gib: float = 0.0      # the device memory the config names (memory.device_gib, else
+    #                              benchmark.device_memory_gib; 0: none)
 
     @property
     def peak_bytes(self) -> int:
         """The highest peak of any phase of any step."""
         return max(max(self.train_peak_bytes), max(self.optim_peak_bytes))
+
+    @property
+    def peak_phase(self) -> str:
+        """Where the peak is: ``"step k forward+backward"`` or ``"step k optimizer"``."""
+        phases = [(b, f"step {i} forward+backward") for i, b in enumerate(self.train_peak_bytes, 1)]
+        phases += [(b, f"step {i} optimizer") for i, b in enumerate(self.optim_peak_bytes, 1)]
+        return max(phases, key=lambda p: p[0])[1]
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -102,7 +116,53 @@ class Estimate:
         d["peak_gib"] = self.peak_bytes / GiB
         d["host_gib"] = self.host_bytes / GiB
         d["host_pinned_gib"] = self.host_pinned_bytes / GiB
+        d["peak_phase"] = self.peak_phase
         return d
+
+
+def _tokens(n: int) -> str:
+    if n >= 2**20:
+        return f"{n} tokens ({n / 2**20:.2f}M)"
+    return f"{n} tokens ({n / 2**10:g}K)" if n >= 2**10 else f"{n} tokens"
+
+
+def summary(est: Estimate, budget=None, ranks_per_node: int = 1) -> str:
+    """The estimate for people: the peak and where it is, host memory per rank and per node,
+    and, given a :class:`~torchtitan_upipe.titan.fitting.Budget`, whether the peak plus the
+    reserve fits the device."""
+    what = "CPU estimate (fake tensors)" if est.fake else "measured on this machine (--real)"
+    layers = f"{est.n_layers} layers"
+    lines = [
+        f"{est.model}, {layers}, {_tokens(est.seq_len)}, style "
+        f"{est.style!r}: rank {est.rank} of {est.ngpu}; {what}, {len(est.train_peak_bytes)} "
+        f"steps in {est.seconds:.0f} s",
+        f"  peak device   {est.peak_bytes / GiB:.2f} GiB, in {est.peak_phase} (forward+backward "
+        f"{max(est.train_peak_bytes) / GiB:.2f}, optimizer {max(est.optim_peak_bytes) / GiB:.2f}, "
+        f"after init {est.init_bytes / GiB:.2f})",
+    ]
+    if est.workspace_bytes:
+        lines.append(f"  of which      up to {est.workspace_bytes / GiB:.2f} GiB of FlashAttention-2 "
+                     f"backward workspace (counted at each attention backward)")
+    if est.host_bytes:
+        pinned = "pinned" if est.host_pinned_bytes else "pageable"
+        lines.append(f"  host          {est.host_bytes / GiB:.2f} GiB per rank ({pinned}), "
+                     f"{ranks_per_node * est.host_bytes / GiB:.1f} GiB per node of "
+                     f"{ranks_per_node} ranks: offloaded block inputs")
+    else:
+        lines.append("  host          nothing offloaded")
+    if budget is None:
+        lines.append("  verdict       none: give --gpu or --device-gib to judge the peak against "
+                     "a device")
+    else:
+        need = est.peak_bytes / GiB + budget.reserve_gib
+        ok = need <= budget.device_gib
+        lines.append(
+            f"  verdict       {'fits' if ok else 'does NOT fit'}: peak + {budget.reserve_gib:g} "
+            f"GiB reserve = {need:.2f} GiB {'<=' if ok else '>'} {budget.device_gib:g} GiB per GPU"
+            + ("" if ok else "; python -m torchtitan_upipe.tools.plan finds options that fit"))
+    lines.append("  (allocated bytes: the allocator's fragmentation, the CUDA context and NCCL "
+                 "buffers are what the reserve is for)")
+    return "\n".join(lines)
 
 
 def _parse(argv: list[str]):
@@ -113,7 +173,7 @@ def _parse(argv: list[str]):
 
 def _check_rank(ngpu: int, rank: int) -> None:
     if not 0 <= rank < ngpu:
-        raise ValueError(f"--rank {rank} is not a rank of the {ngpu}-rank job; valid: 0 to {ngpu - 1}")
+        raise ConfigError(f"--rank {rank} is not a rank of the {ngpu}-rank job; valid: 0 to {ngpu - 1}")
 
 
 def _ensure_fake_world(ngpu: int, rank: int) -> None:
@@ -169,9 +229,11 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
     from .fake_world import Counted, estimating_trainer, fa2_workspace, shape_only_init
 
     if target not in ("cuda", "cpu"):
-        raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
+        raise ConfigError(f"target must be 'cuda' or 'cpu', got {target!r}")
+    if ngpu < 1:
+        raise ConfigError(f"--ngpu must be >= 1, got {ngpu}")
     if steps < 2:
-        raise ValueError(f"steps must be >= 2 (step 1 creates the optimizer state), got {steps}")
+        raise ConfigError(f"steps must be >= 2 (step 1 creates the optimizer state), got {steps}")
     if rank is not None:
         _check_rank(ngpu, rank)
         argv = [*argv, "--benchmark.fake_rank", str(rank)]
@@ -182,7 +244,7 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
     _ensure_fake_world(ngpu, rank)
     if (not get_style(job_config.context_parallel.style).estimable
             and job_config.parallelism.context_parallel_degree > 1):
-        raise ValueError(
+        raise ConfigError(
             "context_parallel.style = 'ring' (TorchTitan's DTensor ring attention) has no CPU path "
             "and cannot be estimated; style = 'usp' with ulysses_degree = 1 is this plugin's ring"
         )
@@ -258,6 +320,8 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
         rank=rank,
         host_pinned_bytes=host if job_config.memory.offload_pinned else 0,
         breakdown=_top(at_peak, breakdown),
+        model=f"{job_config.model.name}/{job_config.model.flavor}",
+        device_gib=job_config.memory.device_gib or job_config.benchmark.device_memory_gib,
     )
     with contextlib.suppress(Exception):
         trainer.close()
