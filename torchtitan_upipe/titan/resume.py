@@ -176,7 +176,8 @@ def check_resume(checkpointer, job_config, record: RunRecord) -> dict[str, tuple
         raise ConfigError(mismatch_message(step, path, diffs, job_config))
     if diffs:
         logger.info(f"checkpoint.on_schedule_change='rebuild': from step {step + 1} the LR "
-                    f"follows this run's schedule ({', '.join(diffs)} changed)")
+                    f"follows this run's schedule "
+                    f"({', '.join(_option(k, job_config) for k in diffs)} changed)")
     return diffs
 
 
