@@ -9,10 +9,17 @@
 """
 
 import re
+from pathlib import Path
 
 import pytest
 
-from tests.helpers.trainer import check, run_train, tensorboard_losses, tensorboard_scalars
+from tests.helpers.trainer import (
+    CONFIGS,
+    check,
+    run_train,
+    tensorboard_losses,
+    tensorboard_scalars,
+)
 from torchtitan_upipe.titan.console import INAPPLICABLE
 
 pytestmark = pytest.mark.slow
@@ -75,6 +82,17 @@ def test_a_user_error_is_one_line(workdir, args, message):
     assert out.count(message) == 1, out[-3000:]
     assert not _our_frames(out), out[-3000:]
     assert "exitcode  : 2" in out  # torchrun's summary names our exit code
+
+
+def test_an_unknown_toml_key_is_one_line(workdir):
+    path = workdir / "typo.toml"
+    shipped = (Path(CONFIGS) / CONFIG).read_text()
+    path.write_text(shipped.replace("upipe_chunk_heads =", "chunk_heads ="))
+    proc = run_train(2, str(path), f"--job.dump_folder={workdir / 'typo'}", cwd=workdir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not _our_frames(out), out[-3000:]
+    assert out.count(f"train.py: error: {path}: [context_parallel] has no option 'chunk_heads' "
+                     f"(did you mean 'upipe_chunk_heads'?)") == 1, out[-3000:]
 
 
 def test_an_unknown_option_is_reported_once(workdir):

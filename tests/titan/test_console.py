@@ -1,6 +1,7 @@
 """The console: one logging rank, inapplicable messages dropped, user errors in one line."""
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -153,3 +154,19 @@ def test_parse_args_quiet_keeps_the_exit_code_and_drops_the_box(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--nonsense.key", "3"])
     assert "nonsense" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[context_parallel]\nstyle = "upipe"\nchunk_heads = 4\n',
+     r"\[context_parallel\] has no option 'chunk_heads' \(did you mean 'upipe_chunk_heads'\?\); "
+     r"valid: \['kernel', 'style', 'time_attention', 'ulysses_degree', 'upipe_chunk_heads'\]"),
+    ('[contex_parallel]\nstyle = "upipe"\n',
+     r"there is no section \[contex_parallel\] \(did you mean 'context_parallel'\?\); valid: \["),
+    ('[memory]\noffload_keep_layers = -1\n',
+     r"memory.offload_keep_layers=-1 must be an integer >= 0"),
+])
+def test_toml_mistakes_are_user_errors_that_name_the_option(tmp_path, toml, message):
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\ncustom_config_module = "torchtitan_upipe.config"\n' + toml)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        parse_args(["--job.config_file", str(path)])

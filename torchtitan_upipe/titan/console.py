@@ -176,12 +176,56 @@ def clean_console(env=None) -> Iterator[Console]:
 
 
 def parse_args(argv: list[str] | None = None, *, quiet: bool = False):
-    """TorchTitan's ``ConfigManager().parse_args(argv)``; ``quiet``: its error box (an unknown
-    option, a bad value) is not printed, only the exit code kept (the logging ranks print it)."""
+    """TorchTitan's ``ConfigManager().parse_args(argv)``, with its TOML errors as
+    :class:`~.config.ConfigError`: an unknown section or key names the valid ones (and the
+    closest), and a bad value keeps the option's own message. ``quiet``: the command line's
+    error box (an unknown option, a bad value) is not printed, only the exit code kept (the
+    logging ranks print it)."""
     from torchtitan.config import ConfigManager
 
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        return ConfigManager().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    manager = ConfigManager()
+    toml_values = manager._maybe_load_toml(argv)
+    if toml_values:
+        _check_toml_keys(manager._maybe_add_custom_config(argv, toml_values), toml_values,
+                         _config_file(argv))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            return manager.parse_args(argv)
+    except ValueError as e:  # raised building the TOML's sections (a value's own check)
+        raise ConfigError(f"{_config_file(argv)}: {e}") from None
+
+
+def _config_file(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--job.config_file", "--job.config-file"):
+            return value or (argv[i + 1] if i + 1 < len(argv) else "")
+    return ""
+
+
+def _check_toml_keys(config_cls, values: dict, path: str) -> None:
+    """Every section and key of the TOML is one of ``config_cls``'s (TorchTitan's JobConfig
+    merged with this plugin's sections)."""
+    import difflib
+    from dataclasses import fields, is_dataclass
+
+    sections = {f.name: f.type for f in fields(config_cls)}
+
+    def unknown(what: str, name: str, valid) -> ConfigError:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"{path}: {what}{hint}; valid: {sorted(valid)}")
+
+    for section, body in values.items():
+        if section not in sections:
+            raise unknown(f"there is no section [{section}]", section, list(sections))
+        cls = sections[section]
+        if is_dataclass(cls) and isinstance(body, dict):
+            keys = [f.name for f in fields(cls)]
+            for key in body:
+                if key not in keys:
+                    raise unknown(f"[{section}] has no option {key!r}", key, keys)
 
 
 def wants_traceback(env=None) -> bool:

@@ -166,9 +166,9 @@ def summary(est: Estimate, budget=None, ranks_per_node: int = 1) -> str:
 
 
 def _parse(argv: list[str]):
-    from torchtitan.config import ConfigManager
+    from ...titan.console import parse_args  # TorchTitan's, with its TOML errors as ConfigError
 
-    return ConfigManager().parse_args(argv)
+    return parse_args(argv)
 
 
 def _check_rank(ngpu: int, rank: int) -> None:

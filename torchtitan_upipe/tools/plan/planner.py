@@ -99,11 +99,11 @@ def build_job(ours, rest: list[str]) -> Job:
 
     with cpu_compat():
         import torchtitan_upipe.train_spec  # noqa: F401  (registers upipe_llama3)
-        from torchtitan.config import ConfigManager
 
         from ...titan.checks import model_args
+        from ...titan.console import parse_args
 
-        job_config = ConfigManager().parse_args(list(rest))
+        job_config = parse_args(list(rest))
         args = model_args(job_config)
     gpu = fm.get_gpu(ours.gpu)
     device_gib = gpu.memory_gib if ours.device_gib is None else ours.device_gib
