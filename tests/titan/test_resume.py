@@ -1,7 +1,7 @@
 """Resume checks: the checkpoint a run resumes from is checked before anything is loaded.
 
 Real DCP checkpoints in a temporary folder and TorchTitan's own step lookup; the end-to-end
-runs (train, stop, resume, extend) are in ``tests/integration/test_resume_runs.py``.
+runs (train, stop, resume, extend) are in ``tests/integration/test_first_hour.py``.
 """
 
 import os
