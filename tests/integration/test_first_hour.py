@@ -150,3 +150,11 @@ def test_a_weights_only_last_save_is_refused_by_name(workdir):
     assert proc.returncode != 0 and not _our_frames(out)
     assert "holds the model weights only" in out and "--checkpoint.no_last_save_model_only" in out
     assert "Missing key" not in out
+
+
+def test_a_checkpoint_of_another_model_is_one_line(workdir, uninterrupted):
+    proc = _run(workdir, "six", *CKPT, "--training.steps=6", "--benchmark.n_layers=3", ok=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not _our_frames(out), out[-3000:]
+    assert out.count("train.py: error: the checkpoint ") == 1
+    assert "is of another model: it holds layers.3." in out and "benchmark.n_layers=3" in out

@@ -180,3 +180,25 @@ def test_a_weights_only_last_save_is_announced(caplog):
         validate_job_config(_config("--checkpoint.enable", "--checkpoint.last_save_model_only"),
                             world_size=2, cuda=False)
     assert "cannot be resumed or extended from it" in caplog.text
+
+
+def test_degrees_that_do_not_multiply_to_the_world_size():
+    _fails(r"the degrees do not multiply to the world size 2: data_parallel_replicate_degree=1 x "
+           r"context_parallel_degree=2 x .* x data_parallel_shard_degree=2; set "
+           r"parallelism.data_parallel_shard_degree = -1", "--parallelism.data_parallel_shard_degree=2")
+    _fails(r"parallelism.tensor_parallel_degree=0 must be >= 1", "--parallelism.tensor_parallel_degree=0")
+
+
+@pytest.mark.parametrize("option", ["local_batch_size", "seq_len", "steps"])
+def test_sizes_must_be_positive(option):
+    _fails(rf"training.{option}=0 must be >= 1", f"--training.{option}=0")
+
+
+def test_global_batch_size_is_minus_one_or_a_multiple_of_the_micro_batch():
+    # 4 ranks, C = 2: data-parallel degree 2, local batch 2 -> 4 samples per micro-batch
+    for ok in (-1, 4, 12):
+        validate_job_config(_config(f"--training.global_batch_size={ok}"), world_size=4, cuda=False)
+    for bad in (2, 6, 0):
+        _fails(rf"training.global_batch_size={bad} must be -1 \(one micro-batch\) or a multiple of "
+               r"training.local_batch_size x the data-parallel degree = 2 x 2 = 4",
+               f"--training.global_batch_size={bad}", world=4)

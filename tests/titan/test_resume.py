@@ -150,3 +150,71 @@ def test_rebuild_puts_the_next_steps_on_the_new_schedule():
         assert _lrs(resumed) == pytest.approx(_lrs(reference), rel=1e-12)
         _steps(resumed, 1)
         _steps(reference, 1)
+
+
+def _model_checkpoint(folder, step=3, **tensors):
+    state = {"optimizer": {"state.w.exp_avg": torch.zeros(2)}, "train_state": {"step": step},
+             **tensors}
+    path = os.path.join(folder, f"step-{step}")
+    dcp.save(state, checkpoint_id=path)
+    return path
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_the_first_tensor_that_differs(tmp_path):
+    from torchtitan_upipe.titan.resume import check_model_matches, read_metadata
+
+    cfg = _config()
+    path = _model_checkpoint(tmp_path, **{"tok_embeddings.weight": torch.ones(2048, 8),
+                                          "layers.0.w": torch.ones(8)})
+    md = read_metadata(path)
+    check_model_matches(path, md, {"tok_embeddings.weight": torch.zeros(2048, 8),
+                                   "layers.0.w": torch.zeros(8)}, cfg)
+    flavor = r"\(model.name='upipe_llama3', model.flavor='debugmodel'\); use the model options"
+    with pytest.raises(ConfigError, match=r"is of another model: tok_embeddings.weight is "
+                       r"\[2048, 8\] there and \[4096, 8\] here " + flavor):
+        check_model_matches(path, md, {"tok_embeddings.weight": torch.zeros(4096, 8),
+                                       "layers.0.w": torch.zeros(8)}, cfg)
+    with pytest.raises(ConfigError, match=r"it has no layers.1.w \(and 1 more\) of this one"):
+        check_model_matches(path, md, {"tok_embeddings.weight": torch.zeros(2048, 8),
+                                       "layers.0.w": torch.zeros(8), "layers.1.w": torch.zeros(8),
+                                       "layers.2.w": torch.zeros(8)}, cfg)
+    with pytest.raises(ConfigError, match=r"it holds layers.0.w, which this one .*"
+                       r"benchmark.n_layers=1\) has not"):
+        check_model_matches(path, md, {"tok_embeddings.weight": torch.zeros(2048, 8)},
+                            _config("--benchmark.n_layers=1"))
+
+
+def test_an_incomplete_checkpoint_names_the_file(tmp_path):
+    from torchtitan_upipe.titan.resume import read_metadata
+
+    path = _model_checkpoint(tmp_path, w=torch.ones(1000))
+    read_metadata(path)
+    shard = sorted(f for f in os.listdir(path) if f.endswith(".distcp"))[0]
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ConfigError, match=rf"the checkpoint {path} is incomplete: {shard} has "
+                       r"100 bytes of the \d+ it should.*checkpoint.load_step"):
+        read_metadata(path)
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(ConfigError, match=rf"incomplete: {shard} is missing"):
+        read_metadata(path)
+    os.remove(os.path.join(path, ".metadata"))
+    with pytest.raises(ConfigError, match=rf"cannot read the checkpoint {path}: "):
+        read_metadata(path)
+
+
+def test_resume_and_initial_load_check_the_model(tmp_path):
+    ok = {"w": torch.zeros(1000)}
+    bigger = {"w": torch.zeros(2000)}
+    cfg = _config("--checkpoint.enable")
+    _model_checkpoint(tmp_path / "ckpt", w=torch.ones(1000))
+    ckpt = _checkpointer(tmp_path / "ckpt")
+    check_resume(ckpt, cfg, RunRecord(cfg, lambda: 0), lambda: ok)
+    with pytest.raises(ConfigError, match=r"w is \[1000\] there and \[2000\] here"):
+        check_resume(ckpt, cfg, RunRecord(cfg, lambda: 0), lambda: bigger)
+    # a new run (no checkpoint folder yet) that starts from checkpoint.initial_load_path
+    seed = _config("--checkpoint.enable", f"--checkpoint.initial_load_path={tmp_path / 'ckpt' / 'step-3'}")
+    fresh = _checkpointer(tmp_path / "new")
+    check_resume(fresh, seed, RunRecord(seed, lambda: 0), lambda: ok)
+    with pytest.raises(ConfigError, match=r"w is \[1000\] there and \[2000\] here"):
+        check_resume(fresh, seed, RunRecord(seed, lambda: 0), lambda: bigger)

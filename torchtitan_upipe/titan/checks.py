@@ -57,6 +57,7 @@ def validate_job_config(job_config, world_size: int | None = None, cuda: bool | 
             f"parallelism.context_parallel_degree={degree} does not divide the world size {world}; "
             f"valid: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    _validate_degrees_and_batch(job_config, world)
     _validate_memory(job_config)
     _validate_benchmark(job_config, world)
     _validate_checkpoint(job_config)
@@ -103,6 +104,42 @@ def _resolve_auto_chunk_heads(job_config, style, world: int, args, cuda: bool) -
         check(0)  # the layout's own errors first, worded for the options the user set
     choice = resolve_auto_chunk_heads(job_config, world, args, cuda, allowed)
     logger.info(f"context_parallel.upipe_chunk_heads='auto' -> {choice.reason()}")
+
+
+def _validate_degrees_and_batch(job_config, world: int) -> None:
+    """TorchTitan's own assertions on the degrees and batch sizes, as errors that name the
+    options (TorchTitan would raise an AssertionError from deep in the trainer)."""
+    par, tr = job_config.parallelism, job_config.training
+    named = {"parallelism.data_parallel_replicate_degree": par.data_parallel_replicate_degree,
+             "parallelism.context_parallel_degree": par.context_parallel_degree,
+             "parallelism.tensor_parallel_degree": par.tensor_parallel_degree,
+             "parallelism.pipeline_parallel_degree": par.pipeline_parallel_degree}
+    for name, value in named.items():
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    others = 1
+    for value in named.values():
+        others *= value
+    shard = par.data_parallel_shard_degree
+    if shard == -1:
+        shard = world // others if world % others == 0 else 0
+    if shard < 1 or others * shard != world:
+        raise ConfigError(
+            f"the degrees do not multiply to the world size {world}: "
+            + " x ".join(f"{k.split('.')[1]}={v}" for k, v in named.items())
+            + f" x data_parallel_shard_degree={par.data_parallel_shard_degree}; set "
+            f"parallelism.data_parallel_shard_degree = -1 to use the remaining ranks")
+    for name in ("local_batch_size", "seq_len", "steps"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"training.{name}={getattr(tr, name)} must be >= 1")
+    per_step = tr.local_batch_size * par.data_parallel_replicate_degree * shard
+    if tr.global_batch_size != -1 and (tr.global_batch_size < per_step
+                                       or tr.global_batch_size % per_step):
+        raise ConfigError(
+            f"training.global_batch_size={tr.global_batch_size} must be -1 (one micro-batch) or a "
+            f"multiple of training.local_batch_size x the data-parallel degree = "
+            f"{tr.local_batch_size} x {per_step // tr.local_batch_size} = {per_step} (the "
+            f"gradient accumulation steps are the quotient)")
 
 
 def _validate_memory(job_config) -> None:

@@ -25,8 +25,11 @@ the final length and ``training.steps`` to where to stop; a later run with more
 ``training.steps`` has the same schedule and continues exactly.
 
 A checkpoint without the record (plain TorchTitan's) is resumed unchecked, with a log line.
-The checks read the checkpoint's metadata and the record only: nothing is loaded before they
-pass.
+Before either, the checkpoint must be whole (every shard file its metadata names, at its
+length) and of this model (the same tensor names and shapes): a truncated copy or another
+flavor's checkpoint is a one-line error naming the file or the first tensor that differs,
+not a traceback from inside DCP. The checks read the checkpoint's metadata and the record
+only: nothing is loaded before they pass.
 """
 
 from __future__ import annotations
@@ -106,10 +109,59 @@ def checkpoint_to_resume(checkpointer, job_config) -> tuple[int, str] | None:
     return (step, path) if os.path.isdir(path) else None  # else TorchTitan's own error
 
 
-def _saved_keys(path: str) -> set[str]:
+_STATE_PREFIXES = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.", f"{RECORD}.")
+"""What a TorchTitan checkpoint holds besides the model's tensors (top-level FQNs)."""
+
+
+def read_metadata(path: str):
+    """The DCP metadata of the checkpoint at ``path``, after checking that every shard file it
+    names is there and long enough (a truncated or partly copied checkpoint fails here, with
+    the file, not inside DCP's load)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # a missing or unreadable .metadata
+        raise ConfigError(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}") from None
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size is None or size < end:
+            state = "is missing" if size is None else f"has {size} bytes of the {end} it should"
+            raise ConfigError(f"the checkpoint {path} is incomplete: {name} {state} (a save that "
+                              f"did not finish, or a partial copy); resume from another step "
+                              f"with checkpoint.load_step")
+    return metadata
+
+
+def check_model_matches(path: str, metadata, model_state: dict, job_config) -> None:
+    """The model tensors of the checkpoint (``metadata``) are this model's, by name and
+    shape; else a :class:`~.config.ConfigError` naming the first difference."""
+    saved = {k: tuple(m.size) for k, m in metadata.state_dict_metadata.items()
+             if not k.startswith(_STATE_PREFIXES) and hasattr(m, "size")}
+    now = {k: tuple(v.shape) for k, v in model_state.items() if hasattr(v, "shape")}
+    model = f"model.name={job_config.model.name!r}, model.flavor={job_config.model.flavor!r}"
+    if job_config.benchmark.n_layers:
+        model += f", benchmark.n_layers={job_config.benchmark.n_layers}"
+    advice = "; use the model options it was saved with"
+
+    def first(keys) -> str:
+        keys = sorted(keys)
+        return keys[0] + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+    if missing := set(now) - set(saved):
+        raise ConfigError(f"the checkpoint {path} is of another model: it has no {first(missing)} "
+                          f"of this one ({model}){advice}")
+    if extra := set(saved) - set(now):
+        raise ConfigError(f"the checkpoint {path} is of another model: it holds {first(extra)}, "
+                          f"which this one ({model}) has not{advice}")
+    for k in sorted(now):
+        if saved[k] != now[k]:
+            raise ConfigError(f"the checkpoint {path} is of another model: {k} is "
+                              f"{list(saved[k])} there and {list(now[k])} here ({model}){advice}")
 
 
 def _read_record(path: str, keys: set[str]) -> dict[str, Any]:
@@ -142,20 +194,38 @@ def mismatch_message(step: int, path: str, diffs: dict[str, tuple[Any, Any]], jo
     )
 
 
-def check_resume(checkpointer, job_config, record: RunRecord) -> dict[str, tuple[Any, Any]]:
+def _check_initial_load(checkpointer, job_config, model_state) -> None:
+    """A new run's ``checkpoint.initial_load_path`` (DCP, not HF): readable, this model's."""
+    ckpt = job_config.checkpoint
+    path = ckpt.initial_load_path
+    if (not checkpointer.enable or not path or ckpt.initial_load_in_hf or model_state is None
+            or os.path.isdir(checkpointer.folder) or not os.path.isdir(path)):
+        return  # nothing to load, or TorchTitan's own message for a path that is not there
+    check_model_matches(path, read_metadata(path), model_state(), job_config)
+
+
+def check_resume(checkpointer, job_config, record: RunRecord,
+                 model_state: Callable[[], dict] | None = None) -> dict[str, tuple[Any, Any]]:
     """Check the checkpoint a run will resume from (module doc); return the schedule
     differences to rebuild after the load (empty when none, or nothing is resumed).
 
-    Raises :class:`~.config.ConfigError` for a weights-only checkpoint, and for a changed
-    schedule unless ``checkpoint.on_schedule_change = "rebuild"``. For a checkpoint without
-    the record, leaves the record out of the load."""
+    Raises :class:`~.config.ConfigError` for a checkpoint that is incomplete, of another
+    model (``model_state()``: this model's state dict, as it is saved; names and shapes are
+    compared), weights only, or of a changed schedule unless
+    ``checkpoint.on_schedule_change = "rebuild"``. For a checkpoint without the record,
+    leaves the record out of the load. A new run's ``checkpoint.initial_load_path`` is checked
+    for the first two."""
     from torchtitan.tools.logging import logger
 
     found = checkpoint_to_resume(checkpointer, job_config)
     if found is None:
+        _check_initial_load(checkpointer, job_config, model_state)
         return {}
     step, path = found
-    keys = _saved_keys(path)
+    metadata = read_metadata(path)
+    if model_state is not None:
+        check_model_matches(path, metadata, model_state(), job_config)
+    keys = set(metadata.state_dict_metadata)
     if not any(k.startswith("optimizer.") for k in keys):
         raise ConfigError(
             f"the checkpoint to resume from ({path}, step {step}) holds the model weights only: "
@@ -193,6 +263,6 @@ def rebuild_schedule(lr_schedulers, job_config) -> None:
         sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
-__all__ = ["ON_SCHEDULE_CHANGE", "RECORD", "SCHEDULE", "RunRecord", "check_resume",
-           "checkpoint_to_resume", "differences", "mismatch_message", "rebuild_schedule",
-           "schedule_of"]
+__all__ = ["ON_SCHEDULE_CHANGE", "RECORD", "SCHEDULE", "RunRecord", "check_model_matches",
+           "check_resume", "checkpoint_to_resume", "differences", "mismatch_message",
+           "read_metadata", "rebuild_schedule", "schedule_of"]

@@ -103,7 +103,8 @@ class UPipeTrainer(Trainer):
             self.metrics_processor.tokens_seen = lambda: self.tokens_seen
         self.run_record = RunRecord(job_config, lambda: self.tokens_seen)
         self.checkpointer.states[RECORD] = self.run_record
-        rebuild = check_resume(self.checkpointer, job_config, self.run_record)
+        rebuild = check_resume(self.checkpointer, job_config, self.run_record,
+                               lambda: self.checkpointer.states["model"].state_dict())
         self.checkpointer.load = functools.partial(self._load_checkpoint, self.checkpointer.load,
                                                    bool(rebuild))
         _note_layout_dependent_init(job_config, self.parallel_dims)
