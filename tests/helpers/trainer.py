@@ -11,15 +11,22 @@ from tests.helpers.paths import ROOT
 CONFIGS = os.path.join(ROOT, "train_configs")
 
 
-def run_train(nproc: int, config: str, *overrides: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [
+def train_command(nproc: int, config: str, *overrides: str) -> list[str]:
+    return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={nproc}",  # torchrun picks a free port itself
         os.path.join(ROOT, "train.py"),
         "--job.config_file", os.path.join(CONFIGS, config), *overrides,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(nproc: int, config: str, *overrides: str, cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(nproc, config, *overrides), cwd=cwd, env=train_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
