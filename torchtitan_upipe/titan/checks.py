@@ -202,9 +202,11 @@ def _validate_checkpoint(job_config) -> None:
     if choice not in ON_SCHEDULE_CHANGE:
         raise ConfigError(f"checkpoint.on_schedule_change={choice!r} is not one of "
                           f"{list(ON_SCHEDULE_CHANGE)}")
-    if ckpt.enable and ckpt.last_save_model_only and not ckpt.create_seed_checkpoint:
+    if (ckpt.enable and ckpt.last_save_model_only and not ckpt.create_seed_checkpoint
+            and not getattr(ckpt, "_model_only_warned", False)):  # the checks run twice per job
         from torchtitan.tools.logging import logger
 
+        ckpt._model_only_warned = True
         logger.warning(
             "checkpoint.last_save_model_only=true: the checkpoint saved at the last step will "
             "hold the model weights only, so this run cannot be resumed or extended from it; "

@@ -24,12 +24,15 @@ A plan to stop early and continue later needs neither: set ``lr_scheduler.total_
 the final length and ``training.steps`` to where to stop; a later run with more
 ``training.steps`` has the same schedule and continues exactly.
 
-A checkpoint without the record (plain TorchTitan's) is resumed unchecked, with a log line.
-Before either, the checkpoint must be whole (every shard file its metadata names, at its
-length) and of this model (the same tensor names and shapes): a truncated copy or another
-flavor's checkpoint is a one-line error naming the file or the first tensor that differs,
-not a traceback from inside DCP. The checks read the checkpoint's metadata and the record
-only: nothing is loaded before they pass.
+A checkpoint without the record (plain TorchTitan's) is resumed without the schedule check,
+with a log line.
+
+Two checks come first, for a resume and for a new run's ``checkpoint.initial_load_path``: the
+checkpoint must be whole (every shard file its metadata names, at its length) and of this
+model (the same tensor names and shapes). A truncated copy or another flavor's checkpoint is
+then a one-line error naming the file or the first tensor that differs, not a traceback from
+inside DCP. All checks read the checkpoint's metadata and the record only: nothing is loaded
+before they pass.
 """
 
 from __future__ import annotations
