@@ -4,7 +4,7 @@
 
 * **One rank logs.** TorchTitan's convention is ``LOG_RANK`` (its ``run_train.sh`` passes it to
   ``torchrun --local-ranks-filter``): a comma-separated list of local ranks whose log is shown,
-  default ``0``; ``LOG_RANK=all`` shows every rank. Here it is applied inside the process, so
+  default ``0``; here ``LOG_RANK=all`` also shows every rank. It is applied inside the process, so
   the plain ``torchrun --nproc_per_node N train.py`` prints each line once. The other ranks
   still print their errors (``ERROR`` and above, and any Python traceback).
 * **No warnings that do not apply.** :data:`INAPPLICABLE` lists the TorchTitan and torch
@@ -14,7 +14,8 @@
   config time or when a checkpoint is checked before loading) is printed once, as
   ``train.py: error: <message>``, by the logging ranks, and the process exits with code 2.
   ``UPIPE_TRACEBACK=1`` shows the traceback instead. torchrun then adds its own summary of the
-  failed processes, which this process cannot change.
+  failed processes, which this process cannot change. :func:`parse_args` turns TorchTitan's
+  TOML errors (an unknown section or key, a bad value) into such errors.
 
 Everything installed is removed when the context managers exit (tests run them in-process).
 """
