@@ -202,3 +202,21 @@ def test_global_batch_size_is_minus_one_or_a_multiple_of_the_micro_batch():
         _fails(rf"training.global_batch_size={bad} must be -1 \(one micro-batch\) or a multiple of "
                r"training.local_batch_size x the data-parallel degree = 2 x 2 = 4",
                f"--training.global_batch_size={bad}", world=4)
+
+
+def test_an_uneven_length_is_refused_naming_the_padding_option_or_padded():
+    _fails(r"training.seq_len=509 is not divisible by parallelism.context_parallel_degree=2; "
+           r"every rank must hold the same number of tokens; or set "
+           r"context_parallel.pad_seq_len=true to pad each sample to 510 tokens",
+           "--training.seq_len=509")
+    usp = ("--context_parallel.style=usp", "--context_parallel.ulysses_degree=1")
+    _fails(r"training.seq_len=510 must be divisible by 2 \* context_parallel_degree = 4 .*"
+           r"pad each sample to 512 tokens", "--training.seq_len=510", *usp)
+    shape = validate_job_config(_config("--training.seq_len=509", "--context_parallel.pad_seq_len"),
+                                world_size=2, cuda=False)
+    assert shape.seq_len == 510
+    shape = validate_job_config(_config("--training.seq_len=510", "--context_parallel.pad_seq_len",
+                                        *usp), world_size=2, cuda=False)
+    assert shape.seq_len == 512
+    _fails(r"context_parallel.pad_seq_len=true is not supported with style='ring'",
+           "--context_parallel.style=ring", "--context_parallel.pad_seq_len", cuda=True)

@@ -37,3 +37,11 @@ def test_hybrid_sharder_layout_and_all_to_all_composition():
 def test_hybrid_sharder_rejects_lengths_not_divisible_by_2c():
     with pytest.raises(ValueError, match="not divisible by 8"):
         UlyssesRingSharder(2, 2, 0, 0).indices(20)
+
+
+def test_padded_length_is_the_next_length_the_layout_splits():
+    from torchtitan_upipe.titan.sharding import padded_length
+
+    assert padded_length(509, 2, 1) == 510 and padded_length(510, 2, 1) == 510
+    assert padded_length(509, 2, 2) == 512 and padded_length(512, 4, 2) == 512
+    assert padded_length(1, 8, 1) == 8 and padded_length(9, 4, 4) == 16

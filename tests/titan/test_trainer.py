@@ -218,3 +218,37 @@ def test_the_device_cap_is_a_fraction_of_a_larger_device_and_nothing_otherwise()
     assert memory_fraction(0, h200) is None
     if not torch.cuda.is_available():
         assert cap_device_memory(80) is None  # nothing to cap on CPU
+
+
+def test_padding_an_uneven_length_matches_the_unpadded_single_device_run(workdir, seed_checkpoint):
+    """training.seq_len = 509 with context_parallel.pad_seq_len: each sample padded to 510 (upipe
+    C=2), 512 (usp, a ring of 2: multiples of 2C) or 512 (upipe C=4 on 4 ranks), against 509
+    tokens on one rank without CP (style 'none': TorchTitan's attention, as
+    test_no_cp_style_matches_plain_torchtitan shows; plain TorchTitan itself asserts an even
+    seq_len)."""
+    odd = ("--training.seq_len=509",)
+    reference = _losses(workdir, seed_checkpoint, "none_509", 1, "llama3_debug_none.toml", *odd)
+    pad = ("--context_parallel.pad_seq_len",)
+    for name, nproc, config, extra in [
+        ("upipe_pad", 2, "llama3_debug_upipe.toml", ()),
+        ("usp_pad", 2, "llama3_debug_upipe_memory.toml",
+         ("--context_parallel.style=usp", "--context_parallel.ulysses_degree=1")),
+        ("upipe_c4_pad", 4, "llama3_debug_upipe.toml", ("--parallelism.context_parallel_degree=4",)),
+    ]:
+        _assert_parity(_losses(workdir, seed_checkpoint, name, nproc, config, *odd, *pad, *extra),
+                       reference)
+    tokens = tensorboard_scalars(str(workdir / "upipe_pad"), "n_tokens_seen")
+    assert tokens[STEPS] == STEPS * 2 * 509  # padding is not counted
+
+
+def test_pad_to_pads_inputs_and_ignores_the_padded_labels():
+    from torchtitan_upipe.memory import IGNORE_INDEX
+    from torchtitan_upipe.titan.trainer import pad_to
+
+    inputs, labels = torch.arange(10).view(2, 5), torch.arange(10, 20).view(2, 5)
+    got, got_labels = pad_to(8, {"input": inputs, "other": 1}, labels)
+    assert got["other"] == 1 and got["input"].shape == (2, 8) and got_labels.shape == (2, 8)
+    assert torch.equal(got["input"][:, :5], inputs) and torch.equal(got_labels[:, :5], labels)
+    assert (got["input"][:, 5:] == 0).all() and (got_labels[:, 5:] == IGNORE_INDEX).all()
+    same, same_labels = pad_to(5, {"input": inputs}, labels)
+    assert same["input"] is inputs and same_labels is labels

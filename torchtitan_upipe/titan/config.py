@@ -45,6 +45,13 @@ class ContextParallel:
     kernel: str = "auto"
     """Attention kernel: "auto" | "sdpa" | "cudnn" | "flash_attn" | "math"."""
 
+    pad_seq_len: bool = False
+    """Pad each sample to the next length the layout can split (a multiple of C, or of 2C with
+    a ring) inside the plugin, when training.seq_len is not one: the padded tokens come after
+    the real ones, so causal attention keeps them out of every real token's attention; their
+    labels are ignored by the loss and they are not counted as tokens. false: such a
+    seq_len is an error."""
+
     time_attention: bool = True
     """Log the attention share of step time (time_metrics/attention(%)) for the Ulysses-family
     styles; CUDA events, read only when metrics are logged."""

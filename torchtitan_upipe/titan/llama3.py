@@ -32,6 +32,9 @@ class LlamaArgs(TransformerModelArgs):
 
     def update_from_config(self, job_config, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
+        from .shape import model_seq_len  # the RoPE table covers the padded length
+
+        self.max_seq_len = max(self.max_seq_len, model_seq_len(job_config))
         bench = getattr(job_config, "benchmark", None)
         if bench is not None and bench.n_layers:
             if bench.n_layers > self.n_layers:

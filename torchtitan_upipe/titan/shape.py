@@ -29,7 +29,21 @@ from dataclasses import dataclass, replace
 from ..cp.gqa import kv_replication
 from ..cp.upipe.schedule import UPipeSchedule
 from .llama3 import FLAVORS, head_dim_of
+from .sharding import padded_length
 from .styles import get_style
+
+
+def model_seq_len(job_config) -> int:
+    """The sequence length the model runs on: ``training.seq_len``, padded to
+    :func:`padded_length` with ``context_parallel.pad_seq_len`` (the data keep
+    ``training.seq_len``; the trainer pads each sample)."""
+    seq_len = job_config.training.seq_len
+    cp = getattr(job_config, "context_parallel", None)
+    degree = job_config.parallelism.context_parallel_degree
+    if cp is None or not cp.pad_seq_len or degree <= 1:
+        return seq_len
+    u, _ = get_style(cp.style).layout(degree, cp.ulysses_degree, 0)
+    return padded_length(seq_len, degree, degree // u)
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,7 @@ class JobShape:
         tr = job_config.training
         return cls.build(
             ModelShape.from_args(args, bench.n_layers if bench is not None else None),
-            tr.seq_len, cp.style, job_config.parallelism.context_parallel_degree,
+            model_seq_len(job_config), cp.style, job_config.parallelism.context_parallel_degree,
             cp.ulysses_degree, chunk_heads, tr.local_batch_size, world,
         )
 

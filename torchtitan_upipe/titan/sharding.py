@@ -25,6 +25,13 @@ import torch
 from ..cp.zigzag import zigzag_indices
 
 
+def padded_length(seq_len: int, cp: int, ring: int) -> int:
+    """The shortest length ``>= seq_len`` that ``cp`` ranks can split: a multiple of ``cp``,
+    or of ``2 cp`` when there is a ring dimension (``ring > 1``: zigzag halves)."""
+    quantum = 2 * cp if ring > 1 else cp
+    return -(-seq_len // quantum) * quantum
+
+
 class SequenceSharder(abc.ABC):
     def __init__(self, degree: int, rank: int) -> None:
         if not 0 <= rank < degree:

@@ -37,7 +37,7 @@ from .attention import (
 )
 from .config import ConfigError
 from .metrics import AttentionTimer
-from .sharding import SequenceSharder, sharder_for
+from .sharding import SequenceSharder, padded_length, sharder_for
 
 if TYPE_CHECKING:
     from .groups import CPGroups
@@ -152,7 +152,7 @@ class AllToAllStyle(CPStyle):
             block.attention = ContextParallelAttention(block.attention, self.strategy(plan), timer)
         check_sharding_once(model, plan.sharder)
         if hasattr(model, "use_local_rope"):  # keep only this rank's RoPE rows (exact, less memory)
-            model.use_local_rope(plan.sharder.indices(job_config.training.seq_len))
+            model.use_local_rope(plan.sharder.indices(plan.shape.seq_len))
         kernel = get_kernel(plan.kernel, plan.device).name
         logger.info(
             f"Applied context_parallel.style={cp.style!r} (degree {plan.shape.cp} = all-to-all "
@@ -161,7 +161,7 @@ class AllToAllStyle(CPStyle):
         )
 
     def check(self, job_config, shape, model_args, cuda):
-        cp, seq_len = job_config.context_parallel, job_config.training.seq_len
+        cp, seq_len = job_config.context_parallel, shape.seq_len  # padded with pad_seq_len
         degree = job_config.parallelism.context_parallel_degree
         if job_config.validation.enable:
             raise ConfigError(
@@ -177,16 +177,19 @@ class AllToAllStyle(CPStyle):
                 f"{[d for d in range(1, degree + 1) if degree % d == 0]}"
             )
         self._check_ring(shape)
+        pad = (f"; or set context_parallel.pad_seq_len=true to pad each sample to "
+               f"{padded_length(seq_len, degree, shape.ring)} tokens inside the plugin (the "
+               f"padding is kept out of the loss and of every real token's attention)")
         if shape.ring > 1 and seq_len % (2 * degree) != 0:
             raise ConfigError(
                 f"training.seq_len={seq_len} must be divisible by 2 * context_parallel_degree = "
                 f"{2 * degree} for the ring dimension (zigzag load balancing over {shape.ring} "
-                f"ring ranks)"
+                f"ring ranks){pad}"
             )
         if seq_len % degree != 0:
             raise ConfigError(
                 f"training.seq_len={seq_len} is not divisible by parallelism.context_parallel_degree="
-                f"{degree}; every rank must hold the same number of tokens"
+                f"{degree}; every rank must hold the same number of tokens{pad}"
             )
         attn_type = getattr(model_args, "attn_type", "sdpa")
         if attn_type != "sdpa":
@@ -331,6 +334,11 @@ class TorchTitanRing(CPStyle):
                 f"SDPA dispatcher picks the kernel); use kernel='auto'"
             )
         seq_len, degree = job_config.training.seq_len, job_config.parallelism.context_parallel_degree
+        if job_config.context_parallel.pad_seq_len:
+            raise ConfigError(
+                "context_parallel.pad_seq_len=true is not supported with style='ring' (TorchTitan "
+                "shards its inputs itself); use style='usp' with ulysses_degree=1, this plugin's "
+                "ring, or a training.seq_len divisible by 2 * context_parallel_degree")
         if seq_len % (2 * degree) != 0:
             raise ConfigError(
                 f"training.seq_len={seq_len} must be divisible by 2 * context_parallel_degree = "

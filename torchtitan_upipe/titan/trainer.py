@@ -1,6 +1,6 @@
 """TorchTitan's trainer with this plugin's config checks, process groups and sequence sharding.
 
-:class:`UPipeTrainer` changes six things in ``torchtitan.train.Trainer``:
+:class:`UPipeTrainer` changes seven things in ``torchtitan.train.Trainer``:
 
 1. it validates the ``[context_parallel]`` and ``[memory]`` options (and the degrees, model
    and device they imply) before TorchTitan initializes distributed or builds anything;
@@ -15,7 +15,9 @@
    save, a changed LR schedule: :mod:`.resume`), and every checkpoint it saves carries the
    schedule and the token count (:class:`~.resume.RunRecord`);
 6. it counts each token of the global batch once (``n_tokens_seen``), where TorchTitan sums
-   each rank's count and so counts a token once per CP rank.
+   each rank's count and so counts a token once per CP rank;
+7. with ``context_parallel.pad_seq_len`` it pads each sample to the length the layout can
+   split (:func:`pad_to`), before sharding.
 
 Loss normalization is TorchTitan's: the valid-token count is taken on the unsharded labels
 and summed over the data-parallel ranks, each CP rank divides its local loss sum by it, and
@@ -81,6 +83,22 @@ def cap_device_memory(cap_gib: float) -> float | None:
     return fraction
 
 
+def pad_to(seq_len: int, input_dict: dict[str, torch.Tensor], labels: torch.Tensor):
+    """``context_parallel.pad_seq_len``: the batch's ``(B, S)`` inputs and labels padded at the
+    end to ``seq_len`` (the model's, :func:`~.shape.model_seq_len`): inputs with token 0,
+    labels with the loss's ignore index. The padding comes after every real token, so causal
+    attention keeps it out of the real tokens' attention, and the loss (whose token count
+    TorchTitan takes before this hook) ignores it. Unchanged when already ``seq_len`` long."""
+    pad = seq_len - labels.shape[1]
+    if pad <= 0:
+        return input_dict, labels
+    from ..memory import IGNORE_INDEX
+
+    inputs = torch.nn.functional.pad(input_dict["input"], (0, pad), value=0)
+    return {**input_dict, "input": inputs}, torch.nn.functional.pad(labels, (0, pad),
+                                                                     value=IGNORE_INDEX)
+
+
 class UPipeTrainer(Trainer):
     """``inline_upipe`` and ``on_host_buffer`` are for the CPU memory estimator (see
     :class:`~.parallelize.CPPlan` and :class:`~torchtitan_upipe.memory.HostOffloader`)."""
@@ -108,6 +126,11 @@ class UPipeTrainer(Trainer):
         self.checkpointer.load = functools.partial(self._load_checkpoint, self.checkpointer.load,
                                                    bool(rebuild))
         _note_layout_dependent_init(job_config, self.parallel_dims)
+        if self.plan.shape.seq_len != job_config.training.seq_len:
+            s, padded = job_config.training.seq_len, self.plan.shape.seq_len
+            logger.info(f"context_parallel.pad_seq_len: each sample of training.seq_len={s} "
+                        f"tokens is padded to {padded} ({padded - s} padding tokens, after the "
+                        f"real ones: out of their attention, the loss and the token counts)")
 
     def _load_checkpoint(self, load, rebuild: bool, step: int = -1) -> bool:
         """TorchTitan's ``checkpointer.load`` (checked by :func:`~.resume.check_resume` at
@@ -157,6 +180,7 @@ class UPipeTrainer(Trainer):
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         sharder = self.plan.sharder
+        input_dict, labels = pad_to(self.plan.shape.seq_len, input_dict, labels)
         if self.parallel_dims.cp_enabled and sharder is not None:
             inputs = input_dict["input"]
             extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
