@@ -220,3 +220,13 @@ def test_an_uneven_length_is_refused_naming_the_padding_option_or_padded():
     assert shape.seq_len == 512
     _fails(r"context_parallel.pad_seq_len=true is not supported with style='ring'",
            "--context_parallel.style=ring", "--context_parallel.pad_seq_len", cuda=True)
+
+
+def test_quantized_linear_converters_are_refused_where_the_weights_are_used_directly():
+    fp8 = "--model.converters=quantize.linear.float8"
+    _fails(r"model.converters=\['quantize.linear.float8'\] swap nn.Linear layers for quantized "
+           r"ones, but context_parallel.style='upipe' \(wq, wk, wv inside its fused op\) compute "
+           r"with the weights directly", fp8)
+    _fails(r"memory.tiled_mlp=true \(w1, w2, w3\) and memory.chunked_loss=true \(output\)", fp8,
+           "--memory.tiled_mlp", "--memory.chunked_loss", config="llama3_debug_ulysses.toml")
+    validate_job_config(_config(fp8, config="llama3_debug_ulysses.toml"), world_size=2, cuda=False)

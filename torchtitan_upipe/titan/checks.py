@@ -168,6 +168,27 @@ def _validate_memory(job_config) -> None:
         )
     if mem.chunked_loss and job_config.parallelism.tensor_parallel_degree > 1:
         raise ConfigError("memory.chunked_loss=true does not support tensor parallelism (loss parallel)")
+    _validate_linear_converters(job_config)
+
+
+def _validate_linear_converters(job_config) -> None:
+    """TorchTitan's quantized-Linear converters (float8, MX) swap ``nn.Linear`` modules, but
+    UPipe's fused op, the tiled MLP and the chunked loss compute with the weights directly and
+    would skip the swapped modules without a word."""
+    converters = [c for c in job_config.model.converters if c.startswith("quantize.linear.")]
+    if not converters:
+        return
+    mem = job_config.memory
+    bypass = [who for who, on in (
+        ("context_parallel.style='upipe' (wq, wk, wv inside its fused op)",
+         job_config.context_parallel.style == "upipe"),
+        ("memory.tiled_mlp=true (w1, w2, w3)", mem.tiled_mlp),
+        ("memory.chunked_loss=true (output)", mem.chunked_loss)) if on]
+    if bypass:
+        raise ConfigError(
+            f"model.converters={converters} swap nn.Linear layers for quantized ones, but "
+            f"{' and '.join(bypass)} compute with the weights directly and would skip them; "
+            f"remove the converter, or use style 'ulysses'/'usp' without those [memory] options")
 
 
 def _validate_memory_shape(job_config, shape: JobShape) -> None:
