@@ -159,7 +159,8 @@ def test_parse_args_quiet_keeps_the_exit_code_and_drops_the_box(capsys):
 @pytest.mark.parametrize("toml, message", [
     ('[context_parallel]\nstyle = "upipe"\nchunk_heads = 4\n',
      r"\[context_parallel\] has no option 'chunk_heads' \(did you mean 'upipe_chunk_heads'\?\); "
-     r"valid: \['kernel', 'style', 'time_attention', 'ulysses_degree', 'upipe_chunk_heads'\]"),
+     r"valid: \['kernel', 'pad_seq_len', 'style', 'time_attention', 'ulysses_degree', "
+     r"'upipe_chunk_heads'\]"),
     ('[contex_parallel]\nstyle = "upipe"\n',
      r"there is no section \[contex_parallel\] \(did you mean 'context_parallel'\?\); valid: \["),
     ('[memory]\noffload_keep_layers = -1\n',
