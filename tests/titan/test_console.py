@@ -134,10 +134,13 @@ def test_a_user_error_is_one_line_and_exit_code_2(capsys):
         raise ConfigError("training.seq_len=511 is not divisible by 2")
     assert e.value.code == 2
     assert capsys.readouterr().err == "train.py: error: training.seq_len=511 is not divisible by 2\n"
-    # another rank exits the same way, silently
-    with pytest.raises(SystemExit), user_errors("train.py", env={"LOCAL_RANK": "1"}):
+    # another rank waits for the logging rank to print (torchrun then ends it); still alive
+    # after the wait, the error is its own and it says so with its rank
+    with pytest.raises(SystemExit) as e, user_errors("train.py", env={"LOCAL_RANK": "1"},
+                                                     wait_s=0.01):
         raise ConfigError("x")
-    assert capsys.readouterr().err == ""
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "train.py: error (local rank 1): x\n"
 
 
 def test_the_traceback_on_request_and_for_bugs():

@@ -12,7 +12,8 @@
   why; the trainer says what matters instead (e.g. that MFU is not shown without a known peak).
 * **User errors in one line.** A :class:`~.config.ConfigError` (an invalid option, found at
   config time or when a checkpoint is checked before loading) is printed once, as
-  ``train.py: error: <message>``, by the logging ranks, and the process exits with code 2.
+  ``train.py: error: <message>``, by the logging ranks (the others wait for them to print
+  first), and the process exits with code 2.
   ``UPIPE_TRACEBACK=1`` shows the traceback instead. torchrun then adds its own summary of the
   failed processes, which this process cannot change. :func:`parse_args` turns TorchTitan's
   TOML errors (an unknown section or key, a bad value) into such errors.
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -235,10 +237,16 @@ def wants_traceback(env=None) -> bool:
 
 
 @contextlib.contextmanager
-def user_errors(prog: str = "train.py", env=None) -> Iterator[None]:
+def user_errors(prog: str = "train.py", env=None, wait_s: float = 5.0) -> Iterator[None]:
     """A :class:`~.config.ConfigError` raised inside becomes ``prog: error: <message>`` on
-    stderr (logging ranks only) and ``SystemExit(2)``; with ``UPIPE_TRACEBACK=1`` it propagates.
-    Anything else (a bug) propagates with its traceback."""
+    stderr and ``SystemExit(2)``; with ``UPIPE_TRACEBACK=1`` it propagates. Anything else (a
+    bug) propagates with its traceback.
+
+    A logging rank prints at once. Another rank first waits ``wait_s``: torchrun stops every
+    rank as soon as one exits, so a rank that exited first would cut the logging rank off
+    before it printed. When the logging rank has printed and exited, torchrun ends this one
+    during the wait. If this rank is still alive after it, the error was its own, and it prints
+    it with its rank."""
     try:
         yield
     except ConfigError as e:
@@ -246,6 +254,10 @@ def user_errors(prog: str = "train.py", env=None) -> Iterator[None]:
             raise
         if is_log_rank(env):
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(wait_s)
+            rank = (os.environ if env is None else env).get("LOCAL_RANK", "?")
+            print(f"{prog}: error (local rank {rank}): {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
