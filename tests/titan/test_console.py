@@ -152,7 +152,7 @@ def test_the_traceback_on_request_and_for_bugs():
 
 def test_parse_args_quiet_keeps_the_exit_code_and_drops_the_box(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["--nonsense.key", "3"], quiet=True)
+        parse_args(["--nonsense.key", "3"], quiet=True, quiet_wait_s=0.01)
     assert e.value.code != 0 and capsys.readouterr().err == ""
     with pytest.raises(SystemExit):
         parse_args(["--nonsense.key", "3"])

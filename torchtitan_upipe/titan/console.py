@@ -178,12 +178,12 @@ def clean_console(env=None) -> Iterator[Console]:
         root.removeFilter(flt)
 
 
-def parse_args(argv: list[str] | None = None, *, quiet: bool = False):
+def parse_args(argv: list[str] | None = None, *, quiet: bool = False, quiet_wait_s: float = 5.0):
     """TorchTitan's ``ConfigManager().parse_args(argv)``, with its TOML errors as
     :class:`~.config.ConfigError`: an unknown section or key names the valid ones (and the
     closest), and a bad value keeps the option's own message. ``quiet``: the command line's
-    error box (an unknown option, a bad value) is not printed, only the exit code kept (the
-    logging ranks print it)."""
+    error box (an unknown option, a bad value) is not printed, only the exit code kept, after
+    ``quiet_wait_s`` (the logging ranks print it, as :func:`user_errors` explains)."""
     from torchtitan.config import ConfigManager
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -197,6 +197,10 @@ def parse_args(argv: list[str] | None = None, *, quiet: bool = False):
             return manager.parse_args(argv)
     except ValueError as e:  # raised building the TOML's sections (a value's own check)
         raise ConfigError(f"{_config_file(argv)}: {e}") from None
+    except SystemExit:
+        if quiet:  # let the logging rank print its box before torchrun stops every rank
+            time.sleep(quiet_wait_s)
+        raise
 
 
 def _config_file(argv: list[str]) -> str:
