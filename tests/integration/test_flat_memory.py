@@ -2,12 +2,12 @@
 
 The debug job with the whole memory stack (offloaded block inputs, tiles, chunked loss). On
 CPU TorchTitan's ``memory/max_reserved(GiB)`` is the process's peak RSS, which only grows. It
-grows in jumps of a few MiB that come ever less often while the allocator's pools fill: two
-runs on a 2-core VM went 679 -> 766 -> 801 MiB at steps 1, 20, 71 and flat after, and
-657 -> 760 -> 785 MiB at steps 1, 20, 60 and flat after. Over the last quarter (steps 75-100)
-it must grow by at most 2%: a leak of one step's offloaded inputs (1.25 MiB here) would add
-31 MiB there, 4%. The offloader's host buffers, ``memory/host_offload(GiB)``, must be the same
-at every step: reused, not re-created.
+grows in jumps of a few MiB, at irregular steps, while the allocator's pools fill: from step 20
+to step 100, five runs on a 2-core VM grew by 25, 29, 35, 35 and 57 MiB (the last with the
+machine loaded; e.g. 679 -> 766 -> 801 MiB at steps 1, 20, 100). A leak of one step's offloaded
+inputs (``memory/host_offload``, 1.25 MiB here) would add 100 MiB over those 80 steps on top of
+that; the growth allowed is the leak's alone. The offloader's host buffers must be the same at
+every step: reused, not re-created.
 """
 
 import pytest
@@ -27,9 +27,11 @@ def test_memory_is_flat_over_100_steps(tmp_path):
     rss = tensorboard_scalars(str(dump), "memory/max_reserved(GiB)")
     host = tensorboard_scalars(str(dump), "memory/host_offload(GiB)")
     assert sorted(rss) == list(range(1, STEPS + 1)) and sorted(host) == sorted(rss)
-    settled = 3 * STEPS // 4
-    growth = rss[STEPS] - rss[settled]
-    mib = {s: round(rss[s] * 1024, 1) for s in (1, 20, STEPS // 2, settled, STEPS)}
-    print(f"peak RSS (MiB) by step: {mib}")
-    assert growth <= 0.02 * rss[STEPS], mib
+    start = 20
+    growth = rss[STEPS] - rss[start]
+    leak = (STEPS - start) * host[1]  # one step's offloaded inputs kept at every step
+    mib = {s: round(rss[s] * 1024, 1) for s in (1, start, STEPS // 2, STEPS)}
+    print(f"peak RSS (MiB) by step: {mib}; growth {growth * 1024:.1f} MiB, a leak would add "
+          f"{leak * 1024:.0f}")
+    assert growth <= leak, mib
     assert len(set(host.values())) == 1 and host[1] > 0, host
