@@ -6,8 +6,9 @@ grows in jumps of a few MiB, at irregular steps, while the allocator's pools fil
 to step 100, five runs on a 2-core VM grew by 25, 29, 35, 35 and 57 MiB (the last with the
 machine loaded; e.g. 679 -> 766 -> 801 MiB at steps 1, 20, 100). A leak of one step's offloaded
 inputs (``memory/host_offload``, 1.25 MiB here) would add 100 MiB over those 80 steps on top of
-that; the growth allowed is the leak's alone. The offloader's host buffers must be the same at
-every step: reused, not re-created.
+that; the growth allowed is the leak's alone. The offloader's host buffers, the process groups
+and the RoPE table must be the same at every step: reused, not re-created (their counters,
+:func:`~torchtitan_upipe.titan.metrics.reuse_metrics`, do not move after step 1).
 """
 
 import pytest
@@ -35,3 +36,16 @@ def test_memory_is_flat_over_100_steps(tmp_path):
           f"{leak * 1024:.0f}")
     assert growth <= leak, mib
     assert len(set(host.values())) == 1 and host[1] > 0, host
+    assert_reused(dump, offloaded_layers=5)  # debugmodel: 6 layers, offload_keep_layers = 1
+
+
+def assert_reused(dump, offloaded_layers: int, steps: int = STEPS) -> None:
+    """The reuse counters are the same at every step, at the values of a run that built
+    each thing once: one host buffer per offloaded layer, one RoPE table per build."""
+    counters = {name: tensorboard_scalars(str(dump), name)
+                for name in ("memory/host_buffer_allocs", "cp/process_groups",
+                             "cp/rope_table_builds")}
+    for name, by_step in counters.items():
+        assert len(by_step) == steps and len(set(by_step.values())) == 1, (name, by_step)
+    assert counters["memory/host_buffer_allocs"][1] == offloaded_layers
+    assert counters["cp/process_groups"][1] >= 1

@@ -56,7 +56,7 @@ def test_gradients_are_exact_and_inputs_live_on_the_host(keep, prefetch):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
-    assert len(seen) == 4 - keep  # one buffer per offloaded layer, allocated once
+    assert len(seen) == offloader.allocations == 4 - keep  # one per offloaded layer, once
     assert offloader.host_bytes() == (4 - keep) * x.nbytes
 
 
@@ -91,3 +91,11 @@ def test_offloaded_inputs_are_pinned_at_exactly_their_size():
     memory.close()
     assert not locks.locked
     assert HostOffloader(torch.device("cpu")).memory.pinned is False  # nothing to pin on CPU
+
+
+def test_a_buffer_is_re_created_only_when_its_input_changes_shape():
+    offloader = HostOffloader(torch.device("cpu"))
+    for x in (torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(4, 3), torch.zeros(4, 3).double()):
+        offloader.offload(0, x)
+        torch.testing.assert_close(offloader.reload(0), x, rtol=0, atol=0)
+    assert offloader.allocations == 3  # (2, 3) once, then (4, 3), then float64

@@ -64,6 +64,9 @@ class HostOffloader:
         self._done: dict[int, torch.cuda.Event | None] = {}
         self._reloaded: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._shape: dict[int, tuple] = {}
+        self.allocations = 0
+        """Host buffers allocated so far: one per offloaded layer, then none while the block
+        inputs keep their shape (a buffer is re-created only when its layer's input changes)."""
 
     def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         buf = self._host.get(layer)
@@ -72,6 +75,7 @@ class HostOffloader:
                 self.memory.free(buf)
             buf = self.memory.empty(x.shape, x.dtype)
             self._host[layer] = buf
+            self.allocations += 1
             if self.on_new_buffer is not None:
                 self.on_new_buffer(buf)
         return buf

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -55,3 +56,11 @@ def build_cp_groups(cp_mesh: DeviceMesh, ulysses_degree: int) -> CPGroups:
         mesh2d["cp_ulysses"].get_group(), mesh2d["cp_ring"].get_group(),
         u, r, rank % u, rank // u,
     )
+
+
+def process_group_count() -> int:
+    """Process groups this process has created so far (the default group included); constant
+    once the trainer is built: every group is made once, before the first step."""
+    if not dist.is_initialized():
+        return 0
+    return len(dist.distributed_c10d._world.pg_map)

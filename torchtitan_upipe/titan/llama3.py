@@ -99,6 +99,9 @@ class Transformer(tt.Transformer):
     """
 
     _rope_positions: torch.Tensor | None = None  # set by use_local_rope
+    rope_table_builds = 0
+    """How many times this model has built its RoPE table: once per ``init_weights``, never
+    in a step (the forward reads the ``freqs_cis`` buffer)."""
 
     def __init__(self, model_args: TransformerModelArgs) -> None:
         super().__init__(model_args)
@@ -115,6 +118,7 @@ class Transformer(tt.Transformer):
         self._rope_positions = positions.detach().to("cpu", torch.long)
 
     def _precompute_freqs_cis(self):
+        self.rope_table_builds += 1
         a = self.model_args
         hd = head_dim_of(a)
         if self._rope_positions is None:

@@ -13,6 +13,8 @@ is done).
 ``time_metrics/attention(s)`` and ``time_metrics/attention(%)`` (share of the wall time since
 the last log), summed over every attention layer of this rank, and, with offloaded
 activations, their host buffers: ``memory/host_offload(GiB)`` and ``memory/host_pinned(GiB)``.
+Three counters show that nothing is re-created step after step (:func:`reuse_metrics`):
+``memory/host_buffer_allocs``, ``cp/process_groups`` and ``cp/rope_table_builds``.
 It counts each token once in ``n_tokens_seen`` and shows MFU and TFLOP/s only where a peak is
 known for the device (see the class).
 """
@@ -92,6 +94,22 @@ def host_memory_metrics(offloader) -> dict[str, float]:
             "memory/host_pinned(GiB)": offloader.pinned_bytes() / 2**30}
 
 
+def reuse_metrics(offloader, model_parts) -> dict[str, float]:
+    """Counters that stay constant from the first step on when the run reuses what it built:
+    host buffers allocated for offloaded activations, process groups created (all kinds), and
+    RoPE tables built.  A counter that grows from step to step is a leak of its resource."""
+    from .groups import process_group_count
+
+    metrics = {"cp/process_groups": float(process_group_count())}
+    if offloader is not None:
+        metrics["memory/host_buffer_allocs"] = float(offloader.allocations)
+    builds = [part.rope_table_builds for part in model_parts or []
+              if hasattr(part, "rope_table_builds")]
+    if builds:
+        metrics["cp/rope_table_builds"] = float(sum(builds))
+    return metrics
+
+
 # The devices TorchTitan 0.2.2's ``get_peak_flops`` has a bf16 peak for (by name); any other
 # device gets an A100's peak there, so MFU and TFLOP/s are not shown for it.
 _PEAK_KNOWN = ("A100", "H100", "H200", "H20", "B200", "MI355X", "MI300X", "MI325X", "MI250X",
@@ -141,6 +159,7 @@ class CPMetricsProcessor(MetricsProcessor):
         if self.tokens_seen is not None:
             extra["n_tokens_seen"] = self.tokens_seen()
         extra.update(host_memory_metrics(self.host_offloader))
+        extra.update(reuse_metrics(self.host_offloader, self.model_parts))
         time_delta = time.perf_counter() - self.time_last_log
         timers = [m.timer for part in (self.model_parts or []) for m in part.modules()
                   if getattr(m, "timer", None) is not None]
