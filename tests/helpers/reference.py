@@ -9,8 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def attention(q, k, v, *, causal=True, scale=None):
-    """softmax(q k^T * scale + causal mask) v.  q (B,S,H,D), k/v (B,S,H_kv,D) -> (B,S,H,D)."""
+def attention(q, k, v, *, causal=True, scale=None, doc_ids=None):
+    """softmax(q k^T * scale + causal mask) v.  q (B,S,H,D), k/v (B,S,H_kv,D) -> (B,S,H,D).
+
+    ``doc_ids (B, S)``: each token's document; keys of other documents are masked too (the
+    explicit block-diagonal causal mask of packed documents)."""
+    return attention_and_lse(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)[0]
+
+
+def attention_and_lse(q, k, v, *, causal=True, scale=None, doc_ids=None):
+    """:func:`attention` and the log-sum-exp of its masked scores ``(B, H, S)``."""
     b, s, h, d = q.shape
     g = h // k.shape[2]
     scale = d**-0.5 if scale is None else scale
@@ -20,7 +28,10 @@ def attention(q, k, v, *, causal=True, scale=None):
     if causal:
         mask = torch.ones(s, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
-    return (scores.softmax(-1) @ vv).transpose(1, 2)
+    if doc_ids is not None:
+        other = doc_ids[:, :, None] != doc_ids[:, None, :]  # (B, S_q, S_k)
+        scores = scores.masked_fill(other[:, None].to(q.device), float("-inf"))
+    return (scores.softmax(-1) @ vv).transpose(1, 2), torch.logsumexp(scores, dim=-1)
 
 
 def rope(x, freqs_cis):

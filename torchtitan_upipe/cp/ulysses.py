@@ -6,7 +6,8 @@ Algorithm, for ``C`` ranks in ``group``::
       | replicate KV heads x rho when C % H_kv == 0 (see gqa.py)
       | all-to-all seq->head: q, and k|v fused into one buffer (comm.pack_pair)
     q (B, S, H/C, D), k/v (B, S, H_kv*rho/C, D)     head-sharded, rank r = heads [rH/C, (r+1)H/C)
-      | causal attention over the whole sequence (kernel layer; no causal imbalance)
+      | causal attention over the whole sequence (kernel layer; no causal imbalance),
+      | inside each packed document when ``documents`` are given (documents.DocumentKernel)
     o (B, S, H/C, D)
       | all-to-all head->seq
     o (B, S/C, H, D)                                canonical head order
@@ -28,6 +29,7 @@ from .comm import (
     pack_pair,
     unpack_pair,
 )
+from .documents import DocumentKernel, Documents
 from .gqa import kv_replication, repeat_kv_heads
 from .kernels import AttentionKernel, kernel_attention, resolve_kernel_and_scale
 
@@ -41,6 +43,7 @@ def ulysses_attention(
     causal: bool = True,
     scale: float | None = None,
     kernel: str | AttentionKernel = "auto",
+    documents: Documents | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's contiguous sequence shard against the whole sequence.
 
@@ -51,6 +54,8 @@ def ulysses_attention(
         causal: causal mask over global positions.
         scale: softmax scale, default ``D ** -0.5``.
         kernel: a kernel name (``[context_parallel] kernel``) or an :class:`AttentionKernel`.
+        documents: the packed documents of the whole ``(B, S)`` batch: causal attention inside
+            each (needs ``causal``).  ``None``: one causal sequence per row.
 
     Returns:
         ``(B, S/C, H, D)``: this rank's tokens, all heads, canonical head order.
@@ -61,6 +66,8 @@ def ulysses_attention(
     n_heads, n_kv = q.shape[2], k.shape[2]
     rho = kv_replication(n_heads, n_kv, c)
     kern, scale = resolve_kernel_and_scale(kernel, q.device, q.shape[-1], scale)
+    if documents is not None:
+        kern = DocumentKernel(kern, documents)
     k = repeat_kv_heads(k, rho)
     v = repeat_kv_heads(v, rho)
     kv = pack_pair(k, v)  # one all-to-all for K and V

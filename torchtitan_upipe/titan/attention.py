@@ -12,6 +12,12 @@ normed input and ``wo`` is delegated to a strategy:
 * :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
   projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).
 
+Packed documents (``attn_mask_type = "block_causal"``): the trainer passes the batch's
+:class:`~torchtitan_upipe.cp.documents.Documents` as ``attention_masks`` (TorchTitan's
+argument for its flex/varlen masks), and both strategies compute the document-masked causal
+attention (:class:`~torchtitan_upipe.cp.documents.DocumentKernel`) over the whole sequence
+their all-to-all gathers.  Without a ring only: a ring rank holds a piece of the sequence.
+
 Inputs follow the trainer's sharding contract (:mod:`.sharding`): ``x`` is
 ``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
 :func:`check_sharding_once` installs a hook on the model that checks, on the first forward
@@ -29,6 +35,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
 
+from ..cp.documents import Documents
 from ..cp.kernels import AttentionKernel
 from ..cp.ring import RingKernel
 from ..cp.ulysses import ulysses_attention
@@ -73,8 +80,9 @@ class CPAttentionStrategy(abc.ABC):
         self.groups = groups
 
     @abc.abstractmethod
-    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions) -> torch.Tensor:
-        ...
+    def __call__(self, attn: "ContextParallelAttention", x, freqs_cis, positions,
+                 documents: Documents | None = None) -> torch.Tensor:
+        """``documents``: the packed documents of the batch (``None``: causal attention)."""
 
 
 class UlyssesStrategy(CPAttentionStrategy):
@@ -82,13 +90,14 @@ class UlyssesStrategy(CPAttentionStrategy):
         super().__init__(groups)
         self.kernel = RingKernel(groups.ring, kernel) if groups.ring is not None else kernel
 
-    def __call__(self, attn, x, freqs_cis, positions):
+    def __call__(self, attn, x, freqs_cis, positions, documents=None):
         bs, seqlen, _ = x.shape
         xq = attn.wq(x).view(bs, seqlen, -1, attn.head_dim)
         xk = attn.wk(x).view(bs, seqlen, -1, attn.head_dim)
         xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
-        out = ulysses_attention(xq, xk, xv, group=self.groups.ulysses, causal=True, kernel=self.kernel)
+        out = ulysses_attention(xq, xk, xv, group=self.groups.ulysses, causal=True,
+                                kernel=self.kernel, documents=documents)
         return out.reshape(bs, seqlen, -1)
 
 
@@ -100,7 +109,7 @@ class UPipeStrategy(CPAttentionStrategy):
         super().__init__(groups)
         self.kernel, self.chunk_heads, self.inline = kernel, chunk_heads, inline
 
-    def __call__(self, attn, x, freqs_cis, positions):
+    def __call__(self, attn, x, freqs_cis, positions, documents=None):
         seqlen = x.shape[1]
         # every batch row of a shard holds the same positions (SequenceSharder.positions); with
         # the local RoPE table (titan/llama3.py) positions is None and the table is local
@@ -109,7 +118,7 @@ class UPipeStrategy(CPAttentionStrategy):
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
             n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
             group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
-            inline=self.inline,
+            inline=self.inline, documents=documents,
         )
 
 
@@ -131,12 +140,14 @@ class ContextParallelAttention(nn.Module):
         Attention.init_weights(self, init_std)  # same initialization as TorchTitan's module
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
-        if attention_masks is not None:
-            raise ValueError(
-                "context-parallel styles compute causal attention only; use a model flavor with "
-                "attn_type='sdpa' (no flex/varlen document masks)"
+        if attention_masks is not None and not isinstance(attention_masks, Documents):
+            raise TypeError(
+                f"context-parallel attention takes the batch's Documents as attention_masks "
+                f"(attn_mask_type='block_causal', made by UPipeTrainer), not "
+                f"{type(attention_masks).__name__}"
             )
-        out = timed(self.timer, lambda h: self.strategy(self, h, freqs_cis, positions), x)
+        out = timed(self.timer,
+                    lambda h: self.strategy(self, h, freqs_cis, positions, attention_masks), x)
         return self.wo(out)
 
     def extra_repr(self) -> str:

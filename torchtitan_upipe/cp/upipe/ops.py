@@ -7,7 +7,10 @@ as one op (save its outputs, never re-run its stages).  Besides tensors both ops
 ``ProcessGroup.group_name`` (``""`` means none), ``causal``, ``scale`` and the
 ``[context_parallel] kernel`` name.  With a ring group (the UPipe x ring
 hybrid) each stage's attention is a ring pass (:class:`~torchtitan_upipe.cp.ring.RingKernel`)
-over the ring ranks.
+over the ring ranks.  ``cu_seqlens`` (optional, a CPU tensor: no device sync) are the packed
+documents' boundaries (:class:`~torchtitan_upipe.cp.documents.Documents`): each stage's
+attention is then document-masked (:class:`~torchtitan_upipe.cp.documents.DocumentKernel`);
+without a ring only.
 
 Saved for backward: ``x``, the three weights, ``freqs_cis``, the output and the per-stage LSE.
 No Q, K or V.
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import ProcessGroup, group_size
+from ..documents import DocumentKernel, Documents
 from ..kernels import AttentionKernel, get_kernel, resolve_kernel_and_scale
 from ..precision import accumulation_dtype
 from ..ring import RingKernel
@@ -43,13 +47,19 @@ def _base_kernel(name: str, device_type: str) -> AttentionKernel:
     return get_kernel(name, torch.device(device_type))
 
 
-def _run(fn, tensors, heads, group_name, ring_group_name, causal, scale, kernel):
+def _run(fn, tensors, x, cu_seqlens, heads, group_name, ring_group_name, causal, scale, kernel):
     """``fn`` (:func:`upipe_forward` or :func:`upipe_backward`) on ``tensors`` with the ops'
-    non-tensor arguments turned into a schedule, process groups and a kernel."""
+    non-tensor arguments turned into a schedule, process groups and a kernel (document-masked
+    when ``cu_seqlens`` is given; ``x`` is the op's input, for the batch and length)."""
     group, ring = _group(group_name), _group(ring_group_name)
     sched = UPipeSchedule(heads[0], heads[1], group_size(group), heads[2])
     inner = _base_kernel(kernel, tensors[0].device.type)
     kern = inner if ring is None else RingKernel(ring, inner)
+    if cu_seqlens is not None:
+        if ring is not None:
+            raise ValueError("UPipe x ring does not take packed documents (a ring rank holds a "
+                             "piece of the sequence)")
+        kern = DocumentKernel(kern, Documents(cu_seqlens, x.shape[0], x.shape[1] * sched.degree))
     return fn(*tensors, sched, group, kern, causal, scale)
 
 
@@ -57,23 +67,25 @@ def _run(fn, tensors, heads, group_name, ring_group_name, causal, scale, kernel)
 _STATIC = "int[] heads, str group_name, str ring_group_name, bool causal, float scale, str kernel"
 torch.library.define(
     "upipe::attention_forward",
-    f"(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor freqs_cis, {_STATIC}) -> (Tensor, Tensor)",
+    f"(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor freqs_cis, Tensor? cu_seqlens, "
+    f"{_STATIC}) -> (Tensor, Tensor)",
 )
 torch.library.define(
     "upipe::attention_backward",
     f"(Tensor dout, Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor freqs_cis, Tensor out, "
-    f"Tensor lse, {_STATIC}) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"Tensor lse, Tensor? cu_seqlens, {_STATIC}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 attention_forward = torch.ops.upipe.attention_forward.default
 attention_backward = torch.ops.upipe.attention_backward.default
 
 
-def _forward_impl(x, wq, wk, wv, freqs_cis, *static):
-    return _run(upipe_forward, (x, wq, wk, wv, freqs_cis), *static)
+def _forward_impl(x, wq, wk, wv, freqs_cis, cu_seqlens, *static):
+    return _run(upipe_forward, (x, wq, wk, wv, freqs_cis), x, cu_seqlens, *static)
 
 
-def _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, *static):
-    return _run(upipe_backward, (dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse), *static)
+def _backward_impl(dout, x, wq, wk, wv, freqs_cis, out, lse, cu_seqlens, *static):
+    return _run(upipe_backward, (dout.contiguous(), x, wq, wk, wv, freqs_cis, out, lse), x,
+                cu_seqlens, *static)
 
 
 torch.library.impl("upipe::attention_forward", "CompositeExplicitAutograd", _forward_impl)
@@ -81,7 +93,7 @@ torch.library.impl("upipe::attention_backward", "CompositeExplicitAutograd", _ba
 
 
 @torch.library.register_fake("upipe::attention_forward")
-def _(x, wq, wk, wv, freqs_cis, heads, group_name, *_):
+def _(x, wq, wk, wv, freqs_cis, cu_seqlens, heads, group_name, *_):
     b, s, _ = x.shape
     sched = UPipeSchedule(heads[0], heads[1], group_size(_group(group_name)), heads[2])
     out = x.new_empty(b, s, wq.shape[0])
@@ -96,18 +108,18 @@ def _(dout, x, wq, wk, wv, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, wq, wk, wv, freqs_cis, *static = inputs
+    x, wq, wk, wv, freqs_cis, cu_seqlens, *static = inputs
     out, lse = output
     ctx.save_for_backward(x, wq, wk, wv, freqs_cis, out, lse)
-    ctx.static = static
+    ctx.cu_seqlens, ctx.static = cu_seqlens, static  # a CPU tensor that autograd need not save
     ctx.mark_non_differentiable(lse)
 
 
 def _grads(ctx, dout, backward_fn):
     """Input grads from the tensors and arguments :func:`_setup_context` saved, by
     ``backward_fn`` (the backward op, or its implementation for :class:`_InlineAttention`)."""
-    dx, dwq, dwk, dwv = backward_fn(dout, *ctx.saved_tensors, *ctx.static)
-    return (dx, dwq, dwk, dwv) + (None,) * (1 + len(ctx.static))
+    dx, dwq, dwk, dwv = backward_fn(dout, *ctx.saved_tensors, ctx.cu_seqlens, *ctx.static)
+    return (dx, dwq, dwk, dwv) + (None,) * (2 + len(ctx.static))
 
 
 def _backward(ctx, dout, _dlse):
@@ -123,9 +135,9 @@ class _InlineAttention(torch.autograd.Function):
     ``torch.compile``)."""
 
     @staticmethod
-    def forward(ctx, x, wq, wk, wv, freqs_cis, *static):
-        out, lse = _forward_impl(x, wq, wk, wv, freqs_cis, *static)
-        _setup_context(ctx, (x, wq, wk, wv, freqs_cis, *static), (out, lse))
+    def forward(ctx, x, wq, wk, wv, freqs_cis, cu_seqlens, *static):
+        out, lse = _forward_impl(x, wq, wk, wv, freqs_cis, cu_seqlens, *static)
+        _setup_context(ctx, (x, wq, wk, wv, freqs_cis, cu_seqlens, *static), (out, lse))
         return out, lse
 
     @staticmethod
@@ -149,6 +161,7 @@ def upipe_attention(
     scale: float | None = None,
     kernel: str = "auto",
     inline: bool = False,
+    documents: Documents | None = None,
 ) -> torch.Tensor:
     """Fused projection + RoPE + UPipe context-parallel attention.
 
@@ -169,6 +182,8 @@ def upipe_attention(
         scale: softmax scale, default ``D ** -0.5``.
         kernel: ``[context_parallel] kernel`` name.
         inline: run without the custom-op boundary (see the module docstring).
+        documents: the batch's packed documents over the whole sequence (causal attention
+            inside each; no ring group).  ``None``: causal attention over the whole sequence.
 
     Returns:
         ``(B, S/C, n_heads*D)`` in canonical head order (input of ``wo``).
@@ -188,6 +203,14 @@ def upipe_attention(
     _, scale = resolve_kernel_and_scale(kernel, x.device, head_dim, scale)  # fails early
     op = _InlineAttention.apply if inline else attention_forward
     names = ("" if g is None else g.group_name for g in (group, ring_group))
-    out, _ = op(x, wq, wk, wv, freqs_cis, [n_heads, n_kv_heads, sched.chunk_heads], *names,
-                causal, scale, kernel)
+    cu_seqlens = None
+    if documents is not None:
+        if ring_group is not None or not causal:
+            raise ValueError("packed documents take causal UPipe without a ring group")
+        if (documents.batch, documents.seq_len) != (x.shape[0], x.shape[1] * sched.degree):
+            raise ValueError(f"{documents!r} do not describe this batch of {x.shape[0]} rows of "
+                             f"{x.shape[1] * sched.degree} tokens")
+        cu_seqlens = documents.cu_seqlens
+    out, _ = op(x, wq, wk, wv, freqs_cis, cu_seqlens, [n_heads, n_kv_heads, sched.chunk_heads],
+                *names, causal, scale, kernel)
     return out
