@@ -105,7 +105,6 @@ def test_float32_on_cuda_needs_the_math_kernel():
 
 def test_unsupported_combinations():
     _fails(r"supported with FSDP/HSDP only", "--parallelism.tensor_parallel_degree=2", world=4)
-    _fails(r"attn_type='flex'", "--model.flavor=debugmodel_flex_attn")
     _fails(r"kernel='cudnn' cannot run on cpu", "--context_parallel.kernel=cudnn")
     _fails(r"validation.enable=true is not supported", "--validation.enable")
     _fails(r"model.flavor='9B' is not a flavor", "--model.flavor=9B")
@@ -230,3 +229,27 @@ def test_quantized_linear_converters_are_refused_where_the_weights_are_used_dire
     _fails(r"memory.tiled_mlp=true \(w1, w2, w3\) and memory.chunked_loss=true \(output\)", fp8,
            "--memory.tiled_mlp", "--memory.chunked_loss", config="llama3_debug_ulysses.toml")
     validate_job_config(_config(fp8, config="llama3_debug_ulysses.toml"), world_size=2, cuda=False)
+
+
+def test_packed_documents_go_with_the_all_to_all_styles_only():
+    flex, varlen = "--model.flavor=debugmodel_flex_attn", "--model.flavor=debugmodel_varlen_attn"
+    for style in ("upipe", "ulysses"):
+        for flavor in (flex, varlen):
+            validate_job_config(_config(f"--context_parallel.style={style}", flavor),
+                                world_size=2, cuda=False)
+    hybrid = ("--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2")
+    for style in ("usp", "upipe"):
+        _fails(r"attn_mask_type='block_causal'.*without a ring dimension only.*leaves a ring of 2",
+               f"--context_parallel.style={style}", *hybrid, flex, world=4)
+    _fails(r"style='ring' applies TorchTitan's SDPA ring attention", "--context_parallel.style=ring",
+           flex, cuda=True)
+    # without CP TorchTitan's own flex/varlen attention runs, which cannot train on a CPU
+    _fails(r"cannot train on a CPU.*style='ulysses' or 'upipe'", "--context_parallel.style=none",
+           "--parallelism.context_parallel_degree=1", flex, world=1)
+    import dataclasses
+
+    from torchtitan_upipe.titan.llama3 import FLAVORS
+
+    sliding = dataclasses.replace(FLAVORS["debugmodel"], attn_mask_type="sliding")
+    _fails(r"attn_mask_type='sliding'.*takes one of \['causal', 'block_causal'\]",
+           model_args=sliding)

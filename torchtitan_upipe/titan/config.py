@@ -156,8 +156,13 @@ class Benchmark:
     (``torch.cuda.set_per_process_memory_fraction``), so a larger GPU measures like a smaller
     one: the H100 configs set 80.  0 = no cap; a cap at or above the device's memory is none."""
 
+    synthetic_document_len: int = 0
+    """With ``training.dataset = "synthetic"``: pack each sample with documents of random
+    lengths (geometric, this mean; each ends with the flavor's ``eos_id``), the input of
+    ``block_causal`` flavors.  0 = no document boundaries (random tokens only)."""
+
     def __post_init__(self) -> None:
-        for name in ("n_layers", "fake_rank"):
+        for name in ("n_layers", "fake_rank", "synthetic_document_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"benchmark.{name}={value!r} must be an integer >= 0")

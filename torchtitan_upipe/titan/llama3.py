@@ -31,7 +31,15 @@ class LlamaArgs(TransformerModelArgs):
         return get_dense_model_nparams_and_flops(self, model, 2 * head_dim_of(self), seq_len)
 
     def update_from_config(self, job_config, **kwargs) -> None:
-        super().update_from_config(job_config, **kwargs)
+        if self.attn_type == "varlen" and _plugin_attention(job_config):
+            # TorchTitan refuses varlen under its CP; this plugin's styles compute the mask
+            self.attn_type = "sdpa"
+            try:
+                super().update_from_config(job_config, **kwargs)
+            finally:
+                self.attn_type = "varlen"
+        else:
+            super().update_from_config(job_config, **kwargs)
         from .shape import model_seq_len  # the RoPE table covers the padded length
 
         self.max_seq_len = max(self.max_seq_len, model_seq_len(job_config))
@@ -42,6 +50,15 @@ class LlamaArgs(TransformerModelArgs):
                     f"benchmark.n_layers={bench.n_layers} exceeds the flavor's {self.n_layers} layers"
                 )
             self.n_layers = bench.n_layers
+
+
+def _plugin_attention(job_config) -> bool:
+    """Whether this plugin's attention replaces the flavor's (a Ulysses-family CP style)."""
+    from .styles import style_names, get_style
+
+    cp = getattr(job_config, "context_parallel", None)
+    return (cp is not None and job_config.parallelism.context_parallel_degree > 1
+            and cp.style in style_names() and get_style(cp.style).uses_all_to_all)
 
 
 def _as_llama_args(args: TransformerModelArgs) -> LlamaArgs:
@@ -149,3 +166,6 @@ FLAVORS: dict[str, TransformerModelArgs] = {
         vocab_size=151936,
     ),
 }
+# packed documents: TorchTitan's convention for its 8B (8B_flex), here for the 32B too
+FLAVORS["32B_flex"] = dataclasses.replace(FLAVORS["32B"], attn_type="flex",
+                                          attn_mask_type="block_causal")

@@ -119,6 +119,15 @@ class NoCP(CPStyle):
                 f"degree to 1"
             )
 
+        attn_type = getattr(model_args, "attn_type", "sdpa")
+        if not cuda and attn_type in ("flex", "varlen"):
+            raise ConfigError(
+                f"model.flavor={job_config.model.flavor!r} uses TorchTitan's attn_type="
+                f"{attn_type!r}, which cannot train on a CPU (flex attention has no CPU backward, "
+                f"varlen needs CUDA); on a CPU train it with context_parallel.style='ulysses' or "
+                f"'upipe' (context_parallel_degree >= 2), which compute its mask themselves"
+            )
+
     def sharder(self, groups):
         return None
 
@@ -191,13 +200,7 @@ class AllToAllStyle(CPStyle):
                 f"training.seq_len={seq_len} is not divisible by parallelism.context_parallel_degree="
                 f"{degree}; every rank must hold the same number of tokens{pad}"
             )
-        attn_type = getattr(model_args, "attn_type", "sdpa")
-        if attn_type != "sdpa":
-            raise ConfigError(
-                f"model.flavor={job_config.model.flavor!r} uses attn_type={attn_type!r}; "
-                f"context_parallel.style={self.name!r} computes causal attention itself and needs "
-                f"a flavor with attn_type='sdpa' (no flex/varlen document masks)"
-            )
+        _check_mask(job_config, model_args, self.name, shape.ring)
         try:
             shape.rho
         except ValueError as e:
@@ -251,6 +254,39 @@ class AllToAllStyle(CPStyle):
                 f"context_parallel.upipe_chunk_heads={cp.upipe_chunk_heads} is only used by "
                 f"style='upipe' (got style={self.name!r}); leave it at 0"
             )
+
+
+ATTN_TYPES = ("sdpa", "flex", "varlen")
+MASK_TYPES = ("causal", "block_causal")
+
+
+def documents_of(model_args) -> bool:
+    """Whether the model masks attention to packed documents (``block_causal``)."""
+    return getattr(model_args, "attn_mask_type", "causal") == "block_causal"
+
+
+def _check_mask(job_config, model_args, style: str, ring: int) -> None:
+    """The flavor's attention type and mask, for a Ulysses-family style: the style computes
+    the attention itself (whatever kernel the flavor names), causal or ``block_causal``
+    (packed documents, :mod:`~torchtitan_upipe.cp.documents`) when no rank holds a piece of
+    the sequence: ``block_causal`` is refused with a ring dimension."""
+    flavor = job_config.model.flavor
+    attn_type = getattr(model_args, "attn_type", "sdpa")
+    mask = getattr(model_args, "attn_mask_type", "causal")
+    if attn_type not in ATTN_TYPES:
+        raise ConfigError(f"model.flavor={flavor!r} has attn_type={attn_type!r}; "
+                          f"context_parallel.style={style!r} takes one of {list(ATTN_TYPES)}")
+    if mask not in MASK_TYPES:
+        raise ConfigError(f"model.flavor={flavor!r} has attn_mask_type={mask!r}; "
+                          f"context_parallel.style={style!r} takes one of {list(MASK_TYPES)}")
+    if mask == "block_causal" and ring > 1:
+        raise ConfigError(
+            f"model.flavor={flavor!r} masks packed documents (attn_mask_type='block_causal'), "
+            f"which context_parallel.style={style!r} computes without a ring dimension only, "
+            f"but context_parallel.ulysses_degree={job_config.context_parallel.ulysses_degree} "
+            f"leaves a ring of {ring}: use style='ulysses' or 'upipe' with ulysses_degree=0 "
+            f"(the all-to-all over all CP ranks), or a flavor with attn_mask_type='causal'"
+        )
 
 
 def _check_fa2_offsets(job_config, shape: JobShape, kernel: str) -> None:
@@ -332,6 +368,13 @@ class TorchTitanRing(CPStyle):
             raise ConfigError(
                 f"context_parallel.kernel={cp.kernel!r} has no effect with style='ring' (torch's "
                 f"SDPA dispatcher picks the kernel); use kernel='auto'"
+            )
+        attn_type = getattr(model_args, "attn_type", "sdpa")
+        if attn_type != "sdpa":
+            raise ConfigError(
+                f"model.flavor={job_config.model.flavor!r} uses attn_type={attn_type!r}, but "
+                f"style='ring' applies TorchTitan's SDPA ring attention; use a flavor with "
+                f"attn_type='sdpa', or style='ulysses'/'upipe' for block_causal documents"
             )
         seq_len, degree = job_config.training.seq_len, job_config.parallelism.context_parallel_degree
         if job_config.context_parallel.pad_seq_len:

@@ -57,9 +57,10 @@ def build_tokenizer(job_config):
 
 def build_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite: bool = True):
     if job_config.training.dataset == SYNTHETIC_DATASET:
-        vocab = FLAVORS[job_config.model.flavor].vocab_size  # tokens over the model's whole vocab
+        args = FLAVORS[job_config.model.flavor]  # tokens over the model's whole vocab
         return build_synthetic_dataloader(
-            dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite, vocab_size=vocab
+            dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite,
+            vocab_size=args.vocab_size, eos_id=args.eos_id,
         )
     register_debug_dataset()
     return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite=infinite)

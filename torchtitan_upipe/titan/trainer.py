@@ -37,14 +37,18 @@ import os
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from ..cp.documents import Documents
+from ..cp.kernels import get_kernel
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
 from .metrics import CPMetricsProcessor
 from .parallelize import CPPlan, parallelize_llama_cp
 from .resume import RECORD, RunRecord, check_resume, rebuild_schedule
+from .styles import documents_of
 
 
 def _note_layout_dependent_init(job_config, parallel_dims) -> None:
@@ -115,6 +119,7 @@ class UPipeTrainer(Trainer):
         self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
         self.plan: CPPlan | None = None
         self.tokens_seen = 0  # each token of the global batch once (TorchTitan's: once per rank)
+        self._documents_logged = False
         super().__init__(job_config)
         if isinstance(self.metrics_processor, CPMetricsProcessor):
             self.metrics_processor.host_offloader = self.plan.offloader
@@ -176,6 +181,22 @@ class UPipeTrainer(Trainer):
                 spec, parallelize_fn=functools.partial(parallelize_llama_cp, plan=self.plan))
         self._train_spec = spec
 
+    def _documents(self, inputs: torch.Tensor) -> Documents:
+        """The packed documents of the whole (padded) batch, before it is sharded: every CP
+        rank holds all of it here, so no boundaries need to be exchanged.  Under the CPU memory
+        estimator the tokens are fake: one document per row, the most attention work."""
+        if is_fake(inputs):
+            return Documents.whole_rows(inputs.shape[0], inputs.shape[1])
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else self.model_args.eos_id
+        docs = Documents.from_tokens(inputs, eos)
+        if not self._documents_logged:
+            self._documents_logged = True
+            logger.info(f"block_causal: the first batch holds {docs.count} documents (longest "
+                        f"{docs.max_len} tokens); each is attended to causally on its own by "
+                        f"context_parallel.kernel={self.job_config.context_parallel.kernel!r} "
+                        f"= {get_kernel(self.plan.kernel, self.plan.device).name!r}, per document")
+        return docs
+
     def post_dataloading_process(
         self, input_dict: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
@@ -185,8 +206,10 @@ class UPipeTrainer(Trainer):
             inputs = input_dict["input"]
             extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
             positions = sharder.positions(inputs.shape[0], inputs.shape[1], inputs.device)
-            inputs, labels = sharder.shard(inputs), sharder.shard(labels)
             extra_kwargs: dict[str, Any] = {"positions": positions}
+            if documents_of(self.model_args):
+                extra_kwargs["attention_masks"] = self._documents(inputs)
+            inputs, labels = sharder.shard(inputs), sharder.shard(labels)
         else:
             inputs, labels, extra_inputs, extra_kwargs = super().post_dataloading_process(
                 input_dict, labels

@@ -5,7 +5,9 @@ What is generated
 An endless (or ``num_samples`` long) stream of ``({"input": x[:-1]}, x[1:])``
 pairs, ``x`` being ``seq_len + 1`` uniform random token ids in
 ``[0, vocab_size)``.  Sample ``i`` of data-parallel rank ``r`` is drawn from a
-``torch.Generator`` seeded with a hash of ``(seed, r, i)``.
+``torch.Generator`` seeded with a hash of ``(seed, r, i)``.  With ``document_len > 0`` a
+sample packs documents of random lengths (geometric, mean ``document_len``, drawn from the
+same generator), each ended by an ``eos_id`` token: the data ``block_causal`` flavors mask.
 
 Why
 ---
@@ -63,9 +65,14 @@ class SyntheticTokenDataset(IterableDataset, Stateful):
         seed: int = 0,
         infinite: bool = True,
         num_samples: int | None = None,
+        document_len: int = 0,
+        eos_id: int = 0,
     ) -> None:
         if seq_len < 1 or vocab_size < 1:
             raise ValueError(f"need seq_len >= 1 and vocab_size >= 1, got {seq_len}, {vocab_size}")
+        if document_len < 0 or not 0 <= eos_id < vocab_size:
+            raise ValueError(f"need document_len >= 0 and 0 <= eos_id < vocab_size, got "
+                             f"{document_len}, {eos_id}")
         if not infinite and num_samples is None:
             raise ValueError("a finite synthetic dataset needs num_samples")
         self.seq_len = seq_len
@@ -74,6 +81,7 @@ class SyntheticTokenDataset(IterableDataset, Stateful):
         self.seed = seed
         self.infinite = infinite
         self.num_samples = num_samples
+        self.document_len, self.eos_id = document_len, eos_id
         self._sample_idx = 0
 
     def sample(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -83,6 +91,12 @@ class SyntheticTokenDataset(IterableDataset, Stateful):
         x = torch.randint(
             0, self.vocab_size, (self.seq_len + 1,), generator=gen, dtype=torch.long
         )
+        if self.document_len:
+            n = self.seq_len + 1  # at most this many documents
+            lengths = torch.empty(n, dtype=torch.float64).geometric_(1 / self.document_len,
+                                                                       generator=gen)
+            ends = torch.cumsum(lengths.long(), 0) - 1  # each document's last token: its EOS
+            x[ends[ends < n]] = self.eos_id
         return {"input": x[:-1]}, x[1:]
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -110,6 +124,7 @@ def build_synthetic_dataloader(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     seed: int | None = None,
     num_samples: int | None = None,
+    eos_id: int = 0,
 ) -> ParallelAwareDataloader:
     """Drop-in replacement for TorchTitan's ``build_text_dataloader`` (same positional API).
 
@@ -118,7 +133,8 @@ def build_synthetic_dataloader(
     defaults to ``job_config.debug.seed`` (or 0).  With ``infinite=False`` the
     stream stops after ``num_samples`` samples (default
     ``local_batch_size * training.steps``).  Batch size, ``seq_len`` and the
-    ``[training.dataloader]`` options come from ``job_config.training``.
+    ``[training.dataloader]`` options come from ``job_config.training``; packed documents
+    (``benchmark.synthetic_document_len``) end with ``eos_id``.
     """
     training = job_config.training
     if tokenizer is not None:
@@ -135,6 +151,8 @@ def build_synthetic_dataloader(
         seed=seed,
         infinite=infinite,
         num_samples=num_samples,
+        document_len=getattr(getattr(job_config, "benchmark", None), "synthetic_document_len", 0),
+        eos_id=eos_id,
     )
     dataloader_kwargs = {**asdict(training.dataloader), "batch_size": training.local_batch_size}
     return ParallelAwareDataloader(
