@@ -232,6 +232,26 @@ def test_synthetic_shapes_and_range():
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_synthetic_packed_documents_are_seeded_and_of_the_mean_length():
+    from torchtitan_upipe.cp.documents import Documents
+    from torchtitan_upipe.titan.data import SyntheticTokenDataset
+
+    data = SyntheticTokenDataset(4096, vocab_size=100, seed=3, document_len=32, eos_id=5)
+    again = SyntheticTokenDataset(4096, vocab_size=100, seed=3, document_len=32, eos_id=5)
+    plain = SyntheticTokenDataset(4096, vocab_size=100, seed=3)
+    x, y = data.sample(7)
+    assert torch.equal(x["input"], again.sample(7)[0]["input"])
+    docs = Documents.from_tokens(x["input"][None], 5)
+    lengths = (docs.cu_seqlens[1:] - docs.cu_seqlens[:-1]).double()
+    assert 25 < lengths[:-1].mean() < 40  # geometric, mean 32 (the last is cut by the row end)
+    assert int((x["input"] == 5).sum()) == docs.count - 1  # EOS ends documents only
+    assert int((plain.sample(7)[0]["input"] == 5).sum()) > 20  # where random tokens hold some
+    assert int(x["input"].max()) < 100
+    assert torch.equal(x["input"][1:], y[:-1])
+    with pytest.raises(ValueError, match="eos_id < vocab_size"):
+        SyntheticTokenDataset(16, vocab_size=4, document_len=8, eos_id=4)
+
+
 def test_synthetic_vocab_from_tokenizer(hf_tokenizer):
     loader = build_synthetic_dataloader(1, 0, hf_tokenizer, _job_config())
     assert loader.dataset.vocab_size == hf_tokenizer.get_vocab_size() == 2048

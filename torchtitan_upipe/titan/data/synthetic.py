@@ -7,7 +7,8 @@ pairs, ``x`` being ``seq_len + 1`` uniform random token ids in
 ``[0, vocab_size)``.  Sample ``i`` of data-parallel rank ``r`` is drawn from a
 ``torch.Generator`` seeded with a hash of ``(seed, r, i)``.  With ``document_len > 0`` a
 sample packs documents of random lengths (geometric, mean ``document_len``, drawn from the
-same generator), each ended by an ``eos_id`` token: the data ``block_causal`` flavors mask.
+same generator), each ended by an ``eos_id`` token, and the random tokens avoid ``eos_id``:
+the data ``block_causal`` flavors mask.
 
 Why
 ---
@@ -70,7 +71,7 @@ class SyntheticTokenDataset(IterableDataset, Stateful):
     ) -> None:
         if seq_len < 1 or vocab_size < 1:
             raise ValueError(f"need seq_len >= 1 and vocab_size >= 1, got {seq_len}, {vocab_size}")
-        if document_len < 0 or not 0 <= eos_id < vocab_size:
+        if document_len < 0 or not 0 <= eos_id < vocab_size or (document_len and vocab_size < 2):
             raise ValueError(f"need document_len >= 0 and 0 <= eos_id < vocab_size, got "
                              f"{document_len}, {eos_id}")
         if not infinite and num_samples is None:
@@ -88,10 +89,10 @@ class SyntheticTokenDataset(IterableDataset, Stateful):
         """Sample ``index`` of this rank's stream (random access, no state change)."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(_sample_seed(self.seed, self.dp_rank, index))
-        x = torch.randint(
-            0, self.vocab_size, (self.seq_len + 1,), generator=gen, dtype=torch.long
-        )
+        ids = self.vocab_size - (1 if self.document_len else 0)  # packed: every id but the EOS
+        x = torch.randint(0, ids, (self.seq_len + 1,), generator=gen, dtype=torch.long)
         if self.document_len:
+            x += (x >= self.eos_id).long()
             n = self.seq_len + 1  # at most this many documents
             lengths = torch.empty(n, dtype=torch.float64).geometric_(1 / self.document_len,
                                                                        generator=gen)
