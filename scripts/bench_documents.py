@@ -63,6 +63,13 @@ def _interleaved_medians(fns: dict, repeats: int, device: torch.device) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _command(argv: list[str]) -> str:
+    """The command line, without where its output was written (no machine paths)."""
+    kept = [a for i, a in enumerate(argv)
+            if not a.startswith("--out") and not (i and argv[i - 1] == "--out")]
+    return " ".join(["python scripts/bench_documents.py", *kept])
+
+
 def measure(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -94,7 +101,7 @@ def measure(args) -> dict:
             "ratio_fwd_bwd": timed["masked"][1] / timed["causal"][1],
         })
     return {
-        "command": "python scripts/bench_documents.py " + " ".join(sys.argv[1:]),
+        "command": _command(sys.argv[1:]),
         "python": "python", "torch": torch.__version__, "machine": platform.machine(),
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
