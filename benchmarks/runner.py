@@ -242,10 +242,16 @@ def environment() -> dict[str, str]:
             "host": platform.node()}
 
 
+def _without_paths(argv: list[str]) -> list[str]:
+    """``argv`` with the output file named by its base name only (no machine paths)."""
+    return [os.path.basename(a) if i and argv[i - 1] == "--out" else a
+            for i, a in enumerate(argv)]
+
+
 def save(results: list[RunResult], path: str, argv: list[str]) -> None:
     data = {
         "environment": environment(),
-        "command": " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join(shlex.quote(a) for a in _without_paths(argv)),
         "runs": [dict(asdict(r), label=r.spec.label()) for r in results],
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

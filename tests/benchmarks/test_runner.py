@@ -83,3 +83,12 @@ def test_a_failed_page_lock_of_the_offload_buffers_reads_as_a_host_oom():
         memory.empty((4,), torch.float32)
     assert "memory.offload_pinned = false" in str(err.value)
     assert runner.classify_failure(1, f"RuntimeError: {err.value}") == "host"
+
+
+def test_the_saved_command_names_no_machine_path(tmp_path):
+    import json
+
+    out = tmp_path / "deep" / "result.json"
+    runner.save([], str(out), ["scripts/bench_one_rank.py", "--estimate", "--out", str(out)])
+    command = json.loads(out.read_text())["command"]
+    assert command == "scripts/bench_one_rank.py --estimate --out result.json"
