@@ -126,3 +126,48 @@ def test_calls_that_are_not_whole_causal_sequences_are_refused():
         kernel.forward(q, k, v, causal=False, scale=1.0)
     with pytest.raises(ValueError, match="whole sequence"):
         kernel.forward(q[:, :8], k[:, :8], v[:, :8], causal=True, scale=1.0)
+
+
+class _VarlenOnCpu(MathKernel):
+    """A kernel with a varlen path on CPU, built from the math kernel one document at a time
+    in the varlen layouts (tokens flattened, ``lse (H, T)``): it checks DocumentKernel's
+    reshapes and LSE transposes around a varlen call, which on CUDA is FlashAttention-2's."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def varlen_on(self, device):
+        return True
+
+    def _docs(self, cu):
+        cu = cu.tolist()
+        return list(zip(cu[:-1], cu[1:]))
+
+    def forward_varlen(self, q, k, v, cu_seqlens, max_len, *, scale):
+        assert cu_seqlens.dtype == torch.int32 and q.dim() == 3
+        self.calls += 1
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0])
+        for a, e in self._docs(cu_seqlens):
+            o, l = self.forward(q[None, a:e], k[None, a:e], v[None, a:e], causal=True, scale=scale)
+            out[a:e], lse[:, a:e] = o[0], l[0]
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, max_len, *, scale):
+        assert lse.shape == (q.shape[1], q.shape[0])
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for a, e in self._docs(cu_seqlens):
+            g = self.backward(dout[None, a:e], q[None, a:e], k[None, a:e], v[None, a:e],
+                              out[None, a:e], lse[None, :, a:e], causal=True, scale=scale)
+            for grad, part in zip(grads, g):
+                grad[a:e] = part[0]
+        return tuple(grads)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_a_varlen_path_takes_all_documents_in_one_call(heads):
+    docs = Documents.from_tokens(tokens_with_eos(BOUNDARIES["off_edges"]), EOS)
+    assert DocumentKernel(_VarlenOnCpu(), docs).uses_varlen(torch.device("cpu"))
+    assert not DocumentKernel(SdpaKernel(), docs).uses_varlen(torch.device("cpu"))
+    inner = _VarlenOnCpu()
+    _check_against_reference(inner, docs, *_case(*heads))
+    assert inner.calls == 2  # one per forward (the check runs two), not one per document

@@ -1,5 +1,5 @@
 """Packed documents on CUDA: each CUDA kernel's document-masked forward and backward against
-the math kernel's, and the plugin's attention module against TorchTitan's own flex-attention
+the math kernel's (``sdpa``: FlashAttention-2's varlen call; ``cudnn``: one call per document), and the plugin's attention module against TorchTitan's own flex-attention
 ``block_causal`` model, forward and backward (on CUDA TorchTitan's flex attention trains).
 Skipped without CUDA.
 """
@@ -48,6 +48,8 @@ def test_cuda_document_kernels_match_math(kernel, heads):
         kern = DocumentKernel(get_kernel(name, torch.device("cuda")), docs)
         out, lse = kern.forward(q, k, v, causal=True, scale=scale)
         results[name] = (out, lse, *kern.backward(dout, q, k, v, out, lse, causal=True, scale=scale))
+    device = torch.device("cuda")
+    assert DocumentKernel(get_kernel(kernel, device), docs).uses_varlen(device) == (kernel == "sdpa")
     tol = te_tolerance(dtype, h != h_kv)
     for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), results[kernel], results["math"]):
         assert_te_close(got.float(), want.float(), tol, f"{kernel} {what}")

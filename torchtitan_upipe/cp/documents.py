@@ -15,9 +15,11 @@ read them, never an ``S x S`` mask.
 
 :class:`DocumentKernel` wraps any :class:`~.kernels.AttentionKernel` into its
 document-masked variant with the same interface and layout contract (``q (B, S, H, D)``,
-``k, v (B, S, H_kv, D)``, ``lse (B, H, S)``): it runs the inner kernel's causal forward and
-backward on each document's rows, which is exact, because a document's queries see exactly
-its own keys, causally, with equal query and key lengths.  The Ulysses-family styles use it
+``k, v (B, S, H_kv, D)``, ``lse (B, H, S)``).  A kernel with a varlen path
+(``forward_varlen``/``backward_varlen``: ``sdpa`` on CUDA, FlashAttention-2's varlen call)
+computes all documents in one call.  Any other kernel runs its causal forward and backward on
+each document's rows, one call per document, which is exact, because a document's queries see
+exactly its own keys, causally, with equal query and key lengths.  The Ulysses-family styles use it
 after their all-to-all, where each rank holds the whole sequence (in natural order) for its
 heads, so the documents of the sample are the documents of every call.  A document may end
 anywhere: inside a rank's shard, at a shard edge, inside a UPipe stage's call (a stage is a
@@ -48,6 +50,7 @@ class Documents:
     seq_len: int
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_on_device", {})
         cu = self.cu_seqlens
         if cu.dim() != 1 or cu.device.type != "cpu" or cu.dtype != torch.int64:
             raise ValueError(f"cu_seqlens must be a 1-D int64 CPU tensor, got {cu.dtype} "
@@ -99,6 +102,13 @@ class Documents:
         """Every row is one document (the masked attention is plain causal attention)."""
         return self.count == self.batch
 
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """``cu_seqlens`` as int32 on ``device`` (what varlen kernels take), copied once."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = self.cu_seqlens.to(device=device, dtype=torch.int32)
+        return self._on_device[key]
+
     def doc_ids(self) -> torch.Tensor:
         """``(B, S)`` int64: the index of each token's document (for references and tests)."""
         ids = torch.zeros(self.batch * self.seq_len, dtype=torch.int64)
@@ -117,7 +127,8 @@ class DocumentKernel(AttentionKernel):
     ``documents.seq_len`` positions in natural order and ``documents.batch`` rows.  Each
     document's rows go to ``inner`` as one causal call of equal query and key lengths; the
     results are written into whole-sequence ``out``/``lse`` (forward) and ``dq``/``dk``/``dv``
-    (backward).  With one document per row it calls ``inner`` on the whole tensors.
+    (backward); with a varlen path on the tensors' device, ``inner`` takes them all in one
+    call.  With one document per row it calls ``inner`` on the whole tensors.
     """
 
     def __init__(self, inner: AttentionKernel, documents: Documents) -> None:
@@ -138,11 +149,28 @@ class DocumentKernel(AttentionKernel):
                 f"the whole sequence in natural order"
             )
 
+    def uses_varlen(self, device: torch.device) -> bool:
+        """Whether the documents go to ``inner`` in one varlen call on ``device`` (the inner
+        kernel's ``varlen_on(device)``)."""
+        varlen_on = getattr(self.inner, "varlen_on", None)
+        return varlen_on is not None and varlen_on(torch.device(device))
+
+    @staticmethod
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
     def forward(self, q, k, v, *, causal, scale):
         check_shapes(q, k, v)
         self._check(q, k, causal)
-        if self.documents.whole:
+        docs = self.documents
+        if docs.whole:
             return self.inner.forward(q, k, v, causal=True, scale=scale)
+        if self.uses_varlen(q.device):
+            out, lse = self.inner.forward_varlen(
+                self._flat(q), self._flat(k), self._flat(v), docs.offsets(q.device),
+                docs.max_len, scale=scale)
+            b, s, h, _ = q.shape
+            return out.view(q.shape), lse.view(h, b, s).transpose(0, 1)
         out = torch.empty_like(q)
         lse = None
         for row, a, e in self.documents.segments:
@@ -156,8 +184,16 @@ class DocumentKernel(AttentionKernel):
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale):
         self._check(q, k, causal)
-        if self.documents.whole:
+        docs = self.documents
+        if docs.whole:
             return self.inner.backward(dout, q, k, v, out, lse, causal=True, scale=scale)
+        if self.uses_varlen(q.device):
+            b, s, h, _ = q.shape
+            dq, dk, dv = self.inner.backward_varlen(
+                self._flat(dout), self._flat(q), self._flat(k), self._flat(v), self._flat(out),
+                lse.transpose(0, 1).reshape(h, b * s), docs.offsets(q.device), docs.max_len,
+                scale=scale)
+            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for row, a, e in self.documents.segments:
             rows = (slice(row, row + 1), slice(a, e))

@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from ..cp.documents import Documents
+from ..cp.documents import DocumentKernel, Documents
 from ..cp.kernels import get_kernel
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
@@ -191,10 +191,13 @@ class UPipeTrainer(Trainer):
         docs = Documents.from_tokens(inputs, eos)
         if not self._documents_logged:
             self._documents_logged = True
+            kernel = DocumentKernel(get_kernel(self.plan.kernel, self.plan.device), docs)
+            how = ("all documents in one varlen call" if kernel.uses_varlen(self.plan.device)
+                   else "one call per document")
             logger.info(f"block_causal: the first batch holds {docs.count} documents (longest "
                         f"{docs.max_len} tokens); each is attended to causally on its own by "
                         f"context_parallel.kernel={self.job_config.context_parallel.kernel!r} "
-                        f"= {get_kernel(self.plan.kernel, self.plan.device).name!r}, per document")
+                        f"= {kernel.name!r}, {how}")
         return docs
 
     def post_dataloading_process(

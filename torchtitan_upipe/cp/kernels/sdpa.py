@@ -131,6 +131,45 @@ class SdpaKernel(AttentionKernel):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+    # ----------------------------------------------- varlen (packed documents, CUDA only)
+    def varlen_on(self, device: torch.device) -> bool:
+        """The varlen path runs on CUDA (FlashAttention-2); the CPU flash kernel has none."""
+        return device.type == "cuda"
+
+    def forward_varlen(self, q, k, v, cu_seqlens, max_len, *, scale):
+        """Causal attention inside each document in one FlashAttention-2 varlen call.
+
+        ``q (T, H, D)``, ``k, v (T, H_kv, D)``: the ``T = B * S`` tokens of the batch
+        flattened; ``cu_seqlens`` int32 on the device, the documents' offsets
+        (:class:`~torchtitan_upipe.cp.documents.Documents`); ``max_len`` the longest.
+        Returns ``out (T, H, D)`` and ``lse (H, T)`` float32 (aten's varlen layout).  GQA is
+        native, as in the dense call.
+        """
+        _check_cuda_dtype(q)
+        res = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)
+        out, lse = res[0], res[1]
+        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+            raise RuntimeError(
+                f"FlashAttention-2's varlen forward returned an LSE of shape {tuple(lse.shape)}, "
+                f"not (heads, tokens) = {(q.shape[1], q.shape[0])}: this torch build's layout is "
+                f"not the one the document kernel reads; use context_parallel.kernel='cudnn' "
+                f"(one call per document)")
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_seqlens, max_len, *, scale):
+        """The gradients of :meth:`forward_varlen` (same layouts); ``lse (H, T)``.  The random
+        state arguments are zero tensors, as in the dense backward (no dropout)."""
+        _check_cuda_dtype(q)
+        check_fa2_backward(q.unsqueeze(0), self.name)
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse.to(torch.float32).contiguous(), cu_seqlens, cu_seqlens,
+            max_len, max_len, 0.0, True, seed, offset, scale=scale)
+        return dq, dk, dv
+
+
 def _check_cuda_dtype(q: torch.Tensor) -> None:
     if q.dtype not in _CUDA_DTYPES:
         raise ValueError(
