@@ -253,3 +253,21 @@ def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, 
     model = mm.breakdown(mm.replace(st, n_layers=4))["peak_device"]
     assert est["n_layers"] == 4 and est["host_bytes"] == 3 * seq // 8 * 4096 * 2
     assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])
+
+
+@pytest.mark.slow
+def test_packed_documents_are_estimated_as_one_document_per_row(tmp_path):
+    """Fake tokens have no values, so the estimate of a block_causal flavor is the causal one
+    (one document per row); the real-tensor run with the debug text's documents (4 in the
+    batch) holds no more than that, but for the O(documents) offsets."""
+    flex = ("--model.flavor", "debugmodel_flex_attn")
+    for sub in ("causal", "flex"):
+        (tmp_path / sub).mkdir()
+    causal = _estimate(tmp_path / "causal", 2, "--job.config_file", DEBUG_STACK)
+    fake = _estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex)
+    real = _estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex, real=True)
+    for key in KEYS:
+        assert fake[key] == causal[key], key
+    # plus the documents' offsets on the host (int64 each; 24 bytes more were measured)
+    assert max(real["train_peak_bytes"]) <= max(fake["train_peak_bytes"]) + 1024
+    assert real["host_bytes"] == fake["host_bytes"]

@@ -181,12 +181,13 @@ class UPipeTrainer(Trainer):
                 spec, parallelize_fn=functools.partial(parallelize_llama_cp, plan=self.plan))
         self._train_spec = spec
 
-    def _documents(self, inputs: torch.Tensor) -> Documents:
+    def _documents(self, inputs: torch.Tensor) -> Documents | None:
         """The packed documents of the whole (padded) batch, before it is sharded: every CP
         rank holds all of it here, so no boundaries need to be exchanged.  Under the CPU memory
-        estimator the tokens are fake: one document per row, the most attention work."""
+        estimator the tokens are fake (no values): ``None``, causal attention over each row,
+        which is one document per row, the most attention work and memory."""
         if is_fake(inputs):
-            return Documents.whole_rows(inputs.shape[0], inputs.shape[1])
+            return None
         eos = self.tokenizer.eos_id if self.tokenizer is not None else self.model_args.eos_id
         docs = Documents.from_tokens(inputs, eos)
         if not self._documents_logged:
