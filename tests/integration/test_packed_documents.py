@@ -67,6 +67,8 @@ def test_styles_and_degrees_agree_on_packed_documents(workdir, seed_checkpoint, 
         "upipe4_u8": (4, "llama3_debug_upipe.toml", "--parallelism.context_parallel_degree=4",
                       "--context_parallel.upipe_chunk_heads=8"),
         "ulysses4": (4, "llama3_debug_ulysses.toml", "--parallelism.context_parallel_degree=4"),
+        "upipe2_compiled": (2, "llama3_debug_upipe.toml", "--compile.enable",
+                            "--context_parallel.no-time-attention"),
     }
     for name, (nproc, config, *extra) in runs.items():
         losses, _ = _losses(workdir, seed_checkpoint, name, nproc, config, FLEX, *extra)

@@ -243,6 +243,11 @@ def test_packed_documents_go_with_the_all_to_all_styles_only():
                f"--context_parallel.style={style}", *hybrid, flex, world=4)
     _fails(r"style='ring' applies TorchTitan's SDPA ring attention", "--context_parallel.style=ring",
            flex, cuda=True)
+    _fails(r"compile.enable=true with model.flavor='debugmodel_flex_attn'.*use style='upipe'",
+           "--context_parallel.style=ulysses", "--compile.enable",
+           "--context_parallel.no-time-attention", flex)
+    validate_job_config(_config("--compile.enable", "--context_parallel.no-time-attention", flex),
+                        world_size=2, cuda=False)
     # without CP TorchTitan's own flex/varlen attention runs, which cannot train on a CPU
     _fails(r"cannot train on a CPU.*style='ulysses' or 'upipe'", "--context_parallel.style=none",
            "--parallelism.context_parallel_degree=1", flex, world=1)

@@ -287,6 +287,13 @@ def _check_mask(job_config, model_args, style: str, ring: int) -> None:
             f"leaves a ring of {ring}: use style='ulysses' or 'upipe' with ulysses_degree=0 "
             f"(the all-to-all over all CP ranks), or a flavor with attn_mask_type='causal'"
         )
+    if mask == "block_causal" and job_config.compile.enable and style != "upipe":
+        raise ConfigError(
+            f"compile.enable=true with model.flavor={flavor!r} (block_causal): style={style!r} "
+            f"runs one kernel call per document inside the compiled block, which fullgraph "
+            f"compilation cannot trace; use style='upipe' (its attention is one opaque op) or "
+            f"compile.enable=false"
+        )
 
 
 def _check_fa2_offsets(job_config, shape: JobShape, kernel: str) -> None:
