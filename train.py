@@ -19,11 +19,12 @@ def main() -> None:
     # Long-context runs fragment the caching allocator; use expandable segments unless the
     # user chose.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # TorchTitan's ConfigManager binds sys.argv when it is imported, so default it first.
-    if not any(a.split("=")[0] in ("--job.config_file", "--job.config-file") for a in sys.argv[1:]):
-        sys.argv[1:1] = ["--job.config_file", DEFAULT_CONFIG]
+    # TorchTitan's ConfigManager binds sys.argv when it is imported, so default it first
+    # (the console module does not import TorchTitan).
+    from torchtitan_upipe.titan.console import clean_console, config_file, parse_args, user_errors
 
-    from torchtitan_upipe.titan.console import clean_console, parse_args, user_errors
+    if not config_file(sys.argv[1:]):
+        sys.argv[1:1] = ["--job.config_file", DEFAULT_CONFIG]
     from torchtitan_upipe.titan.cpu_compat import cpu_compat
 
     # One rank logs (LOG_RANK, default 0), inapplicable warnings are dropped, and a user error

@@ -187,8 +187,8 @@ def test_the_summary_reads_like_a_tool_and_json_on_request(tmp_path):
     assert est["peak_bytes"] > 0.01 * 2**30 and est["peak_phase"].startswith("step ")
     proc = run(cmd)  # the default 4 GiB reserve does not fit in 1 GiB: said before estimating
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "python -m torchtitan_upipe.tools.estimate: error: --reserve-gib 4 must be >= 0 and below "
-        "the device memory per GPU (1 GiB; --device-gib or --gpu)")
+        "python -m torchtitan_upipe.tools.estimate: error: --reserve-gib 4, --device-gib or --gpu: "
+        "the device reserve must be >= 0 and below the device memory (1 GiB), got 4.0")
 
 
 def test_ring_style_is_refused_with_the_alternative(tmp_path):

@@ -19,10 +19,10 @@ document-masked variant with the same interface and layout contract (``q (B, S, 
 (``forward_varlen``/``backward_varlen``: ``sdpa`` on CUDA, FlashAttention-2's varlen call)
 computes all documents in one call.  Any other kernel runs its causal forward and backward on
 each document's rows, one call per document, which is exact, because a document's queries see
-exactly its own keys, causally, with equal query and key lengths.  The Ulysses-family styles use it
-after their all-to-all, where each rank holds the whole sequence (in natural order) for its
-heads, so the documents of the sample are the documents of every call.  A document may end
-anywhere: inside a rank's shard, at a shard edge, inside a UPipe stage's call (a stage is a
+exactly its own keys, causally, with equal query and key lengths.  The Ulysses-family
+styles use it after their all-to-all, where each rank holds the whole sequence (in natural
+order) for its heads, so the documents of the sample are the documents of every call.  A
+document may end anywhere: inside a rank's shard, at a shard edge, inside a UPipe stage's call (a stage is a
 set of heads over the whole sequence, never a piece of the sequence).
 """
 

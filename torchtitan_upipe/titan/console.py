@@ -191,19 +191,20 @@ def parse_args(argv: list[str] | None = None, *, quiet: bool = False, quiet_wait
     toml_values = manager._maybe_load_toml(argv)
     if toml_values:
         _check_toml_keys(manager._maybe_add_custom_config(argv, toml_values), toml_values,
-                         _config_file(argv))
+                         config_file(argv))
     try:
         with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
             return manager.parse_args(argv)
     except ValueError as e:  # raised building the TOML's sections (a value's own check)
-        raise ConfigError(f"{_config_file(argv)}: {e}") from None
+        raise ConfigError(f"{config_file(argv)}: {e}") from None
     except SystemExit:
         if quiet:  # let the logging rank print its box before torchrun stops every rank
             time.sleep(quiet_wait_s)
         raise
 
 
-def _config_file(argv: list[str]) -> str:
+def config_file(argv: list[str]) -> str:
+    """The value of ``--job.config_file`` (or ``--job.config-file``) in ``argv``; "" if absent."""
     for i, arg in enumerate(argv):
         name, _, value = arg.partition("=")
         if name in ("--job.config_file", "--job.config-file"):

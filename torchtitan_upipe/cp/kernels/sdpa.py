@@ -130,7 +130,6 @@ class SdpaKernel(AttentionKernel):
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
-
     # ----------------------------------------------- varlen (packed documents, CUDA only)
     def varlen_on(self, device: torch.device) -> bool:
         """The varlen path runs on CUDA (FlashAttention-2); the CPU flash kernel has none."""

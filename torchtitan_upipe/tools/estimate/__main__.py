@@ -67,10 +67,10 @@ def _budget(ours, job_device_gib: float):
         device = job_device_gib
     if device is None:
         return None
-    if not 0 <= ours.reserve_gib < device:
-        raise ConfigError(f"--reserve-gib {ours.reserve_gib:g} must be >= 0 and below the device "
-                          f"memory per GPU ({device:g} GiB; --device-gib or --gpu)")
-    return Budget(device, ours.reserve_gib)
+    try:
+        return Budget(device, ours.reserve_gib)
+    except ConfigError as e:  # name the options the values came from
+        raise ConfigError(f"--reserve-gib {ours.reserve_gib:g}, --device-gib or --gpu: {e}") from None
 
 
 def main(args: list[str] | None = None) -> Estimate:
