@@ -117,3 +117,18 @@ def test_nested_trackers_both_see_storage_resizes_and_restore_resize():
         assert torch.UntypedStorage.resize_ is not original  # the outer tracker's route
         del a
     assert torch.UntypedStorage.resize_ is original
+
+
+def test_a_dead_weak_proxy_in_the_process_does_not_stop_the_tracker():
+    import weakref
+
+    class _Referent:
+        pass
+
+    referent = _Referent()
+    holder = [weakref.proxy(referent)]  # a container the gc tracks, holding the proxy
+    del referent  # the proxy is dead: isinstance() on it raises ReferenceError
+    with LiveTensorTracker() as tracker:
+        t = torch.empty(10)
+    assert tracker.peak_bytes >= t.untyped_storage().nbytes()
+    assert len(holder) == 1

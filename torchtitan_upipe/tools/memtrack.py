@@ -63,12 +63,16 @@ class LiveTensorTracker(TorchDispatchMode):
         with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
             warnings.simplefilter("ignore")
             for obj in gc.get_objects():
-                if isinstance(obj, torch.Tensor):
-                    try:
-                        st = obj.untyped_storage()
-                    except (RuntimeError, NotImplementedError):
+                try:
+                    if not isinstance(obj, torch.Tensor):
                         continue
-                    self._preexisting[id(st)] = st
+                except ReferenceError:  # a weakref.proxy whose referent is gone
+                    continue
+                try:
+                    st = obj.untyped_storage()
+                except (RuntimeError, NotImplementedError):
+                    continue
+                self._preexisting[id(st)] = st
         self._watch_resizes()
         return super().__enter__()
 
