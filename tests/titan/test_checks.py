@@ -258,3 +258,24 @@ def test_packed_documents_go_with_the_all_to_all_styles_only():
     sliding = dataclasses.replace(FLAVORS["debugmodel"], attn_mask_type="sliding")
     _fails(r"attn_mask_type='sliding'.*takes one of \['causal', 'block_causal'\]",
            model_args=sliding)
+
+
+def test_keep_attention_output_choices_and_what_it_needs():
+    full = ("--activation_checkpoint.mode=full", "--memory.offload_activations")
+    for keep in ("none", "device", "host"):
+        validate_job_config(_config(*full, f"--memory.keep_attention_output={keep}"),
+                            world_size=2, cuda=False)
+        validate_job_config(_config(*full, f"--memory.keep_attention_output={keep}",
+                                    config="llama3_debug_ulysses.toml"), world_size=2, cuda=False)
+    from torchtitan_upipe.titan.config import Memory
+
+    with pytest.raises(ValueError, match=r"memory.keep_attention_output='disk' is not one of "
+                                         r"\['none', 'device', 'host'\]"):
+        Memory(keep_attention_output="disk")
+    _fails(r"memory.keep_attention_output='device' replays the attention result in the recompute "
+           r"of the plugin's offloaded checkpointing; set memory.offload_activations=true",
+           "--activation_checkpoint.mode=full", "--memory.keep_attention_output=device")
+    _fails(r"memory.keep_attention_output='host' needs the plugin's attention: "
+           r"context_parallel.style one of \['ulysses', 'upipe', 'usp'\] with "
+           r"context_parallel_degree > 1 \(got style='none', degree 1\)",
+           *full, "--memory.keep_attention_output=host", world=1, config="llama3_debug_none.toml")

@@ -13,6 +13,7 @@ import torch
 
 from torchtitan.models.llama3.model.model import FeedForward
 
+from tests.helpers.dist import run_distributed
 from tests.helpers.numerics import DIM, assert_same_module
 from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac, apply_tiled_mlp
 from torchtitan_upipe.titan.memory_stack import TiledFeedForward, apply_tiling
@@ -31,8 +32,9 @@ def _model(head_dim=None):
 
 
 def _mem(**kw):
-    base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True, tiled_mlp=False, mlp_tiles=0,
-                tiled_norm=False, norm_tiles=0, chunked_loss=False, loss_chunks=0)
+    base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True,
+                keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
+                norm_tiles=0, chunked_loss=False, loss_chunks=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -94,7 +96,7 @@ def test_offload_keeps_only_host_copies_between_forward_and_backward():
     tokens = torch.randint(0, 97, (1, 16))
     out = model(tokens)
     # layers 1 and 2 were offloaded, layer 0 kept
-    assert sorted(offloader._host) == [1, 2]
+    assert offloader.layers() == [1, 2]
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -168,7 +170,7 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
 
     mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
              loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
-             offload_prefetch=True)
+             offload_prefetch=True, keep_attention_output="none")
     assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
         "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
         "(mlp_tiles=0: ceil(1000 / dim 256))",
@@ -185,3 +187,121 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
     assert describe(none_kept, 1000, 3, 256, 6) == [
         "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
         "none kept on the device (offload_keep_layers=0); prefetch on"]
+    for keep, where in (("device", "on the device"),
+                        ("host", "with each offloaded block input in host memory (on the device "
+                                 "for the layers whose input stays there)")):
+        kept = NS(**{**vars(off), "keep_attention_output": keep})
+        assert describe(kept, 1000, 3, 256, 6) == [
+            f"memory.keep_attention_output={keep!r}: each layer's attention output and LSE kept "
+            f"from the forward {where}; the recompute replays them instead of running the "
+            f"attention kernel forward"]
+
+
+# ---- memory.keep_attention_output: the recompute replays the forward's attention ---------
+
+SEQ = 16  # divisible by 2 * C = 8 (the ring's zigzag over 4 ranks)
+# (world, ulysses degree, style, U): ulysses, usp (2 x ring 2), upipe with 1 and several
+# stages, UPipe x ring; on 4 ranks H_kv = 2 < C replicates the KV heads
+KEEP_CASES = {
+    2: [(2, "ulysses", 0), (2, "upipe", 2), (2, "upipe", 4)],
+    4: [(4, "ulysses", 0), (2, "usp", 0), (4, "upipe", 4), (2, "upipe", 2)],
+}
+
+
+def _cp_model(groups, style, chunk_heads):
+    from torchtitan_upipe.cp.kernels import get_kernel
+    from torchtitan_upipe.titan.attention import (
+        ContextParallelAttention,
+        UlyssesStrategy,
+        UPipeStrategy,
+    )
+
+    model = _model()
+    for block in model.layers.values():
+        strategy = (UPipeStrategy(groups, "math", chunk_heads) if style == "upipe"
+                    else UlyssesStrategy(groups, get_kernel("math", torch.device("cpu"))))
+        block.attention = ContextParallelAttention(block.attention, strategy)
+    return model
+
+
+def _step(model, tokens, labels):
+    """One forward and backward on this rank's shard; the loss and every gradient."""
+    model.zero_grad()
+    logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1),
+                                             reduction="sum")
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _keep_cases(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.helpers.comm_trace import CollectiveTrace
+    from torchtitan_upipe.cp.kernels.math import MathKernel
+    from torchtitan_upipe.titan.groups import build_cp_groups
+    from torchtitan_upipe.titan.sharding import sharder_for
+
+    forwards = [0]
+    math_forward = MathKernel.forward
+
+    def counting(self, *args, **kwargs):  # this spawned process's kernel only
+        forwards[0] += 1
+        return math_forward(self, *args, **kwargs)
+
+    MathKernel.forward = counting
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=g)
+    labels = torch.randint(0, 97, (2, SEQ), generator=g)
+    for u, style, chunk_heads in KEEP_CASES[world]:
+        groups = build_cp_groups(mesh, u)
+        sharder = sharder_for(groups)
+        local = [sharder.shard(t) for t in (tokens, labels)]
+        results = {}
+        for keep in ("none", "device", "host"):
+            model = _cp_model(groups, style, chunk_heads)
+            model.use_local_rope(sharder.indices(SEQ))
+            offloader = HostOffloader(torch.device("cpu"))
+            apply_offloaded_ac(model, offloader, keep_layers=1, keep_attention_output=keep)
+            with torch.no_grad(), CollectiveTrace() as trace:
+                forwards[0] = 0
+                model(local[0])  # outside the checkpoint: computes, keeps nothing
+            one_forward = (forwards[0], trace.sent[:])
+            for _ in range(2):  # the second step reuses the slots and the host buffers
+                forwards[0] = 0
+                with CollectiveTrace() as trace:
+                    loss, grads = _step(model, *local)
+            results[keep] = (loss, grads, forwards[0], trace.sent[:], offloader)
+        case = f"{style} C={world} u={u} U={chunk_heads}"
+        loss, grads, kernel_none, sent_none, _ = results["none"]
+        fwd_kernels, fwd_sent = one_forward
+        assert kernel_none == 2 * fwd_kernels, case  # forward and recompute
+        for keep in ("device", "host"):
+            k_loss, k_grads, kernels, sent, offloader = results[keep]
+            assert torch.equal(k_loss, loss), (case, keep)
+            for name, grad in grads.items():
+                assert torch.equal(k_grads[name], grad), (case, keep, name)
+            assert kernels == fwd_kernels, (case, keep)  # once per stage per layer per step
+            kinds = lambda s, k: [b for kind, b in s if kind == k]  # noqa: E731
+            if style == "upipe":  # the replay runs no stage: no collective at all
+                expected = kinds(sent_none, "all-to-all")
+                for b in kinds(fwd_sent, "all-to-all"):
+                    expected.remove(b)
+                assert sorted(kinds(sent, "all-to-all")) == sorted(expected), (case, keep)
+            else:  # the recompute still sends q, k|v and o (the kernel backward needs them)
+                assert kinds(sent, "all-to-all") == kinds(sent_none, "all-to-all"), (case, keep)
+            rings = kinds(fwd_sent, "send")
+            assert len(kinds(sent, "send")) == len(kinds(sent_none, "send")) - len(rings), case
+            parts = 3 if keep == "host" else 1  # input (+ attention out and LSE) per layer
+            assert offloader.allocations == 2 * parts, (case, keep)  # layers 1 and 2, once
+        dist.barrier()
+
+
+def test_kept_attention_output_is_exact_and_runs_each_kernel_forward_once_2_ranks():
+    run_distributed(_keep_cases, 2)
+
+
+def test_kept_attention_output_is_exact_and_runs_each_kernel_forward_once_4_ranks():
+    run_distributed(_keep_cases, 4)

@@ -4,4 +4,6 @@
   replication; :mod:`.precision` -- the accumulation-dtype rule.
 * :mod:`.kernels` -- attention kernels behind one interface (forward returns the LSE).
 * :mod:`.ulysses`, :mod:`.upipe`, :mod:`.ring` (with :mod:`.zigzag`) -- the attention styles.
+* :mod:`.documents` -- packed documents; :mod:`.replay` -- an attention result kept from the
+  forward and replayed in the recompute.
 """

@@ -13,6 +13,9 @@ Algorithm, for ``C`` ranks in ``group``::
     o (B, S/C, H, D)                                canonical head order
 
 Collectives per call: 3 all-to-alls forward (q, k|v, o) and 3 backward (do, dq, dk|dv).
+With a kept result (``keep``, :mod:`.replay`) the recompute under activation checkpointing
+skips the kernel forward but still runs the three forward all-to-alls: the kernel's
+backward needs the head-sharded q, k and v.
 Every piece is differentiable: the all-to-alls' backward is the inverse all-to-all, the
 replication's backward sums the replicas, and the attention's backward is the kernel's.
 """
@@ -32,6 +35,7 @@ from .comm import (
 from .documents import DocumentKernel, Documents
 from .gqa import kv_replication, repeat_kv_heads
 from .kernels import AttentionKernel, kernel_attention, resolve_kernel_and_scale
+from .replay import AttentionSlot, ReplayKernel
 
 
 def ulysses_attention(
@@ -44,6 +48,7 @@ def ulysses_attention(
     scale: float | None = None,
     kernel: str | AttentionKernel = "auto",
     documents: Documents | None = None,
+    keep: AttentionSlot | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's contiguous sequence shard against the whole sequence.
 
@@ -56,6 +61,8 @@ def ulysses_attention(
         kernel: a kernel name (``[context_parallel] kernel``) or an :class:`AttentionKernel`.
         documents: the packed documents of the whole ``(B, S)`` batch: causal attention inside
             each (needs ``causal``).  ``None``: one causal sequence per row.
+        keep: this layer's kept attention result (:mod:`.replay`): recorded while the slot
+            records, replayed instead of the kernel forward while it replays.
 
     Returns:
         ``(B, S/C, H, D)``: this rank's tokens, all heads, canonical head order.
@@ -68,6 +75,8 @@ def ulysses_attention(
     kern, scale = resolve_kernel_and_scale(kernel, q.device, q.shape[-1], scale)
     if documents is not None:
         kern = DocumentKernel(kern, documents)
+    if keep is not None:  # outermost: one record per call, not per document or ring step
+        kern = ReplayKernel(kern, keep)
     k = repeat_kv_heads(k, rho)
     v = repeat_kv_heads(v, rho)
     kv = pack_pair(k, v)  # one all-to-all for K and V

@@ -25,6 +25,10 @@ The recomputed block output is only the root of the inner backward: when its ``g
 the block's residual add (which saves no tensors), its storage is released before the inner
 backward runs, so the step's peak holds one block-sized tensor less.
 
+With ``keep_attention_output`` the block's attention result is kept from the forward and
+replayed in the recompute (:mod:`torchtitan_upipe.cp.replay`): on the device, or (``"host"``)
+as more parts of the layer in its host buffers, copied and prefetched with its input.
+
 Layers ``< keep_layers`` are checkpointed the same way but keep their input on the device
 (the paper keeps layer 0).  On a machine without CUDA the "host" copy is an ordinary CPU
 tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tests.
@@ -32,6 +36,7 @@ tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tes
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 import weakref
 from typing import Callable
@@ -39,6 +44,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..cp.replay import KEEP_CHOICES, AttentionSlot
 from .host import HostMemory
 
 
@@ -60,38 +66,48 @@ class HostOffloader:
         self.memory = host_memory or HostMemory(pinned=pinned and self.cuda)
         weakref.finalize(self, self.memory.close)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._host: dict[int, torch.Tensor] = {}
-        self._done: dict[int, torch.cuda.Event | None] = {}
-        self._reloaded: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self._shape: dict[int, tuple] = {}
+        # keyed by (layer, part): part "input" is the block input; a layer may hold more
+        # parts (memory.keep_attention_output = "host" adds its attention output and LSE)
+        self._host: dict[tuple[int, str], torch.Tensor] = {}
+        self._done: dict[tuple[int, str], torch.cuda.Event | None] = {}
+        self._reloaded: dict[tuple[int, str], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._held: dict[int, list[str]] = {}  # the parts each layer has offloaded
         self.allocations = 0
-        """Host buffers allocated so far: one per offloaded layer, then none while the block
-        inputs keep their shape (a buffer is re-created only when its layer's input changes)."""
+        """Host buffers allocated so far: one per offloaded layer and part, then none while
+        the tensors keep their shapes (a buffer is re-created only when its tensor changes)."""
 
-    def _buffer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        buf = self._host.get(layer)
+    def _buffer(self, key: tuple[int, str], x: torch.Tensor) -> torch.Tensor:
+        buf = self._host.get(key)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             if buf is not None:
                 self.memory.free(buf)
             buf = self.memory.empty(x.shape, x.dtype)
-            self._host[layer] = buf
+            self._host[key] = buf
             self.allocations += 1
             if self.on_new_buffer is not None:
                 self.on_new_buffer(buf)
         return buf
 
+    def layers(self) -> list[int]:
+        """The layers that have host buffers, ascending."""
+        return sorted({layer for layer, _ in self._host})
+
     def host_bytes(self) -> int:
-        """Bytes of the host buffers allocated so far (one per offloaded layer), exactly."""
+        """Bytes of the host buffers allocated so far (one per offloaded layer and part), exactly."""
         return sum(b.untyped_storage().nbytes() for b in self._host.values())
 
     def pinned_bytes(self) -> int:
         """Bytes of them page-locked: :meth:`host_bytes` when pinned, else 0."""
         return self.memory.pinned_bytes
 
-    def offload(self, layer: int, x: torch.Tensor) -> None:
-        buf = self._buffer(layer, x)
-        self._shape[layer] = (x.shape, x.dtype)
-        self._reloaded.pop(layer, None)
+    def offload(self, layer: int, x: torch.Tensor, part: str = "input") -> None:
+        """Start copying ``x`` into ``layer``'s host buffer for ``part``; the caller drops ``x``."""
+        key = (layer, part)
+        buf = self._buffer(key, x)
+        held = self._held.setdefault(layer, [])
+        if part not in held:
+            held.append(part)
+        self._reloaded.pop(key, None)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
@@ -99,30 +115,39 @@ class HostOffloader:
                 x.record_stream(self.stream)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
-            self._done[layer] = ev
+            self._done[key] = ev
         else:
             buf.copy_(x)
-            self._done[layer] = None
+            self._done[key] = None
 
     def prefetch(self, layer: int) -> None:
-        """Start copying ``layer``'s input back to the device (no-op if not offloaded)."""
-        if layer not in self._shape or layer in self._reloaded:
-            return
-        buf = self._host[layer]
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(self._done[layer])
-                x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
-                x.copy_(buf, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-            self._reloaded[layer] = (x, ev)
-        else:
-            self._reloaded[layer] = (buf.clone(), None)
+        """Start copying every part of ``layer`` on the host back to the device (no-op for a
+        layer with none, and for a part already on its way)."""
+        for part in self._held.get(layer, ()):
+            key = (layer, part)
+            if key in self._reloaded:
+                continue
+            buf = self._host[key]
+            if self.cuda:
+                with torch.cuda.stream(self.stream):
+                    self.stream.wait_event(self._done[key])
+                    x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+                    x.copy_(buf, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                self._reloaded[key] = (x, ev)
+            else:
+                self._reloaded[key] = (buf.clone(), None)
 
-    def reload(self, layer: int) -> torch.Tensor:
-        self.prefetch(layer)
-        x, ev = self._reloaded.pop(layer)
+    def reload(self, layer: int, part: str = "input") -> torch.Tensor:
+        """``layer``'s ``part`` back on the device (waiting for its copy, started here unless
+        :meth:`prefetch` did).  The host buffer keeps it until the next :meth:`offload`."""
+        key = (layer, part)
+        if key not in self._reloaded:
+            if part not in self._held.get(layer, ()):
+                raise KeyError(f"layer {layer} has no {part!r} on the host")
+            self.prefetch(layer)
+        x, ev = self._reloaded.pop(key)
         if ev is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(ev)
@@ -138,12 +163,19 @@ def _release_if_unsaved(out: torch.Tensor) -> None:
         out.untyped_storage().resize_(0)
 
 
+def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContextManager:
+    if slot is None:
+        return contextlib.nullcontext()
+    return slot.replaying() if replay else slot.recording()
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, options, args, kwargs):
-        with torch.no_grad():
+    def forward(ctx, x, block, layer, offloader, options, slot, args, kwargs):
+        with torch.no_grad(), _mode(slot, replay=False):
             out = block(x, *args, **kwargs)
         ctx.block, ctx.layer, ctx.offloader, ctx.options = block, layer, offloader, options
+        ctx.slot = slot
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
         if offloader is None:
@@ -161,12 +193,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.options.prefetch:
                 ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
-        with torch.enable_grad():
+        with torch.enable_grad(), _mode(ctx.slot, replay=True):
             out = ctx.block(x, *ctx.args, **ctx.kwargs)
         if ctx.options.release_output:
             _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -177,7 +209,7 @@ class _Options:
 
 def apply_offloaded_ac(
     model: nn.Module, offloader: HostOffloader, keep_layers: int, prefetch: bool = True,
-    release_output: bool = True,
+    release_output: bool = True, keep_attention_output: str = "none",
 ) -> None:
     """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``
     through ``offloader``.
@@ -185,24 +217,44 @@ def apply_offloaded_ac(
     ``prefetch``: copy the previous layer's input back during a layer's backward (see the
     module docstring).  ``release_output``: free the recomputed block output before the inner
     backward when nothing saved it (off only to measure what that saves).
+    ``keep_attention_output`` (:data:`~torchtitan_upipe.cp.replay.KEEP_CHOICES`): give each
+    block's attention (which must have a ``kept`` attribute, as the plugin's
+    context-parallel attention has) an :class:`~torchtitan_upipe.cp.replay.AttentionSlot`
+    that records its result in the forward and replays it in the recompute; ``"host"`` keeps
+    it in ``offloader`` with the block input (layers ``< keep_layers`` keep it on the device,
+    as their input).
 
     Parameter FQNs and the state dict are unchanged (no wrapper module is inserted): each
     block instance's ``forward`` is routed through the checkpoint function, so module hooks
     (FSDP's unshard/reshard) still run around it.
     """
+    if keep_attention_output not in KEEP_CHOICES:
+        raise ValueError(f"keep_attention_output={keep_attention_output!r} is not one of "
+                         f"{list(KEEP_CHOICES)}")
     options = _Options(prefetch, release_output)
     for name, block in model.layers.items():
         layer = int(name)
-        _wrap_forward(block, layer, offloader if layer >= keep_layers else None, options)
+        layer_offloader = offloader if layer >= keep_layers else None
+        slot = None
+        if keep_attention_output != "none":
+            attention = getattr(block, "attention", None)
+            if not hasattr(attention, "kept"):
+                raise ValueError(
+                    f"keep_attention_output={keep_attention_output!r}: layer {layer}'s attention "
+                    f"({type(attention).__name__}) cannot replay its result; it takes the "
+                    f"plugin's context-parallel attention")
+            slot = AttentionSlot(layer, layer_offloader if keep_attention_output == "host" else None)
+            attention.kept = slot
+        _wrap_forward(block, layer, layer_offloader, options, slot)
 
 
 def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None,
-                  options: _Options) -> None:
+                  options: _Options, slot: AttentionSlot | None) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, args, kwargs)
+        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, args, kwargs)
 
     block.forward = forward

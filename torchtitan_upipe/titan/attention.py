@@ -18,6 +18,10 @@ argument for its flex/varlen masks), and both strategies compute the document-ma
 attention (:class:`~torchtitan_upipe.cp.documents.DocumentKernel`) over the whole sequence
 their all-to-all gathers.  Without a ring only: a ring rank holds a piece of the sequence.
 
+Kept attention results (``memory.keep_attention_output``): the offloaded checkpoint gives
+each module an :class:`~torchtitan_upipe.cp.replay.AttentionSlot` (``kept``), which both
+strategies pass on, so the backward's recompute replays the forward's attention result.
+
 Inputs follow the trainer's sharding contract (:mod:`.sharding`): ``x`` is
 ``(B, S/C, dim)`` and ``positions`` ``(B, S/C)`` holds the global positions of those tokens.
 :func:`check_sharding_once` installs a hook on the model that checks, on the first forward
@@ -37,6 +41,7 @@ from torchtitan.models.llama3.model.model import Attention, apply_rotary_emb
 
 from ..cp.documents import Documents
 from ..cp.kernels import AttentionKernel
+from ..cp.replay import AttentionSlot
 from ..cp.ring import RingKernel
 from ..cp.ulysses import ulysses_attention
 from ..cp.upipe import upipe_attention
@@ -97,7 +102,7 @@ class UlyssesStrategy(CPAttentionStrategy):
         xv = attn.wv(x).view(bs, seqlen, -1, attn.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions)
         out = ulysses_attention(xq, xk, xv, group=self.groups.ulysses, causal=True,
-                                kernel=self.kernel, documents=documents)
+                                kernel=self.kernel, documents=documents, keep=attn.kept)
         return out.reshape(bs, seqlen, -1)
 
 
@@ -118,7 +123,7 @@ class UPipeStrategy(CPAttentionStrategy):
             x, attn.wq.weight, attn.wk.weight, attn.wv.weight, local_freqs,
             n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
             group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
-            inline=self.inline, documents=documents,
+            inline=self.inline, documents=documents, keep=attn.kept,
         )
 
 
@@ -135,6 +140,9 @@ class ContextParallelAttention(nn.Module):
         self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.strategy = strategy
         self.timer = timer  # the attention-time metric (CPMetricsProcessor); None = off
+        self.kept: AttentionSlot | None = None
+        """This layer's kept attention result (``memory.keep_attention_output``; the
+        offloaded checkpoint sets it, :func:`~torchtitan_upipe.memory.apply_offloaded_ac`)."""
 
     def init_weights(self, init_std: float) -> None:
         Attention.init_weights(self, init_std)  # same initialization as TorchTitan's module

@@ -161,6 +161,23 @@ def _validate_memory(job_config) -> None:
             )
         if job_config.compile.enable:
             raise ConfigError("memory.offload_activations=true does not work with compile.enable=true yet")
+    keep = mem.keep_attention_output
+    if keep != "none":
+        if not mem.offload_activations:
+            raise ConfigError(
+                f"memory.keep_attention_output={keep!r} replays the attention result in the "
+                f"recompute of the plugin's offloaded checkpointing; set "
+                f"memory.offload_activations=true (with memory.offload_keep_layers = the number "
+                f"of layers, nothing is offloaded), or keep_attention_output='none'")
+        style = get_style(job_config.context_parallel.style)
+        cp_on = job_config.parallelism.context_parallel_degree > 1
+        if not (style.uses_all_to_all and cp_on):
+            family = [n for n in style_names() if get_style(n).uses_all_to_all]
+            raise ConfigError(
+                f"memory.keep_attention_output={keep!r} needs the plugin's attention: "
+                f"context_parallel.style one of {family} with context_parallel_degree > 1 (got "
+                f"style={job_config.context_parallel.style!r}, degree "
+                f"{job_config.parallelism.context_parallel_degree}); or keep_attention_output='none'")
     if job_config.parallelism.pipeline_parallel_degree > 1:
         raise ConfigError(
             "the upipe_llama3 train spec does not support pipeline parallelism: set "

@@ -21,6 +21,7 @@ starts.  The styles are those of the registry in :mod:`.styles`.
 from dataclasses import dataclass, field
 
 from ..cp.kernels import KERNEL_CHOICES
+from ..cp.replay import KEEP_CHOICES
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ class Memory:
         tiled_mlp = true             # MLP over sequence tiles (mlp_tiles, 0 = ceil(S/C / dim))
         tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
         chunked_loss = true          # output projection + loss over chunks (loss_chunks, 0 = 1K-token chunks)
+        keep_attention_output = "host"  # one attention forward per step: kept with the block input
     """
 
     offload_activations: bool = False
@@ -105,6 +107,14 @@ class Memory:
     offload_prefetch: bool = True
     """Copy the previous layer's input back while a layer runs its backward (overlap); false
     saves one block input of device memory at the step's peak for an exposed copy per layer."""
+
+    keep_attention_output: str = "none"
+    """Keep each layer's attention result (output and LSE) from the forward, so the
+    backward's recompute does not run the attention kernel forward again (one attention
+    forward per step instead of two; exact): "none" | "device" (kept on the device) | "host"
+    (kept with the offloaded block input in host memory, copied and prefetched with it;
+    layers within offload_keep_layers keep it on the device). Styles ulysses, usp and upipe,
+    with offload_activations = true."""
 
     tiled_mlp: bool = False
     mlp_tiles: int = 0
@@ -135,6 +145,9 @@ class Memory:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"memory.{name}={value!r} must be a number of GiB >= 0")
+        if self.keep_attention_output not in KEEP_CHOICES:
+            raise ValueError(f"memory.keep_attention_output={self.keep_attention_output!r} is "
+                             f"not one of {list(KEEP_CHOICES)}")
 
 
 @dataclass

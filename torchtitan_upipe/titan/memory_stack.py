@@ -14,7 +14,8 @@ dict: only instances' classes change.
   (``memory.chunked_loss``).
 * :func:`apply_offloaded_checkpointing`: :func:`~torchtitan_upipe.memory.apply_offloaded_ac`
   with the trainer's :class:`~torchtitan_upipe.memory.HostOffloader`
-  (``memory.offload_activations``, ``offload_keep_layers``, ``offload_prefetch``).
+  (``memory.offload_activations``, ``offload_keep_layers``, ``offload_prefetch``,
+  ``keep_attention_output``).
 """
 
 from __future__ import annotations
@@ -136,10 +137,20 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
             f"{n_layers}) in {'pinned' if mem.offload_pinned else 'pageable'} host memory, "
             f"{kept} (offload_keep_layers={mem.offload_keep_layers}); prefetch "
             f"{'on' if mem.offload_prefetch else 'off'}")
+    keep = mem.keep_attention_output
+    if keep != "none":
+        where = ("on the device" if keep == "device" else
+                 "with each offloaded block input in host memory (on the device for the layers "
+                 "whose input stays there)")
+        lines.append(f"memory.keep_attention_output={keep!r}: each layer's attention output and "
+                     f"LSE kept from the forward {where}; the recompute replays them instead of "
+                     f"running the attention kernel forward")
     return lines
 
 
 def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloader) -> None:
     """Full activation checkpointing with the inputs of layers ``>= mem.offload_keep_layers``
-    kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``)."""
-    apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch)
+    kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``), and
+    each attention's result kept for the recompute as ``mem.keep_attention_output`` says."""
+    apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch,
+                       keep_attention_output=mem.keep_attention_output)

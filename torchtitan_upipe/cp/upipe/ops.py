@@ -13,7 +13,10 @@ attention is then document-masked (:class:`~torchtitan_upipe.cp.documents.Docume
 without a ring only.
 
 Saved for backward: ``x``, the three weights, ``freqs_cis``, the output and the per-stage LSE.
-No Q, K or V.
+No Q, K or V.  So the backward needs nothing a forward computes but ``out`` and ``lse``: with
+a kept result (``upipe_attention(keep=...)``, :mod:`~torchtitan_upipe.cp.replay`) the
+recompute under activation checkpointing replays them (:class:`_ReplayAttention`) and runs
+no stage; the backward is the same op.
 
 ``upipe_attention(..., inline=True)`` runs the same forward and backward without the
 custom-op boundary (:class:`_InlineAttention`): under ``FakeTensorMode`` a custom op runs only
@@ -31,6 +34,7 @@ from ..comm import ProcessGroup, group_size
 from ..documents import DocumentKernel, Documents
 from ..kernels import AttentionKernel, get_kernel, resolve_kernel_and_scale
 from ..precision import accumulation_dtype
+from ..replay import AttentionSlot, Mode
 from ..ring import RingKernel
 from .functional import upipe_backward, upipe_forward
 from .schedule import UPipeSchedule
@@ -145,6 +149,22 @@ class _InlineAttention(torch.autograd.Function):
         return _grads(ctx, dout, _backward_impl)
 
 
+class _ReplayAttention(torch.autograd.Function):
+    """The op's result kept from an earlier forward (``out``, ``lse``), returned without
+    computing, with the op's backward: saves what :func:`_setup_context` saves."""
+
+    @staticmethod
+    def forward(ctx, x, wq, wk, wv, freqs_cis, out, lse, cu_seqlens, inline, *static):
+        ctx.save_for_backward(x, wq, wk, wv, freqs_cis, out, lse)
+        ctx.cu_seqlens, ctx.static, ctx.inline = cu_seqlens, static, inline
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx, dwq, dwk, dwv, *_ = _grads(ctx, dout, _backward_impl if ctx.inline else attention_backward)
+        return (dx, dwq, dwk, dwv) + (None,) * (5 + len(ctx.static))
+
+
 def upipe_attention(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -162,6 +182,7 @@ def upipe_attention(
     kernel: str = "auto",
     inline: bool = False,
     documents: Documents | None = None,
+    keep: AttentionSlot | None = None,
 ) -> torch.Tensor:
     """Fused projection + RoPE + UPipe context-parallel attention.
 
@@ -184,6 +205,9 @@ def upipe_attention(
         inline: run without the custom-op boundary (see the module docstring).
         documents: the batch's packed documents over the whole sequence (causal attention
             inside each; no ring group).  ``None``: causal attention over the whole sequence.
+        keep: this layer's kept attention result (:mod:`~torchtitan_upipe.cp.replay`): the
+            op's ``(out, lse)`` are kept while the slot records; while it replays they are
+            returned without running any stage, with the op's backward.
 
     Returns:
         ``(B, S/C, n_heads*D)`` in canonical head order (input of ``wo``).
@@ -211,6 +235,12 @@ def upipe_attention(
             raise ValueError(f"{documents!r} do not describe this batch of {x.shape[0]} rows of "
                              f"{x.shape[1] * sched.degree} tokens")
         cu_seqlens = documents.cu_seqlens
-    out, _ = op(x, wq, wk, wv, freqs_cis, cu_seqlens, [n_heads, n_kv_heads, sched.chunk_heads],
-                *names, causal, scale, kernel)
+    static = ([n_heads, n_kv_heads, sched.chunk_heads], *names, causal, scale, kernel)
+    if keep is not None and keep.mode is Mode.REPLAY:
+        out, lse = keep.take()
+        return _ReplayAttention.apply(x, wq, wk, wv, freqs_cis, out, lse, cu_seqlens, inline,
+                                      *static)
+    out, lse = op(x, wq, wk, wv, freqs_cis, cu_seqlens, *static)
+    if keep is not None and keep.mode is Mode.RECORD:
+        keep.keep(out, lse)
     return out
