@@ -430,3 +430,88 @@ def test_replace_changes_setup_and_job_fields():
     assert (new.seq_len, new.shape.chunk_heads, new.n_layers, new.offload) == (1 << 21, 16, 2, True)
     assert new.shape.schedule.chunk_heads == 16 and st.shape.schedule.chunk_heads == 8
     assert (st.seq_len, st.n_layers, st.offload) == (1 << 20, 32, False)
+
+
+# ---------------------------------------------- memory.keep_attention_output
+@pytest.mark.parametrize("style", ["upipe", "ulysses"])
+def test_kept_attention_results_wait_on_the_device_or_leave_it(style):
+    """Real tensors, one rank, bf16: after the forward of 4 offloaded layers (keep 0) the
+    device holds nothing more with keep_attention_output = "host" and exactly the model's
+    L * T H (e D + 4) more with "device"; the host buffers grow by that much with "host"."""
+    import warnings
+
+    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+    from torchtitan_upipe.titan.attention import (ContextParallelAttention, UlyssesStrategy,
+                                                  UPipeStrategy)
+    from torchtitan_upipe.titan.groups import CPGroups
+    from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
+    from torchtitan_upipe.tools.estimate.fake_world import Counted
+
+    def after_forward(keep):
+        args = LlamaArgs(dim=DIM, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97,
+                         max_seq_len=S, multiple_of=16, rope_theta=10000)
+        torch.manual_seed(0)
+        model = Transformer(args)
+        with warnings.catch_warnings():  # the complex freqs_cis buffer; init_weights rebuilds it
+            warnings.simplefilter("ignore")
+            model = model.to(DT)
+        with torch.no_grad():
+            model.init_weights()
+        for block in model.layers.values():
+            strategy = (UPipeStrategy(CPGroups.local(), "math", 1) if style == "upipe" else
+                        UlyssesStrategy(CPGroups.local(), get_kernel("math", torch.device("cpu"))))
+            block.attention = ContextParallelAttention(block.attention, strategy)
+        counted = Counted(fake=False)
+        offloader = HostOffloader(torch.device("cpu"), on_new_buffer=counted.add_host_buffer)
+        apply_offloaded_ac(model, offloader, 0, keep_attention_output=keep)
+        x = torch.randn(1, S, DIM).to(DT).requires_grad_()
+        blocks, freqs = list(model.layers.values()), model.freqs_cis
+        with LiveTensorTracker(ignore=counted.ignore) as t:
+            counted.tracker = t
+            h = x
+            for block in blocks:
+                h = block(h, freqs, None, None)
+            live = t.live_bytes
+            h.backward(torch.ones_like(h))
+        del model, blocks, freqs, h
+        gc.collect()  # the wrapped blocks form reference cycles: leave no garbage to later tests
+        return live, offloader.host_bytes()
+
+    st = _setup(seq_len=S, n_heads=4, n_kv_heads=2, head_dim=DIM // 4, style=style)
+    kept = mm.kept_attention_bytes(st)
+    assert kept == S * 4 * (DIM // 4 * 2 + 4)
+    (none, host_none), (dev, host_dev), (host, host_host) = (
+        after_forward(k) for k in ("none", "device", "host"))
+    assert dev - none == 4 * kept and host == none
+    assert host_dev == host_none and host_host - host_none == 4 * kept
+    for keep in ("none", "device", "host"):
+        b = mm.breakdown(mm.replace(st, offload=True, keep_layers=0, keep_attention=keep))
+        assert b["kept_attention_host"] == (4 * kept if keep == "host" else 0)
+        assert b["host"] == b["checkpointed_inputs_host"] + b["kept_attention_host"]
+
+
+def test_kept_attention_device_cost_by_layer_and_prefetch():
+    """The model's terms: "device" holds the results of the layers below each backward (and
+    all L in the loss); "host" holds one prefetched result where an offloaded layer
+    prefetches (from layer 1 on: layer 0's result is on the host too, though its input is
+    not), none without prefetch; UPipe's recompute replays (no stage transient)."""
+    for style in ("upipe", "ulysses"):
+        st = _8b(style, seq=M)
+        kept = mm.kept_attention_bytes(st)
+        assert kept == st.tokens * 32 * (128 * 2 + 4)
+        none = {k: mm.phases(st, k) for k in (0, 1, 5)}
+        for layer, base in none.items():
+            dev = mm.phases(mm.replace(st, keep_attention="device"), layer)
+            host = mm.phases(mm.replace(st, keep_attention="host"), layer)
+            lean = mm.phases(mm.replace(st, keep_attention="host", offload_prefetch=False), layer)
+            nopre = mm.phases(mm.replace(st, offload_prefetch=False), layer)
+            assert dev["attention_bwd"] - base["attention_bwd"] == layer * kept
+            assert host["attention_bwd"] - base["attention_bwd"] == (kept if layer >= 1 else 0)
+            assert lean["attention_bwd"] == nopre["attention_bwd"]
+            assert dev["loss"] - base["loss"] == st.n_layers * kept
+            assert host["loss"] == base["loss"]
+            fwd = mm.attention_bytes(mm.replace(st, keep_attention="host"))["fwd"]
+            if style == "upipe":  # the replayed op: its result, no stage
+                assert fwd == kept < mm.attention_bytes(st)["fwd"]
+            else:  # everything but the kernel still runs
+                assert fwd == mm.attention_bytes(st)["fwd"]

@@ -126,15 +126,38 @@ def test_bad_option_fails_before_training(workdir):
     assert "step:" not in out and "Building upipe_llama3" not in out
 
 
-def test_memory_stack_matches_plain_training(workdir, seed_checkpoint, reference_losses):
+@pytest.fixture(scope="module")
+def memory_stack_losses(workdir, seed_checkpoint):
+    return _losses(workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe_memory.toml")
+
+
+def test_memory_stack_matches_plain_training(workdir, memory_stack_losses, reference_losses):
     """Offloaded full AC + tiled MLP/RMSNorm + chunked loss under FSDP and UPipe: same losses."""
-    stacked = _losses(workdir, seed_checkpoint, "upipe_memory_stack", 2, "llama3_debug_upipe_memory.toml")
+    stacked = memory_stack_losses
     _assert_parity(stacked, reference_losses)
     # the host buffers are logged at exactly their size: 5 offloaded layers x (2, 128, 256) fp32
     host = tensorboard_scalars(str(workdir / "upipe_memory_stack"), "memory/host_offload(GiB)")
     pinned = tensorboard_scalars(str(workdir / "upipe_memory_stack"), "memory/host_pinned(GiB)")
     assert set(host.values()) == {5 * 2 * 128 * 256 * 4 / 2**30}, host
     assert set(pinned.values()) == {0.0}, pinned  # nothing is page-locked without CUDA
+
+
+def test_kept_attention_outputs_change_no_loss(workdir, seed_checkpoint, memory_stack_losses,
+                                               ulysses_losses):
+    """memory.keep_attention_output under the trainer: UPipe with the results on the host
+    gives the memory stack's losses bit for bit, and host memory holds them next to the
+    inputs; Ulysses with them on the device matches Ulysses without the stack.  (Every
+    gradient, and usp and UPipe x ring on 4 ranks: tests/titan/test_memory_stack.py.)"""
+    host = _losses(workdir, seed_checkpoint, "upipe_keep_host", 2,
+                   "llama3_debug_upipe_memory.toml", "--memory.keep_attention_output=host")
+    assert host == memory_stack_losses
+    offloaded = tensorboard_scalars(str(workdir / "upipe_keep_host"), "memory/host_offload(GiB)")
+    inputs, results = 5 * 2 * 128 * 256 * 4, 6 * 2 * 128 * 16 * (16 * 4 + 4)
+    assert set(offloaded.values()) == {(inputs + results) / 2**30}, offloaded
+    device = _losses(workdir, seed_checkpoint, "ulysses_keep_device", 2,
+                     "llama3_debug_ulysses.toml", "--activation_checkpoint.mode=full",
+                     "--memory.offload_activations", "--memory.keep_attention_output=device")
+    _assert_parity(device, ulysses_losses)
 
 
 CP4 = ("--parallelism.context_parallel_degree=4",)

@@ -271,3 +271,27 @@ def test_packed_documents_are_estimated_as_one_document_per_row(tmp_path):
     # plus the documents' offsets on the host (int64 each; 24 bytes more were measured)
     assert max(real["train_peak_bytes"]) <= max(fake["train_peak_bytes"]) + 1024
     assert real["host_bytes"] == fake["host_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style,heads,keep", [("upipe", 8, "host"), ("ulysses", 0, "device")])
+def test_analytic_model_agrees_with_the_estimator_on_kept_attention_results(tmp_path, style,
+                                                                            heads, keep):
+    """memory.keep_attention_output on Llama3-8B, 8 ranks, 1M tokens, 4 layers: the model's
+    peak within 1% of the estimator's and its host bytes exact (block inputs of layers 1-3
+    and, with "host", every layer's output and LSE)."""
+    from torchtitan_upipe.titan import memory_model as mm
+    from torchtitan_upipe.titan.llama3 import FLAVORS
+
+    seq = 1 << 20
+    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B, "--context_parallel.style", style,
+                    "--context_parallel.upipe_chunk_heads", str(heads), "--training.seq_len",
+                    str(seq), "--benchmark.n_layers", "4", "--memory.keep_attention_output", keep,
+                    target="cuda")
+    st = mm.stack(mm.from_model_args(FLAVORS["8B"], seq_len=seq, cp=8, world=8, style=style,
+                                     chunk_heads=heads))
+    b = mm.breakdown(mm.replace(st, n_layers=4, keep_attention=keep))
+    kept = (seq // 8) * 32 * (128 * 2 + 4)
+    assert est["host_attention_bytes"] == (4 * kept if keep == "host" else 0)
+    assert est["host_bytes"] == b["host"] == 3 * seq // 8 * 4096 * 2 + est["host_attention_bytes"]
+    assert abs(b["peak_device"] / est["peak_bytes"] - 1) < 0.01, (b["peak_device"], est["peak_bytes"])

@@ -17,9 +17,8 @@ it for its backward, which runs unchanged:
   because the kernel's backward takes the head-sharded Q, K and V.  Kept are the
   head-sharded ``out (B, S, H/C, D)`` and ``lse (B, H/C, S)``.
 
-Where the result is kept.  Without an offloader (``"device"``, and the layers whose block
-input stays on the device) the slot holds the tensors.  With one (``"host"``) they go to the
-layer's host buffers next to its block input (:class:`~torchtitan_upipe.memory.HostOffloader`, parts
+Where the result is kept.  Without an offloader (``"device"``) the slot holds the tensors.
+With one (``"host"``) they go to the layer's host buffers next to its block input (:class:`~torchtitan_upipe.memory.HostOffloader`, parts
 ``"attention_out"`` and ``"attention_lse"``), on the same side stream, and are prefetched
 with it.  The values are bit for bit those of a recompute: a kernel forward is deterministic.
 

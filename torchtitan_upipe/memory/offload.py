@@ -92,9 +92,11 @@ class HostOffloader:
         """The layers that have host buffers, ascending."""
         return sorted({layer for layer, _ in self._host})
 
-    def host_bytes(self) -> int:
-        """Bytes of the host buffers allocated so far (one per offloaded layer and part), exactly."""
-        return sum(b.untyped_storage().nbytes() for b in self._host.values())
+    def host_bytes(self, parts: tuple[str, ...] | None = None) -> int:
+        """Bytes of the host buffers allocated so far (one per offloaded layer and part),
+        exactly; of those of ``parts`` only, if given."""
+        return sum(b.untyped_storage().nbytes() for (_, part), b in self._host.items()
+                   if parts is None or part in parts)
 
     def pinned_bytes(self) -> int:
         """Bytes of them page-locked: :meth:`host_bytes` when pinned, else 0."""
@@ -221,8 +223,8 @@ def apply_offloaded_ac(
     block's attention (which must have a ``kept`` attribute, as the plugin's
     context-parallel attention has) an :class:`~torchtitan_upipe.cp.replay.AttentionSlot`
     that records its result in the forward and replays it in the recompute; ``"host"`` keeps
-    it in ``offloader`` with the block input (layers ``< keep_layers`` keep it on the device,
-    as their input).
+    every layer's in ``offloader``, next to the block input (also for layers
+    ``< keep_layers``, whose input stays on the device: nothing of theirs waits there).
 
     Parameter FQNs and the state dict are unchanged (no wrapper module is inserted): each
     block instance's ``forward`` is routed through the checkpoint function, so module hooks
@@ -243,7 +245,7 @@ def apply_offloaded_ac(
                     f"keep_attention_output={keep_attention_output!r}: layer {layer}'s attention "
                     f"({type(attention).__name__}) cannot replay its result; it takes the "
                     f"plugin's context-parallel attention")
-            slot = AttentionSlot(layer, layer_offloader if keep_attention_output == "host" else None)
+            slot = AttentionSlot(layer, offloader if keep_attention_output == "host" else None)
             attention.kept = slot
         _wrap_forward(block, layer, layer_offloader, options, slot)
 

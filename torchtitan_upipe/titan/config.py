@@ -112,9 +112,9 @@ class Memory:
     """Keep each layer's attention result (output and LSE) from the forward, so the
     backward's recompute does not run the attention kernel forward again (one attention
     forward per step instead of two; exact): "none" | "device" (kept on the device) | "host"
-    (kept with the offloaded block input in host memory, copied and prefetched with it;
-    layers within offload_keep_layers keep it on the device). Styles ulysses, usp and upipe,
-    with offload_activations = true."""
+    (kept in host memory next to the offloaded block inputs, copied and prefetched with them;
+    also for the layers of offload_keep_layers). Styles ulysses, usp and upipe, with
+    offload_activations = true."""
 
     tiled_mlp: bool = False
     mlp_tiles: int = 0

@@ -153,7 +153,7 @@ def gib(nbytes: float) -> str:
 
 def fit(st: mm.Setup, budget: Budget) -> Fit:
     d = mm.breakdown(st)
-    return Fit(st, budget, d["peak_device"], d["checkpointed_inputs_host"], mm.peak_location(st))
+    return Fit(st, budget, d["peak_device"], d["host"], mm.peak_location(st))
 
 
 # ------------------------------------------------------------------------------- UPipe U

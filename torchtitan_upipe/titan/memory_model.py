@@ -57,6 +57,7 @@ class Setup:
     offload: bool = False        # memory.offload_activations
     keep_layers: int = 1         # memory.offload_keep_layers
     offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
+    keep_attention: str = "none"   # memory.keep_attention_output: "none" | "device" | "host"
     tiled_mlp: bool = False
     mlp_tiles: int = 0           # 0 = memory.auto_num_tiles(s, dim), as titan's apply_tiling
     tiled_norm: bool = False
@@ -294,19 +295,32 @@ def ulysses_bytes(st: Setup) -> dict:
     return {"fwd": fwd, "bwd": bwd, "saved": saved + (e * nq if a2a else 0)}
 
 
+def kept_attention_bytes(st: Setup) -> int:
+    """One layer's attention result, output and fp32 LSE, ``T H (e D + 4)``: what UPipe's op
+    saves (``out (B, S/C, H D)``, ``lse (n_stages, B, U/C, S)``) and what
+    ``memory.keep_attention_output`` keeps (for Ulysses and USP the kernel's head-sharded
+    ``out (B, S, H/C, D)`` and ``lse (B, H/C, S)``: the same sizes)."""
+    return st.tokens * st.n_heads * (st.head_dim * st.act_bytes + 4)
+
+
 def attention_bytes(st: Setup) -> dict:
     """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
     UPipe (a job with a stage schedule) saves only out + lse (the op's ``_setup_context``);
-    its backward holds them + dout ``e T H D``.  With the local RoPE table both strategies
+    its backward holds them + dout ``e T H D``.  With ``keep_attention`` UPipe's recompute
+    replays the op (``_ReplayAttention``): its ``fwd`` is the kept result; Ulysses' recompute
+    still runs everything but the kernel, which returns the kept result instead of an equal
+    one it would allocate (``fwd`` unchanged).  With the local RoPE table both strategies
     take a view of it; with TorchTitan's full table they gather this rank's rows ``4 s D``
     (``UPipeStrategy``'s ``freqs_cis[positions[0]]``, TorchTitan's ``reshape_for_broadcast``),
     which autograd (TorchTitan's ``apply_rotary_emb``) or the UPipe op keeps until the
     attention's backward."""
     freqs = 0 if st.local_rope else 4 * st.s * st.head_dim
     if st.shape.schedule is not None:
-        out = st.tokens * st.n_heads * (st.head_dim * st.act_bytes + 4)
+        out = kept_attention_bytes(st)
         d_out = st.tokens * st.n_heads * st.head_dim * st.act_bytes
-        return {"fwd": upipe_forward_bytes(st) + freqs, "saved": out + freqs,
+        # a kept result (keep_attention): the recompute replays the op, runs no stage
+        fwd = out if st.keep_attention != "none" else upipe_forward_bytes(st)
+        return {"fwd": fwd + freqs, "saved": out + freqs,
                 "bwd": freqs + out + d_out + upipe_backward_bytes(st)}
     r = ulysses_bytes(st)
     return {"fwd": r["fwd"] + freqs, "saved": r["saved"] + freqs, "bwd": r["bwd"] + freqs}
@@ -423,7 +437,11 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input
     (``HostOffloader.reload``) and, with ``offload_prefetch`` and an offloaded layer before
     it, that layer's prefetched input (``HostOffloader.prefetch``): ``4 e T dim``, or
-    ``3 e T dim`` without prefetch.  The recomputed block output is not held: its producer is
+    ``3 e T dim`` without prefetch.  With ``keep_attention = "device"`` it also holds the kept
+    results of the ``k`` layers below (:func:`kept_attention_bytes` each; this layer's own is
+    its attention's ``saved``) and the loss those of all ``L``; with ``"host"`` an offloaded
+    layer that prefetches holds the result of the layer below (on the host for every layer:
+    ``prefetch(k - 1)`` fetches it even where that layer's input stays on the device).  The recomputed block output is not held: its producer is
     the residual add, so ``_release_if_unsaved`` frees it before the inner backward.  Block
     order (TorchTitan's ``TransformerBlock.forward``): attention_norm, attention,
     h = x + wo(.), ffn_norm, MLP, and backward in reverse; the MLP and ffn_norm steps also
@@ -436,6 +454,10 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     offloaded = _offloaded(st, k)
     prefetched = offloaded and st.offload_prefetch and _offloaded(st, k - 1)
     io = e * T * dim * (2 + offloaded + prefetched)
+    if st.keep_attention == "device":  # the kept results of the layers below
+        io += kept_attention_bytes(st) * k
+    elif st.keep_attention == "host" and offloaded and st.offload_prefetch and k > 0:
+        io += kept_attention_bytes(st)  # the layer below's result, prefetched with its input
     a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
     held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
     return {
@@ -445,7 +467,8 @@ def phases(st: Setup, layer: int | None = None) -> dict:
         "mlp_bwd": held + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
         "norm_bwd": held + nm["bwd"],
         "attention_bwd": io + nm["saved"] + a["bwd"],
-        "loss": 2 * e * T * dim + nm["saved"] + logits_bytes(st),
+        "loss": (2 * e * T * dim + nm["saved"] + logits_bytes(st)
+                 + kept_attention_bytes(st) * st.n_layers * (st.keep_attention == "device")),
     }
 
 
@@ -469,7 +492,8 @@ def peak_location(st: Setup) -> tuple[int | None, str]:
 def breakdown(st: Setup) -> dict:
     """Per-rank bytes.  peak_device = model_states + rope_table (the complex64 freqs_cis:
     this rank's (S/C, D/2) rows, titan.llama3's ``Transformer._precompute_freqs_cis``, or
-    TorchTitan's (S, D/2) on every rank) + checkpointed_inputs_device + max_phase, where
+    TorchTitan's (S, D/2) on every rank) + checkpointed_inputs_device + max_phase; host =
+    checkpointed_inputs_host + kept_attention_host (the offloader's buffers); where
     ``model_states`` and ``max_phase`` are taken where the step peaks (:func:`peak_location`);
     the *_transient and logits entries are each component's own peak (they do not add up)."""
     e, T, L = st.act_bytes, st.tokens, st.n_layers
@@ -481,6 +505,7 @@ def breakdown(st: Setup) -> dict:
         "rope_table": 4 * (st.s if st.local_rope else st.seq_len) * st.head_dim,
         "checkpointed_inputs_device": keep * e * T * st.dim,
         "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
+        "kept_attention_host": L * kept_attention_bytes(st) * (st.keep_attention == "host"),
         "attention_transient": max(a["fwd"], a["bwd"]),
         "mlp_transient": max(m["fwd"], m["bwd"]),
         "norm_transient": max(nm["fwd"], nm["saved"] + nm["bwd"]),
@@ -489,6 +514,7 @@ def breakdown(st: Setup) -> dict:
     }
     d["peak_device"] = sum(d[k] for k in ("model_states", "rope_table",
                                           "checkpointed_inputs_device", "max_phase"))
+    d["host"] = d["checkpointed_inputs_host"] + d["kept_attention_host"]
     return d
 
 
@@ -517,7 +543,8 @@ def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | 
         JobShape.from_job_config(job_config, world, model_args, chunk_heads),
         param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
-        offload_prefetch=mem.offload_prefetch, tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
+        offload_prefetch=mem.offload_prefetch, keep_attention=mem.keep_attention_output,
+        tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
         loss_chunks=mem.loss_chunks, **changes,
     )

@@ -140,8 +140,7 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
     keep = mem.keep_attention_output
     if keep != "none":
         where = ("on the device" if keep == "device" else
-                 "with each offloaded block input in host memory (on the device for the layers "
-                 "whose input stays there)")
+                 "in host memory, copied and prefetched with the block inputs")
         lines.append(f"memory.keep_attention_output={keep!r}: each layer's attention output and "
                      f"LSE kept from the forward {where}; the recompute replays them instead of "
                      f"running the attention kernel forward")

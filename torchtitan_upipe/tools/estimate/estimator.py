@@ -65,6 +65,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from ...cp.replay import AttentionSlot
 from ...titan.config import ConfigError
 
 GiB = 1 << 30
@@ -97,6 +98,8 @@ class Estimate:
     model: str = ""              # model.name/model.flavor
     device_gib: float = 0.0      # the device memory the config names (memory.device_gib, else
     #                              benchmark.device_memory_gib; 0: none)
+    host_attention_bytes: int = 0  # of host_bytes, the kept attention results
+    #                              (memory.keep_attention_output = "host")
 
     @property
     def peak_bytes(self) -> int:
@@ -147,7 +150,9 @@ def summary(est: Estimate, budget=None, ranks_per_node: int = 1) -> str:
         pinned = "pinned" if est.host_pinned_bytes else "pageable"
         lines.append(f"  host          {est.host_bytes / GiB:.2f} GiB per rank ({pinned}), "
                      f"{ranks_per_node * est.host_bytes / GiB:.1f} GiB per node of "
-                     f"{ranks_per_node} ranks: offloaded block inputs")
+                     f"{ranks_per_node} ranks: offloaded block inputs"
+                     + (f" and {est.host_attention_bytes / GiB:.2f} GiB of kept attention "
+                        f"results" if est.host_attention_bytes else ""))
     else:
         lines.append("  host          nothing offloaded")
     if budget is None:
@@ -301,7 +306,10 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
             trainer.optimizers.step()
             end_phase(optim_peaks)
         offloader = trainer.plan.offloader
-        host = offloader.host_bytes() if offloader is not None else 0
+        host = host_attention = 0
+        if offloader is not None:
+            host = offloader.host_bytes()
+            host_attention = offloader.host_bytes(parts=AttentionSlot.PARTS)
     shape = trainer.plan.shape  # the job the trainer built
     est = Estimate(
         ngpu=ngpu,
@@ -322,6 +330,7 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
         breakdown=_top(at_peak, breakdown),
         model=f"{job_config.model.name}/{job_config.model.flavor}",
         device_gib=job_config.memory.device_gib or job_config.benchmark.device_memory_gib,
+        host_attention_bytes=host_attention,
     )
     with contextlib.suppress(Exception):
         trainer.close()
