@@ -4,6 +4,8 @@
     python scripts/memory_table.py --markdown   # markdown tables (docs/memory.md)
     python scripts/memory_table.py --estimates docs/results/NAME*.json
         # the model next to the CPU estimator's full-depth estimates (docs/benchmarks.md)
+    python scripts/memory_table.py --keep --markdown
+        # what memory.keep_attention_output costs, device and host (docs/memory.md)
 
 Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
 (U = 8), with the whole [memory] stack on, on with ``memory.offload_prefetch = false``, and
@@ -63,6 +65,32 @@ def qwen32b_rows() -> list[tuple[str, Setup]]:
     return rows
 
 
+KEEP_LENGTHS = (M // 8, M // 2, M, 2 * M, 3 * M, 4 * M, 5 * M)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n < M else f"{n // M}M"
+
+
+def keep_table(markdown: bool) -> str:
+    """``memory.keep_attention_output`` for Llama3-8B on 8 ranks (U = 8 and Ulysses, the
+    stack on, prefetch on, offload_keep_layers = 1): peak device GiB per rank for "none",
+    "device" and "host", and the host GiB per rank and per 8-GPU node for "none" and "host"."""
+    head = ["style", "S", "peak none", "peak device", "peak host", "host none / rank",
+            "host host / rank", "host host / node"]
+    body = []
+    for style in ("upipe", "ulysses"):
+        for seq in KEEP_LENGTHS:
+            base = stack(from_flavor("8B", seq_len=seq, cp=8, world=8, style=style,
+                                     chunk_heads=8 if style == "upipe" else 0))
+            d = {k: breakdown(replace(base, keep_attention=k)) for k in ("none", "device", "host")}
+            body.append([style, _tokens(seq)]
+                        + [f"{d[k]['peak_device'] / GiB:.1f}" for k in ("none", "device", "host")]
+                        + [f"{d['none']['host'] / GiB:.1f}", f"{d['host']['host'] / GiB:.1f}",
+                           f"{8 * d['host']['host'] / GiB:.0f}"])
+    return _format(head, body, markdown)
+
+
 def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
     head = ["config"] + [c for _, c in COLUMNS] + ["peak at", "PEAK dev"]
     body = []
@@ -71,6 +99,10 @@ def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
         cells = [f"{d[k] / GiB:.1f}" for k, _ in COLUMNS]
         where = phase if layer is None else f"layer {layer} {phase}"
         body.append([name] + cells + [where, f"{d['peak_device'] / GiB:.1f}"])
+    return _format(head, body, markdown)
+
+
+def _format(head: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
         rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
         out = ["| " + " | ".join(head) + " |", rule]
@@ -127,9 +159,16 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", action="store_true", help="emit markdown tables")
     ap.add_argument("--estimates", nargs="+", metavar="JSON",
                     help="compare the model with these estimator results instead")
+    ap.add_argument("--keep", action="store_true",
+                    help="what memory.keep_attention_output costs instead")
     args = ap.parse_args(argv)
     if args.estimates:
         print(estimate_table(args.estimates))
+        return
+    if args.keep:
+        print("Llama3-8B, 8 ranks (C = N = 8, b = 1), the memory stack on: "
+              "memory.keep_attention_output, per-rank GiB, derived (not measured)\n")
+        print(keep_table(args.markdown))
         return
     print("Llama3-8B, 8 ranks (C = N = 8, b = 1), per-rank GiB, derived (not measured)\n")
     print(table(llama8b_rows(), args.markdown))

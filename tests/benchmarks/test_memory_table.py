@@ -24,6 +24,20 @@ def test_memory_table_script_runs(capsys):
     assert "| upipe 5M stack on, prefetch off |" in out
 
 
+def test_keep_attention_table(capsys):
+    """``--keep``: peak and host GiB per keep_attention_output choice, 128K to 5M."""
+    from benchmarks import memory_table as mod
+
+    mod.main(["--keep", "--markdown"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| upipe | 1M |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    none, device, host = (float(c) for c in cells[2:5])
+    assert none < host < device  # one prefetched result on the device, or all L of them
+    assert float(cells[6]) > float(cells[5])  # "host" adds L results to the host
+    assert "| ulysses | 5M |" in out and "| upipe | 128K |" in out
+
+
 def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
     """``--estimates``: each full-depth estimator run next to the model of the same options
     (parsed from its config and overrides as train.py parses them)."""
