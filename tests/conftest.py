@@ -1,9 +1,10 @@
-"""``--shuffle-files SEED``: run the test files in a seeded random order.
+"""The test files run in a random order: ``--shuffle-files SEED|random|off`` (default random).
 
 Tests must pass in any order and any subset: no state may leak from one file into the next.
-CI runs the quick subset once more with the files shuffled (``.ci/run``), and prints the seed
-so that an order-dependent failure can be replayed. Tests within a file keep their order, so
-module-scoped fixtures are built once.
+So every run, CI's included (``.ci/run``), draws a seed, shuffles the files with it and
+prints it (in the header, and after the results, also under ``-q``); ``--shuffle-files SEED`` replays an order, ``--shuffle-files off``
+keeps pytest's.  Tests within a file keep their order, so module-scoped fixtures are built
+once.
 """
 
 from __future__ import annotations
@@ -12,17 +13,42 @@ import random
 
 
 def pytest_addoption(parser):
-    parser.addoption("--shuffle-files", metavar="SEED", default=None,
-                     help="run the test files in a random order drawn with this seed")
+    parser.addoption("--shuffle-files", metavar="SEED", default="random",
+                     help="run the test files in a random order drawn with this seed "
+                          "(default: a new seed each run, printed; 'off': pytest's order)")
+
+
+def _seed(config) -> str | None:
+    value = config.getoption("--shuffle-files")
+    if value == "off":
+        return None
+    if value == "random":
+        value = str(random.SystemRandom().randrange(100_000))
+        config.option.shuffle_files = value  # one seed for the header and the collection
+    return value
+
+
+def pytest_configure(config):
+    config._shuffle_seed = _seed(config)
+
+
+def _order_line(config) -> str:
+    seed = config._shuffle_seed
+    if seed is None:
+        return "test files in pytest's order (--shuffle-files off)"
+    return f"test files shuffled with seed {seed} (replay the order: --shuffle-files {seed})"
 
 
 def pytest_report_header(config):
-    seed = config.getoption("--shuffle-files")
-    return None if seed is None else f"test files shuffled with seed {seed}"
+    return _order_line(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(_order_line(config))  # also under -q, next to the result
 
 
 def pytest_collection_modifyitems(session, config, items):
-    seed = config.getoption("--shuffle-files")
+    seed = config._shuffle_seed
     if seed is None:
         return
     by_file: dict[str, list] = {}

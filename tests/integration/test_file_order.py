@@ -1,4 +1,5 @@
-"""``--shuffle-files SEED`` (tests/conftest.py) reorders the test files, reproducibly."""
+"""``--shuffle-files`` (tests/conftest.py): the test files run in a random order by default,
+reproducibly with a seed, in pytest's order with ``off``."""
 
 import os
 import re
@@ -17,14 +18,21 @@ def _order(tmp_path, *args):
                            str(tmp_path), *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return re.findall(r"RAN (\w\d)", proc.stdout)
+    return re.findall(r"RAN (\w\d)", proc.stdout), proc.stdout
 
 
 def test_files_are_shuffled_reproducibly_and_tests_keep_their_order_within_a_file(tmp_path):
-    plain = _order(tmp_path)
+    plain, out = _order(tmp_path, "--shuffle-files", "off")
     assert plain == [f"{n}{i}" for n in "abcdef" for i in (1, 2)]
-    shuffled = _order(tmp_path, "--shuffle-files", "7")
+    assert "test files in pytest's order (--shuffle-files off)" in out
+    shuffled, out = _order(tmp_path, "--shuffle-files", "7")
     assert shuffled != plain and sorted(shuffled) == sorted(plain)
     assert all(shuffled[i][0] == shuffled[i + 1][0] and shuffled[i][1] == "1"
                for i in range(0, len(shuffled), 2))  # each file's tests together, in order
-    assert _order(tmp_path, "--shuffle-files", "7") == shuffled
+    assert "test files shuffled with seed 7 (replay the order: --shuffle-files 7)" in out
+    assert _order(tmp_path, "--shuffle-files", "7")[0] == shuffled
+    # by default each run draws a seed, prints it, and that seed replays the run's order
+    drawn, out = _order(tmp_path)
+    seed = re.search(r"test files shuffled with seed (\d+)", out).group(1)
+    assert sorted(drawn) == sorted(plain)
+    assert _order(tmp_path, "--shuffle-files", seed)[0] == drawn
