@@ -113,7 +113,10 @@ class CommJob:
     sizes of what moves.  ``act_bytes``/``param_bytes``: bytes of an activation / parameter
     element in the forward (bf16 = 2); gradients are reduced in ``grad_bytes`` (fp32 = 4);
     ring dK|dV accumulators travel in ``acc_bytes`` (fp32 = 4).  ``rotate_method`` matters
-    to TorchTitan's ring only (style ``ring``): "allgather" | "alltoall"."""
+    to TorchTitan's ring only (style ``ring``): "allgather" | "alltoall".
+    ``keep_attention``: ``memory.keep_attention_output`` is on, so the recompute replays the
+    attention: UPipe's recompute sends nothing, a ring's recompute runs no pass; Ulysses'
+    recompute still sends q, k|v and o (its kernel backward needs them)."""
 
     shape: JobShape
     act_bytes: int = 2
@@ -122,6 +125,7 @@ class CommJob:
     acc_bytes: int = 4
     fsdp_all_gathers: int = 2
     rotate_method: str = "allgather"
+    keep_attention: bool = False
 
     @property
     def local_tokens(self) -> int:
@@ -269,8 +273,13 @@ def cp_layer(job: CommJob) -> list[Transfer]:
     sched = shape.schedule
     if sched is None:
         hkv = shape.model.n_kv_heads * shape.rho // shape.ulysses
-        return ulysses_layer(job) + ring_layer(job, hkv)
-    return upipe_layer(job) + ring_layer(job, sched.kappa, calls=sched.n_stages)
+        return ulysses_layer(job) + _replayed(job, ring_layer(job, hkv))
+    return _replayed(job, upipe_layer(job) + ring_layer(job, sched.kappa, calls=sched.n_stages))
+
+
+def _replayed(job: CommJob, transfers: list[Transfer]) -> list[Transfer]:
+    """``transfers`` without the recompute's when the recompute replays the attention."""
+    return [t for t in transfers if not (job.keep_attention and t.phase == "recompute")]
 
 
 def layer_transfers(job: CommJob) -> list[Transfer]:
