@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from ...titan import memory_model as mm
 from ...titan.fitting import Gpu
 from ..perf_model import comm as cm
+from ..perf_model.step import ring_merge_bytes
 
 
 @dataclass(frozen=True)
@@ -43,21 +44,6 @@ class Hardware:
     pinned_GBps: float = 25.0   # host <-> device copy rate of pinned buffers, per GPU
     pageable_GBps: float = 8.0  # ... of pageable buffers
     network: cm.Network = cm.Network()
-
-
-def ring_merge_bytes(st: mm.Setup) -> float:
-    """HBM bytes one rank's ring merges move in a step (0 without a ring dimension): per
-    layer, ``R - 1`` merges of the layer's query elements ``nq = b (S/R) (H/u) D`` in each of
-    the two forward passes (``20 nq``) and in the backward (fp32 ``dq``, ``8 nq``), and ``R``
-    fp32 ``dK|dV`` accumulations (``16 nkv``, ``nkv = b (S/R) (H_kv rho / u) D``)."""
-    sh, m = st.shape, st.shape.model
-    r = sh.ring
-    if r == 1:
-        return 0.0
-    q_tokens = sh.batch * sh.seq_len // r
-    nq = q_tokens * m.n_heads // sh.ulysses * m.head_dim
-    nkv = q_tokens * m.n_kv_heads * sh.rho // sh.ulysses * m.head_dim
-    return m.n_layers * ((r - 1) * (2 * 20 + 8) * nq + r * 16 * nkv)
 
 
 def step_flops(st: mm.Setup) -> float:
