@@ -99,3 +99,17 @@ def test_a_buffer_is_re_created_only_when_its_input_changes_shape():
         offloader.offload(0, x)
         torch.testing.assert_close(offloader.reload(0), x, rtol=0, atol=0)
     assert offloader.allocations == 3  # (2, 3) once, then (4, 3), then float64
+
+
+def test_a_reload_fetches_its_part_only_and_a_prefetch_every_part():
+    offloader = HostOffloader(torch.device("cpu"))
+    x, out = torch.randn(3, 4), torch.randn(3, 5)
+    offloader.offload(1, x)
+    offloader.offload(1, out, "attention_out")
+    assert torch.equal(offloader.reload(1), x)
+    assert list(offloader._reloaded) == []  # nothing else came back with the input
+    assert torch.equal(offloader.reload(1, "attention_out"), out)
+    offloader.prefetch(1)
+    assert sorted(offloader._reloaded) == [(1, "attention_out"), (1, "input")]
+    with pytest.raises(KeyError, match="layer 2 has no 'input' on the host"):
+        offloader.reload(2)

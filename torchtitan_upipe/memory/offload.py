@@ -126,29 +126,31 @@ class HostOffloader:
         """Start copying every part of ``layer`` on the host back to the device (no-op for a
         layer with none, and for a part already on its way)."""
         for part in self._held.get(layer, ()):
-            key = (layer, part)
-            if key in self._reloaded:
-                continue
-            buf = self._host[key]
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    self.stream.wait_event(self._done[key])
-                    x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
-                    x.copy_(buf, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(self.stream)
-                self._reloaded[key] = (x, ev)
-            else:
-                self._reloaded[key] = (buf.clone(), None)
+            if (layer, part) not in self._reloaded:
+                self._fetch((layer, part))
+
+    def _fetch(self, key: tuple[int, str]) -> None:
+        buf = self._host[key]
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self._done[key])
+                x = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+                x.copy_(buf, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            self._reloaded[key] = (x, ev)
+        else:
+            self._reloaded[key] = (buf.clone(), None)
 
     def reload(self, layer: int, part: str = "input") -> torch.Tensor:
-        """``layer``'s ``part`` back on the device (waiting for its copy, started here unless
-        :meth:`prefetch` did).  The host buffer keeps it until the next :meth:`offload`."""
+        """``layer``'s ``part`` back on the device, waiting for its copy (started here, for
+        this part only, unless :meth:`prefetch` did).  The host buffer keeps it until the next
+        :meth:`offload`."""
         key = (layer, part)
         if key not in self._reloaded:
             if part not in self._held.get(layer, ()):
                 raise KeyError(f"layer {layer} has no {part!r} on the host")
-            self.prefetch(layer)
+            self._fetch(key)
         x, ev = self._reloaded.pop(key)
         if ev is not None:
             current = torch.cuda.current_stream(self.device)
