@@ -18,9 +18,10 @@ it for its backward, which runs unchanged:
   head-sharded ``out (B, S, H/C, D)`` and ``lse (B, H/C, S)``.
 
 Where the result is kept.  Without an offloader (``"device"``) the slot holds the tensors.
-With one (``"host"``) they go to the layer's host buffers next to its block input (:class:`~torchtitan_upipe.memory.HostOffloader`, parts
-``"attention_out"`` and ``"attention_lse"``), on the same side stream, and are prefetched
-with it.  The values are bit for bit those of a recompute: a kernel forward is deterministic.
+With one (``"host"``) they go to the layer's host buffers next to its block input
+(:class:`~torchtitan_upipe.memory.HostOffloader`, parts ``"attention_out"`` and
+``"attention_lse"``), on the same side stream, and are prefetched with it (a layer whose
+input stays on the device has its result on the host all the same).  The values are bit for bit those of a recompute: a kernel forward is deterministic.
 
 A slot outside both modes (an evaluation forward, a forward outside the checkpoint) lets the
 attention compute as usual and keeps nothing.
