@@ -292,13 +292,10 @@ def test_offload_without_prefetch_holds_one_block_input_less(seq):
                 == mm.breakdown(mm.replace(variant, offload_prefetch=False))["peak_device"])
 
 
-def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tuple[int, int]:
-    """Peak live bytes of forward + backward through the blocks of a small bf16 Llama3 with
-    offloaded checkpointing (parameters frozen: their grads are model states).  Every tensor
-    alive at the start stays alive to the end, so no freed address can hide an allocation."""
+def _small_llama(n_layers: int):
+    """A small bf16 TorchTitan Llama3 (dim DIM, 4 heads, 2 KV heads, S positions), seeded."""
     import warnings
 
-    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
     from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
 
     args = LlamaArgs(dim=DIM, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=97,
@@ -310,6 +307,16 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tupl
         model = model.to(DT)
     with torch.no_grad():
         model.init_weights()
+    return model
+
+
+def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tuple[int, int]:
+    """Peak live bytes of forward + backward through the blocks of a small bf16 Llama3 with
+    offloaded checkpointing (parameters frozen: their grads are model states).  Every tensor
+    alive at the start stays alive to the end, so no freed address can hide an allocation."""
+    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+
+    model = _small_llama(n_layers)
     model.requires_grad_(False)
     apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch)
     x = torch.randn(1, S, DIM).to(DT).requires_grad_()
@@ -438,25 +445,14 @@ def test_kept_attention_results_wait_on_the_device_or_leave_it(style):
     """Real tensors, one rank, bf16: after the forward of 4 offloaded layers (keep 0) the
     device holds nothing more with keep_attention_output = "host" and exactly the model's
     L * T H (e D + 4) more with "device"; the host buffers grow by that much with "host"."""
-    import warnings
-
     from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
     from torchtitan_upipe.titan.attention import (ContextParallelAttention, UlyssesStrategy,
                                                   UPipeStrategy)
     from torchtitan_upipe.titan.groups import CPGroups
-    from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
     from torchtitan_upipe.tools.estimate.fake_world import Counted
 
     def after_forward(keep):
-        args = LlamaArgs(dim=DIM, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97,
-                         max_seq_len=S, multiple_of=16, rope_theta=10000)
-        torch.manual_seed(0)
-        model = Transformer(args)
-        with warnings.catch_warnings():  # the complex freqs_cis buffer; init_weights rebuilds it
-            warnings.simplefilter("ignore")
-            model = model.to(DT)
-        with torch.no_grad():
-            model.init_weights()
+        model = _small_llama(4)
         for block in model.layers.values():
             strategy = (UPipeStrategy(CPGroups.local(), "math", 1) if style == "upipe" else
                         UlyssesStrategy(CPGroups.local(), get_kernel("math", torch.device("cpu"))))

@@ -71,7 +71,6 @@ class HostOffloader:
         self._host: dict[tuple[int, str], torch.Tensor] = {}
         self._done: dict[tuple[int, str], torch.cuda.Event | None] = {}
         self._reloaded: dict[tuple[int, str], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self._held: dict[int, list[str]] = {}  # the parts each layer has offloaded
         self.allocations = 0
         """Host buffers allocated so far: one per offloaded layer and part, then none while
         the tensors keep their shapes (a buffer is re-created only when its tensor changes)."""
@@ -106,9 +105,6 @@ class HostOffloader:
         """Start copying ``x`` into ``layer``'s host buffer for ``part``; the caller drops ``x``."""
         key = (layer, part)
         buf = self._buffer(key, x)
-        held = self._held.setdefault(layer, [])
-        if part not in held:
-            held.append(part)
         self._reloaded.pop(key, None)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -125,9 +121,8 @@ class HostOffloader:
     def prefetch(self, layer: int) -> None:
         """Start copying every part of ``layer`` on the host back to the device (no-op for a
         layer with none, and for a part already on its way)."""
-        for part in self._held.get(layer, ()):
-            if (layer, part) not in self._reloaded:
-                self._fetch((layer, part))
+        for key in [k for k in self._host if k[0] == layer and k not in self._reloaded]:
+            self._fetch(key)
 
     def _fetch(self, key: tuple[int, str]) -> None:
         buf = self._host[key]
@@ -148,7 +143,7 @@ class HostOffloader:
         :meth:`offload`."""
         key = (layer, part)
         if key not in self._reloaded:
-            if part not in self._held.get(layer, ()):
+            if key not in self._host:
                 raise KeyError(f"layer {layer} has no {part!r} on the host")
             self._fetch(key)
         x, ev = self._reloaded.pop(key)

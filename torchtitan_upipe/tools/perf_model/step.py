@@ -104,11 +104,9 @@ def gemm_flops(st: mm.Setup) -> dict[str, float]:
     o = 2 * m.dim * m.n_heads * m.head_dim
     mlp = 6 * m.dim * m.ffn_hidden
     passes = 4  # forward, recompute, backward (input and weight gradients)
-    proj = passes * qkv
-    if _upipe(st):
-        proj += qkv  # UPipe's backward re-projects Q, K and V
-        if _keeps(st):
-            proj -= qkv  # ... and its replayed recompute projects nothing
+    # UPipe's backward re-projects Q, K and V; with a kept result its replayed recompute
+    # projects nothing, which evens that out
+    proj = (passes + (_upipe(st) and not _keeps(st))) * qkv
     mlp_total = passes * mlp + (4 * m.dim * m.ffn_hidden if st.tiled_mlp else 0)
     out = (6 + (2 if st.chunked_loss else 0)) * m.vocab * m.dim
     return {"projections": T * m.n_layers * (proj + passes * o),
@@ -120,7 +118,7 @@ def attention_flops(st: mm.Setup) -> dict[str, float]:
     without a kept result, the recompute's) and ``backward`` (2.5 forwards)."""
     m = st.shape.model
     one = 2 * st.tokens * st.seq_len * m.n_heads * m.head_dim * m.n_layers
-    return {"forward": one * (1 if _keeps(st) else 2), "backward": 2.5 * one}
+    return {"forward": one * kernel_forward_passes(st), "backward": 2.5 * one}
 
 
 def kernel_forward_passes(st: mm.Setup) -> int:
