@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+from torchtitan_upipe.memory import HostMemory, HostOffloader, apply_offloaded_ac
 
 
 class _Block(nn.Module):
@@ -39,7 +39,8 @@ def test_gradients_are_exact_and_inputs_live_on_the_host(keep, prefetch):
     ref = _Stack().double()
     model = copy.deepcopy(ref)
     seen = []
-    offloader = HostOffloader(torch.device("cpu"), on_new_buffer=seen.append)
+    offloader = HostOffloader(torch.device("cpu"), host_memory=HostMemory(
+        pinned=False, allocate=lambda make: seen.append(make()) or seen[-1]))
     apply_offloaded_ac(model, offloader, keep, prefetch)
     assert list(model.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -75,7 +76,6 @@ def test_offloaded_inputs_are_pinned_at_exactly_their_size():
     """Each layer's buffer is locked once at its exact size, re-locked when the input's shape
     changes, and unlocked when replaced or closed: pinned bytes == host bytes."""
     from tests.memory.test_host import _Locks
-    from torchtitan_upipe.memory import HostMemory
 
     locks = _Locks()
     memory = HostMemory(pinned=True, register=locks.register, unregister=locks.unregister)

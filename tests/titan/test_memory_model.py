@@ -445,7 +445,7 @@ def test_kept_attention_results_wait_on_the_device_or_leave_it(style):
     """Real tensors, one rank, bf16: after the forward of 4 offloaded layers (keep 0) the
     device holds nothing more with keep_attention_output = "host" and exactly the model's
     L * T H (e D + 4) more with "device"; the host buffers grow by that much with "host"."""
-    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+    from torchtitan_upipe.memory import HostMemory, HostOffloader, apply_offloaded_ac
     from torchtitan_upipe.titan.attention import (ContextParallelAttention, UlyssesStrategy,
                                                   UPipeStrategy)
     from torchtitan_upipe.titan.groups import CPGroups
@@ -458,7 +458,8 @@ def test_kept_attention_results_wait_on_the_device_or_leave_it(style):
                         UlyssesStrategy(CPGroups.local(), get_kernel("math", torch.device("cpu"))))
             block.attention = ContextParallelAttention(block.attention, strategy)
         counted = Counted(fake=False)
-        offloader = HostOffloader(torch.device("cpu"), on_new_buffer=counted.add_host_buffer)
+        offloader = HostOffloader(torch.device("cpu"), host_memory=HostMemory(
+            pinned=False, allocate=counted.allocate_host))
         apply_offloaded_ac(model, offloader, 0, keep_attention_output=keep)
         x = torch.randn(1, S, DIM).to(DT).requires_grad_()
         blocks, freqs = list(model.layers.values()), model.freqs_cis

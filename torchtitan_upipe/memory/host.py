@@ -10,7 +10,9 @@ buffers pageable: no page-locked memory at all (the paper turned pinning off abo
 tokens), at the price of copies that the host waits for.
 
 ``register(ptr, nbytes)`` and ``unregister(ptr)`` default to the CUDA runtime's; tests pass
-their own to check the accounting without a GPU.
+their own to check the accounting without a GPU.  ``allocate(make)``, if given, runs every
+allocation (``make()`` returns the new CPU tensor): the CPU memory estimator counts host
+buffers apart from device memory that way, from the moment they exist.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+Allocate = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
+"""``allocate(make)``: make one host buffer (``make()``) and return it."""
 
 
 def _check_register(err: int, nbytes: int) -> None:
@@ -40,8 +45,10 @@ class HostMemory:
 
     def __init__(self, pinned: bool,
                  register: Callable[[int, int], None] | None = None,
-                 unregister: Callable[[int], None] | None = None) -> None:
+                 unregister: Callable[[int], None] | None = None,
+                 allocate: Allocate | None = None) -> None:
         self.pinned = pinned
+        self._allocate = allocate
         self._register = register or _cuda_register
         self._unregister = unregister or _cuda_unregister
         # data pointer -> the buffer: held until unlocked, so no page is freed while locked
@@ -49,7 +56,10 @@ class HostMemory:
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized CPU tensor of exactly ``shape``; page-locked if ``pinned``."""
-        t = torch.empty(shape, dtype=dtype, device="cpu")
+        def make() -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device="cpu")
+
+        t = make() if self._allocate is None else self._allocate(make)
         nbytes = t.untyped_storage().nbytes()
         if self.pinned and nbytes:
             self._register(t.data_ptr(), nbytes)

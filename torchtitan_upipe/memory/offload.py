@@ -39,8 +39,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 import weakref
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -51,17 +49,15 @@ from .host import HostMemory
 class HostOffloader:
     """Reusable host buffers, one per layer, and the side stream that fills and drains them.
 
-    ``on_new_buffer(buffer)``, if given, is called for every host buffer allocated (the CPU
-    memory estimator counts host buffers apart from device memory with it).  On CUDA the
-    buffers are pinned (``pinned=True``, exactly their size) or pageable; ``host_memory``
-    replaces the allocator (tests).  Without CUDA they are ordinary CPU tensors.
+    On CUDA the buffers are pinned (``pinned=True``, exactly their size) or pageable;
+    ``host_memory`` replaces the allocator (the trainer's plan shares one with the optimizer
+    state's offloader; the CPU memory estimator's counts host buffers apart from device
+    memory).  Without CUDA they are ordinary CPU tensors.
     """
 
-    def __init__(self, device: torch.device,
-                 on_new_buffer: Callable[[torch.Tensor], None] | None = None,
-                 pinned: bool = True, host_memory: HostMemory | None = None) -> None:
+    def __init__(self, device: torch.device, pinned: bool = True,
+                 host_memory: HostMemory | None = None) -> None:
         self.device = device
-        self.on_new_buffer = on_new_buffer
         self.cuda = device.type == "cuda"
         self.memory = host_memory or HostMemory(pinned=pinned and self.cuda)
         weakref.finalize(self, self.memory.close)
@@ -83,8 +79,6 @@ class HostOffloader:
             buf = self.memory.empty(x.shape, x.dtype)
             self._host[key] = buf
             self.allocations += 1
-            if self.on_new_buffer is not None:
-                self.on_new_buffer(buf)
         return buf
 
     def layers(self) -> list[int]:

@@ -15,8 +15,6 @@ this hook; called without one (by another trainer) the hook builds its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,7 +32,8 @@ from torchtitan.models.llama3.infra.parallelize import (
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import device_type
 
-from ..memory import HostOffloader
+from ..memory import HostMemory, HostOffloader
+from ..memory.host import Allocate
 from .checks import validate_job_config
 from .cpu_compat import use_sum_reductions
 from .groups import CPGroups, build_cp_groups
@@ -54,8 +53,11 @@ class CPPlan:
     ``groups`` and ``sharder`` are this rank's (:class:`~.groups.CPGroups`, the style's
     :class:`~.sharding.SequenceSharder`, ``None`` for TorchTitan's own); ``cp_mesh`` is
     TorchTitan's CP mesh (``None`` without CP); ``offloader`` holds the offloaded block
-    inputs (``memory.offload_activations``).  ``inline_upipe`` runs UPipe without its
-    custom-op boundary, for the CPU memory estimator.
+    inputs (``memory.offload_activations``); ``host_memory`` makes every host buffer of the
+    job (the offloaded inputs', the optimizer state's: ``memory.offload_pinned`` page-locks
+    them on CUDA).  ``inline_upipe`` runs UPipe without its custom-op boundary, and
+    ``host_allocate`` (:data:`~torchtitan_upipe.memory.host.Allocate`) makes the host buffers,
+    for the CPU memory estimator.
     """
 
     shape: JobShape
@@ -65,12 +67,13 @@ class CPPlan:
     cp_mesh: object | None
     kernel: str
     device: torch.device
+    host_memory: HostMemory
     offloader: HostOffloader | None = None
     inline_upipe: bool = False
 
     @classmethod
     def build(cls, job_config, parallel_dims: ParallelDims, *, inline_upipe: bool = False,
-              on_host_buffer: Callable[[torch.Tensor], None] | None = None) -> CPPlan:
+              host_allocate: Allocate | None = None) -> CPPlan:
         """Collective when CP is on (it creates the all-to-all and ring groups)."""
         shape = JobShape.from_job_config(job_config, parallel_dims.world_size)
         style = get_style(job_config.context_parallel.style if parallel_dims.cp_enabled else "none")
@@ -79,10 +82,13 @@ class CPPlan:
                   else CPGroups.local())
         device = torch.device(device_type)
         mem = job_config.memory
-        offloader = (HostOffloader(device, on_new_buffer=on_host_buffer, pinned=mem.offload_pinned)
+        host_memory = HostMemory(pinned=mem.offload_pinned and device.type == "cuda",
+                                 allocate=host_allocate)
+        offloader = (HostOffloader(device, host_memory=host_memory)
                      if mem.offload_activations else None)
         return cls(shape, style, groups, style.sharder(groups), cp_mesh,
-                   job_config.context_parallel.kernel, device, offloader, inline_upipe)
+                   job_config.context_parallel.kernel, device, host_memory, offloader,
+                   inline_upipe)
 
 
 def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_config,

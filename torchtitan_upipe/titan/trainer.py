@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -43,6 +43,7 @@ from torchtitan.train import Trainer
 
 from ..cp.documents import DocumentKernel, Documents
 from ..cp.kernels import get_kernel
+from ..memory.host import Allocate
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
 from .metrics import CPMetricsProcessor
@@ -104,11 +105,11 @@ def pad_to(seq_len: int, input_dict: dict[str, torch.Tensor], labels: torch.Tens
 
 
 class UPipeTrainer(Trainer):
-    """``inline_upipe`` and ``on_host_buffer`` are for the CPU memory estimator (see
-    :class:`~.parallelize.CPPlan` and :class:`~torchtitan_upipe.memory.HostOffloader`)."""
+    """``inline_upipe`` and ``host_allocate`` are for the CPU memory estimator (see
+    :class:`~.parallelize.CPPlan` and :class:`~torchtitan_upipe.memory.HostMemory`)."""
 
     def __init__(self, job_config, *, inline_upipe: bool = False,
-                 on_host_buffer: Callable[[torch.Tensor], None] | None = None) -> None:
+                 host_allocate: Allocate | None = None) -> None:
         if not hasattr(job_config, "context_parallel"):
             raise ValueError(
                 "the [context_parallel] section is missing: set job.custom_config_module = "
@@ -116,7 +117,7 @@ class UPipeTrainer(Trainer):
             )
         validate_job_config(job_config)
         cap_device_memory(job_config.benchmark.device_memory_gib)  # before any allocation
-        self._plan_options = {"inline_upipe": inline_upipe, "on_host_buffer": on_host_buffer}
+        self._plan_options = {"inline_upipe": inline_upipe, "host_allocate": host_allocate}
         self.plan: CPPlan | None = None
         self.tokens_seen = 0  # each token of the global batch once (TorchTitan's: once per rank)
         self._documents_logged = False

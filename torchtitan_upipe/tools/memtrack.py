@@ -145,14 +145,6 @@ class LiveTensorTracker(TorchDispatchMode):
             raise RuntimeError("peak_breakdown needs LiveTensorTracker(attribute=True)")
         return sorted(((k, v[0], v[1]) for k, v in self._at_peak.items()), key=lambda r: -r[1])
 
-    def untrack(self, tensor: torch.Tensor) -> None:
-        """Stop counting ``tensor``'s storage (memory that is not the tracked device's, such as
-        a host buffer); pair it with an ``ignore`` that keeps it out when ops return it again."""
-        key = id(tensor.untyped_storage())
-        ref = self._refs.get(key)
-        if ref is not None:
-            self._release(key, ref)
-
     def _resized(self, st) -> bool:
         """Re-read the size of ``st`` if it is counted; return whether it is."""
         key = id(st)

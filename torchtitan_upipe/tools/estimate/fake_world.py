@@ -4,8 +4,8 @@ Each piece is explicit and undone on exit; nothing here is installed for good.
 
 * :class:`Counted` decides which storages the tracker counts: the simulated rank's device
   storages, not the offloaded activations' host buffers (the trainer's
-  :class:`~torchtitan_upipe.memory.HostOffloader` reports each new one through
-  ``on_host_buffer``), not meta tensors, and not the device meshes' rank tables (real
+  :class:`~torchtitan_upipe.memory.HostMemory` makes each one through
+  :meth:`Counted.allocate_host`, uncounted from the start), not meta tensors, and not the device meshes' rank tables (real
   tensors, built while :attr:`Counted.paused`).
 * :func:`estimating_trainer` is :class:`~torchtitan_upipe.titan.trainer.UPipeTrainer` with
   its meshes and CP groups built from real tensors (``DeviceMesh`` reads its rank layout back
@@ -36,10 +36,16 @@ class Counted:
         self.paused = False
         self.tracker = None
 
-    def add_host_buffer(self, buf) -> None:
-        # the tracker counted the buffer when ``torch.empty`` made it, before we knew
+    def allocate_host(self, make):
+        """Make a host buffer (``make()``) without counting it, now or when ops return it
+        again (a :data:`~torchtitan_upipe.memory.host.Allocate`)."""
+        paused, self.paused = self.paused, True
+        try:
+            buf = make()
+        finally:
+            self.paused = paused
         self.host.add(id(buf.untyped_storage()))
-        self.tracker.untrack(buf)
+        return buf
 
     def ignore(self, t) -> bool:  # called for every new storage: no import here
         return (self.paused or t.device.type == "meta" or (self.fake and not is_fake(t))
@@ -68,7 +74,7 @@ def estimating_trainer(job_config, counted: Counted):
             counted.paused = False
             return parallel_dims
 
-    return EstimatingTrainer(job_config, inline_upipe=True, on_host_buffer=counted.add_host_buffer)
+    return EstimatingTrainer(job_config, inline_upipe=True, host_allocate=counted.allocate_host)
 
 
 @contextlib.contextmanager
