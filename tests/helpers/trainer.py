@@ -52,3 +52,15 @@ def tensorboard_scalars(dump_folder: str, tag: str) -> dict[int, float]:
 def tensorboard_losses(dump_folder: str) -> dict[int, float]:
     """``{step: global_avg_loss}`` from the run's TensorBoard event file(s)."""
     return tensorboard_scalars(dump_folder, "loss_metrics/global_avg_loss")
+
+
+def rank0_adam_bytes(flavor: str, world: int) -> int:
+    """exp_avg + exp_avg_sq (fp32) of rank 0's FSDP shards of TorchTitan's Llama3 ``flavor``:
+    FSDP2 chunks dim 0 as ``torch.chunk`` does, so rank 0 holds ``ceil(rows / world)`` rows."""
+    import torch
+    from torchtitan.models.llama3 import Transformer, llama3_args
+
+    with torch.device("meta"):
+        model = Transformer(llama3_args[flavor])
+    return sum(2 * 4 * (-(-p.shape[0] // world)) * (p.numel() // p.shape[0])
+               for p in model.parameters())

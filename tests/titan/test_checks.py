@@ -135,11 +135,23 @@ def test_flash_attention_2_offset_overflow_is_refused_with_what_avoids_it():
                                 config="llama3_8b_8xh100_upipe.toml"), world_size=8, cuda=True)
 
 
-def test_pageable_host_buffers_need_offloaded_activations():
-    _fails(r"memory.offload_pinned=false chooses pageable host buffers.*offload_activations=false",
-           "--memory.no-offload-pinned")
+def test_pageable_host_buffers_need_something_offloaded():
+    _fails(r"memory.offload_pinned=false chooses pageable host buffers.*offload_activations=false "
+           r"and memory.offload_optimizer_state=false offload nothing", "--memory.no-offload-pinned")
     validate_job_config(_config("--memory.no-offload-pinned", config="llama3_debug_upipe_memory.toml"),
                         world_size=2, cuda=False)
+    validate_job_config(_config("--memory.no-offload-pinned", "--memory.offload_optimizer_state"),
+                        world_size=2, cuda=False)
+
+
+def test_optimizer_state_offload_needs_a_stateful_optimizer_stepped_after_backward():
+    validate_job_config(_config("--memory.offload_optimizer_state", "--optimizer.name=Adam"),
+                        world_size=2, cuda=False)
+    _fails(r"memory.offload_optimizer_state=true moves the optimizer's state to host memory, which "
+           r"it supports for optimizer.name in \['Adam', 'AdamW'\] \(got 'SGD'\)",
+           "--memory.offload_optimizer_state", "--optimizer.name=SGD")
+    _fails(r"optimizer.early_step_in_backward=true steps inside the backward; set one of them to "
+           r"false", "--memory.offload_optimizer_state", "--optimizer.early_step_in_backward")
 
 
 @pytest.mark.parametrize("on, name", [("tiled_mlp", "mlp_tiles"), ("tiled_norm", "norm_tiles"),

@@ -512,3 +512,22 @@ def test_kept_attention_device_cost_by_layer_and_prefetch():
                 assert fwd == kept < mm.attention_bytes(st)["fwd"]
             else:  # everything but the kernel still runs
                 assert fwd == mm.attention_bytes(st)["fwd"]
+
+
+@pytest.mark.parametrize("flavor,cp,ulysses", [("8B", 8, 0), ("32B", 16, 8)])
+def test_optimizer_state_on_the_host_moves_adam_state_off_the_peak(flavor, cp, ulysses):
+    """memory.offload_optimizer_state: Adam's m and v, 8 bytes per parameter of this rank's
+    shards, leave every forward/backward phase and the loss, and the host holds them."""
+    st = mm.stack(mm.from_flavor(flavor, seq_len=1 << 21, cp=cp, world=cp, style="upipe",
+                                 ulysses=ulysses))
+    on = mm.replace(st, offload_optimizer=True)
+    state = 8 * mm.param_counts(st)["total"] // cp
+    assert mm.optimizer_state_bytes(st) == state
+    assert state / mm.GiB > (7.4 if flavor == "8B" else 15.0)
+    for layer, phase in [(None, "loss"), (0, "attention_bwd"), (5, "mlp_fwd")]:
+        assert (mm.model_states_bytes(st, layer, phase) - mm.model_states_bytes(on, layer, phase)
+                in (state, state + 1))  # 12 P // N against 4 P // N + 8 P // N
+    a, b = mm.breakdown(st), mm.breakdown(on)
+    assert b["optimizer_state_host"] == state and a["optimizer_state_host"] == 0
+    assert b["host"] - a["host"] == state
+    assert a["peak_device"] - b["peak_device"] in (state, state + 1)

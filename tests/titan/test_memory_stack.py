@@ -170,7 +170,7 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
 
     mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
              loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
-             offload_prefetch=True, keep_attention_output="none")
+             offload_prefetch=True, keep_attention_output="none", offload_optimizer_state=False)
     assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
         "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
         "(mlp_tiles=0: ceil(1000 / dim 256))",
@@ -194,6 +194,10 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
             f"memory.keep_attention_output={keep!r}: each layer's attention output and LSE kept "
             f"from the forward {where}; the recompute replays them instead of running the "
             f"attention kernel forward"]
+    optimizer = NS(**{**vars(off), "offload_optimizer_state": True})
+    assert describe(optimizer, 1000, 3, 256, 6) == [
+        "memory.offload_optimizer_state: the optimizer's state in pageable host memory during "
+        "the forward and backward, back on the device for the optimizer step"]
 
 
 # ---- memory.keep_attention_output: the recompute replays the forward's attention ---------

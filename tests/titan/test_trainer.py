@@ -11,7 +11,8 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.trainer import check, run_train, tensorboard_losses, tensorboard_scalars
+from tests.helpers.trainer import (check, rank0_adam_bytes, run_train, tensorboard_losses,
+                                   tensorboard_scalars)
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +159,20 @@ def test_kept_attention_outputs_change_no_loss(workdir, seed_checkpoint, memory_
                      "llama3_debug_ulysses.toml", "--activation_checkpoint.mode=full",
                      "--memory.offload_activations", "--memory.keep_attention_output=device")
     _assert_parity(device, ulysses_losses)
+
+
+def test_optimizer_state_in_host_memory_changes_no_loss(workdir, seed_checkpoint,
+                                                        memory_stack_losses):
+    """memory.offload_optimizer_state under the trainer (FSDP's DTensor state, 2 ranks): the
+    memory stack's losses bit for bit; the host holds rank 0's Adam state from step 2 on (step
+    1's optimizer step creates it)."""
+    name = "upipe_optimizer_host"
+    losses = _losses(workdir, seed_checkpoint, name, 2, "llama3_debug_upipe_memory.toml",
+                     "--memory.offload_optimizer_state")
+    assert losses == memory_stack_losses
+    host = tensorboard_scalars(str(workdir / name), "memory/host_optimizer(GiB)")
+    state = rank0_adam_bytes("debugmodel", 2) / 2**30
+    assert host == {1: 0.0, **{s: state for s in range(2, STEPS + 1)}}, (host, state)
 
 
 CP4 = ("--parallelism.context_parallel_degree=4",)

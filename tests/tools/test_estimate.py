@@ -55,6 +55,8 @@ CASES = {
     "upipe_ring_2x2": (4, DEBUG_STACK, "--context_parallel.ulysses_degree", "2",
                        "--parallelism.context_parallel_degree", "4",
                        "--training.seq_len", "1024"),
+    "upipe_stack_optimizer": (4, DEBUG_STACK, "--parallelism.context_parallel_degree", "4",
+                              "--training.seq_len", "2048", "--memory.offload_optimizer_state"),
     # another ring rank: its zigzag shard, its groups and the merges it does are its own
     "usp_2x2_rank2": (4, DEBUG_STACK, "--rank", "2", "--context_parallel.style", "usp",
                       "--context_parallel.ulysses_degree", "2",
@@ -101,6 +103,27 @@ def test_estimate_host_bytes_match_the_memory_model(tmp_path):
                          "--parallelism.context_parallel_degree", "4", "--training.seq_len", "2048",
                          "--memory.no-offload-pinned")
     assert pageable["host_bytes"] == est["host_bytes"] and pageable["host_pinned_bytes"] == 0
+
+
+def test_optimizer_state_on_the_host_leaves_the_forward_and_backward(tmp_path):
+    """memory.offload_optimizer_state: from step 2 on (step 1's optimizer step makes the state)
+    the forward and backward peak is lower by exactly rank 0's Adam state, which the host
+    holds.  The optimizer phase peaks as before or lower (its gradient clipping runs before
+    the pre-hook brings the state back)."""
+    from tests.helpers.trainer import rank0_adam_bytes
+
+    args = ("--job.config_file", DEBUG_STACK, "--parallelism.context_parallel_degree", "4",
+            "--training.seq_len", "2048")
+    base = _estimate(tmp_path, 4, *args)
+    (tmp_path / "opt").mkdir()
+    est = _estimate(tmp_path / "opt", 4, *args, "--memory.offload_optimizer_state")
+    state = rank0_adam_bytes("debugmodel", 4)
+    assert est["host_optimizer_bytes"] == state
+    assert est["host_bytes"] == base["host_bytes"] + state
+    assert est["train_peak_bytes"][0] == base["train_peak_bytes"][0]
+    assert est["train_peak_bytes"][1] == base["train_peak_bytes"][1] - state
+    assert est["optim_peak_bytes"][0] == base["optim_peak_bytes"][0]  # nothing offloaded yet
+    assert 0 <= base["optim_peak_bytes"][1] - est["optim_peak_bytes"][1] < state
 
 
 def test_offloaded_inputs_leave_the_device_count(tmp_path):

@@ -9,6 +9,8 @@
 * :func:`apply_offloaded_ac` / :class:`HostOffloader`: whole-block activation checkpointing
   with the block inputs kept in host memory (side-stream copies, prefetch one layer ahead),
   in buffers of exactly their size, pinned or pageable (:class:`HostMemory`).
+* :class:`OptimizerStateOffloader`: the optimizer's state in host memory during the forward
+  and backward, back on the device for the optimizer step.
 
 Torch only (this layer never imports TorchTitan); :mod:`torchtitan_upipe.titan.memory_stack`
 applies them to TorchTitan's Llama3 as the ``[memory]`` options say.
@@ -35,6 +37,7 @@ from .tiled_mlp import (
 )
 from .host import HostMemory
 from .offload import HostOffloader, apply_offloaded_ac
+from .optimizer_state import OptimizerStateOffloader
 from .tiled_norm import (
     TiledRMSNorm,
     apply_tiled_rms_norm,
@@ -47,6 +50,7 @@ __all__ = [
     "HostMemory",
     "HostOffloader",
     "IGNORE_INDEX",
+    "OptimizerStateOffloader",
     "apply_offloaded_ac",
     "chunked_cross_entropy",
     "chunked_cross_entropy_backward",

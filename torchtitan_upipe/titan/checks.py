@@ -142,16 +142,36 @@ def _validate_degrees_and_batch(job_config, world: int) -> None:
             f"gradient accumulation steps are the quotient)")
 
 
+OPTIMIZERS_WITH_STATE = ("Adam", "AdamW")
+"""TorchTitan 0.2.2's optimizers (``build_optimizers``); both keep two tensors per parameter."""
+
+
+def _validate_optimizer_offload(opt) -> None:
+    if opt.name not in OPTIMIZERS_WITH_STATE:
+        raise ConfigError(
+            f"memory.offload_optimizer_state=true moves the optimizer's state to host memory, "
+            f"which it supports for optimizer.name in {list(OPTIMIZERS_WITH_STATE)} (got "
+            f"{opt.name!r}); set memory.offload_optimizer_state=false")
+    if getattr(opt, "early_step_in_backward", False):
+        raise ConfigError(
+            "memory.offload_optimizer_state=true keeps the optimizer's state in host memory "
+            "during the backward, but optimizer.early_step_in_backward=true steps inside the "
+            "backward; set one of them to false")
+
+
 def _validate_memory(job_config) -> None:
     mem = getattr(job_config, "memory", None)
     if mem is None:
         return
-    if not mem.offload_pinned and not mem.offload_activations:
+    if not mem.offload_pinned and not (mem.offload_activations or mem.offload_optimizer_state):
         raise ConfigError(
             "memory.offload_pinned=false chooses pageable host buffers for offloaded "
-            "activations, but memory.offload_activations=false offloads nothing; set "
-            "memory.offload_activations=true or leave memory.offload_pinned at true"
+            "activations or optimizer state, but memory.offload_activations=false and "
+            "memory.offload_optimizer_state=false offload nothing; set one of them to true or "
+            "leave memory.offload_pinned at true"
         )
+    if mem.offload_optimizer_state:
+        _validate_optimizer_offload(job_config.optimizer)
     if mem.offload_activations:
         mode = job_config.activation_checkpoint.mode
         if mode != "full":

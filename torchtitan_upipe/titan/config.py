@@ -90,6 +90,7 @@ class Memory:
         tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
         chunked_loss = true          # output projection + loss over chunks (loss_chunks, 0 = 1K-token chunks)
         keep_attention_output = "host"  # one attention forward per step: kept with the block input
+        offload_optimizer_state = true  # Adam's state in host memory during forward and backward
     """
 
     offload_activations: bool = False
@@ -115,6 +116,13 @@ class Memory:
     (kept in host memory next to the offloaded block inputs, copied and prefetched with them;
     also for the layers of offload_keep_layers). Styles ulysses, usp and upipe, with
     offload_activations = true."""
+
+    offload_optimizer_state: bool = False
+    """Keep the optimizer's state (Adam's exp_avg and exp_avg_sq, 8 bytes per parameter over
+    the FSDP ranks) in host memory while the forward and backward run, where the step peaks,
+    and copy it back for the optimizer step (exact: the same bytes). Host buffers of exactly
+    its size, page-locked unless offload_pinned = false. Optimizers Adam and AdamW; not with
+    optimizer.early_step_in_backward."""
 
     tiled_mlp: bool = False
     mlp_tiles: int = 0

@@ -58,6 +58,7 @@ class Setup:
     keep_layers: int = 1         # memory.offload_keep_layers
     offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
     keep_attention: str = "none"   # memory.keep_attention_output: "none" | "device" | "host"
+    offload_optimizer: bool = False  # memory.offload_optimizer_state (OptimizerStateOffloader)
     tiled_mlp: bool = False
     mlp_tiles: int = 0           # 0 = memory.auto_num_tiles(s, dim), as titan's apply_tiling
     tiled_norm: bool = False
@@ -395,7 +396,9 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
     ``layer``'s recompute + backward (``None``: the loss), in a steady-state step (Adam's
     state exists).
 
-    * always: fp32 params and Adam m and v, sharded over all N ranks, ``12 P / N``;
+    * always: fp32 params and Adam m and v, sharded over all N ranks, ``12 P / N``; with
+      ``offload_optimizer`` m and v are in host memory during forward and backward
+      (:func:`optimizer_state_bytes`), ``4 P / N``;
     * in the loss: no gradients yet (``zero_grad`` sets them to None); [norm, output] and the
       last block stay gathered after forward (TorchTitan reshards neither), ``p (P_out +
       P_block)``;
@@ -412,7 +415,7 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
 
     Summed over the whole step, ``16 P / N`` is what the paper calls "Model"."""
     pc, p, n = param_counts(st), st.param_bytes, st.world
-    static = 12 * pc["total"] // n
+    static = 4 * pc["total"] // n + (0 if st.offload_optimizer else optimizer_state_bytes(st))
     if layer is None:
         return static + p * (pc["output"] + pc["block"])
     done = pc["output"] + (st.n_layers - 1 - layer) * pc["block"]
@@ -422,6 +425,12 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
         _GRADS_AFTER.get(phase), 0)
     return (static + 4 * done // n + st.reduce_bytes * prev + p * grads
             + p * (pc["block"] + nxt))
+
+
+def optimizer_state_bytes(st: Setup) -> int:
+    """Adam's fp32 m and v of this rank's shards, ``8 P / N`` (on the host during forward and
+    backward with ``offload_optimizer``: ``OptimizerStateOffloader``'s buffers)."""
+    return 8 * param_counts(st)["total"] // st.world
 
 
 def _offloaded(st: Setup, layer: int) -> bool:
@@ -493,7 +502,8 @@ def breakdown(st: Setup) -> dict:
     """Per-rank bytes.  peak_device = model_states + rope_table (the complex64 freqs_cis:
     this rank's (S/C, D/2) rows, titan.llama3's ``Transformer._precompute_freqs_cis``, or
     TorchTitan's (S, D/2) on every rank) + checkpointed_inputs_device + max_phase; host =
-    checkpointed_inputs_host + kept_attention_host (the offloader's buffers); where
+    checkpointed_inputs_host + kept_attention_host (the offloader's buffers) +
+    optimizer_state_host (``offload_optimizer``); where
     ``model_states`` and ``max_phase`` are taken where the step peaks (:func:`peak_location`);
     the *_transient and logits entries are each component's own peak (they do not add up)."""
     e, T, L = st.act_bytes, st.tokens, st.n_layers
@@ -506,6 +516,7 @@ def breakdown(st: Setup) -> dict:
         "checkpointed_inputs_device": keep * e * T * st.dim,
         "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
         "kept_attention_host": L * kept_attention_bytes(st) * (st.keep_attention == "host"),
+        "optimizer_state_host": optimizer_state_bytes(st) * st.offload_optimizer,
         "attention_transient": max(a["fwd"], a["bwd"]),
         "mlp_transient": max(m["fwd"], m["bwd"]),
         "norm_transient": max(nm["fwd"], nm["saved"] + nm["bwd"]),
@@ -514,7 +525,8 @@ def breakdown(st: Setup) -> dict:
     }
     d["peak_device"] = sum(d[k] for k in ("model_states", "rope_table",
                                           "checkpointed_inputs_device", "max_phase"))
-    d["host"] = d["checkpointed_inputs_host"] + d["kept_attention_host"]
+    d["host"] = (d["checkpointed_inputs_host"] + d["kept_attention_host"]
+                 + d["optimizer_state_host"])
     return d
 
 
@@ -544,6 +556,7 @@ def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | 
         param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, keep_attention=mem.keep_attention_output,
+        offload_optimizer=mem.offload_optimizer_state,
         tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
         loss_chunks=mem.loss_chunks, **changes,

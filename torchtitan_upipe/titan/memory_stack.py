@@ -144,6 +144,10 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
         lines.append(f"memory.keep_attention_output={keep!r}: each layer's attention output and "
                      f"LSE kept from the forward {where}; the recompute replays them instead of "
                      f"running the attention kernel forward")
+    if mem.offload_optimizer_state:
+        lines.append(f"memory.offload_optimizer_state: the optimizer's state in "
+                     f"{'pinned' if mem.offload_pinned else 'pageable'} host memory during the "
+                     f"forward and backward, back on the device for the optimizer step")
     return lines
 
 

@@ -85,13 +85,20 @@ def timed(timer: AttentionTimer | None, fn, x: torch.Tensor, *args) -> torch.Ten
     return out
 
 
-def host_memory_metrics(offloader) -> dict[str, float]:
-    """The offloaded activations' host buffers in GiB: allocated (exactly their size) and how
-    much of it is page-locked (all of it, or none with ``memory.offload_pinned = false``)."""
-    if offloader is None:
-        return {}
-    return {"memory/host_offload(GiB)": offloader.host_bytes() / 2**30,
-            "memory/host_pinned(GiB)": offloader.pinned_bytes() / 2**30}
+def host_memory_metrics(offloader, optimizer=None) -> dict[str, float]:
+    """The host buffers in GiB: the offloaded activations' (``memory/host_offload``) and the
+    optimizer state's (``memory/host_optimizer``, ``memory.offload_optimizer_state``),
+    allocated (exactly their size), and how much of all of them is page-locked
+    (``memory/host_pinned``: all, or none with ``memory.offload_pinned = false``)."""
+    metrics = {}
+    if offloader is not None:
+        metrics["memory/host_offload(GiB)"] = offloader.host_bytes() / 2**30
+    if optimizer is not None:
+        metrics["memory/host_optimizer(GiB)"] = optimizer.host_bytes() / 2**30
+    owner = offloader or optimizer
+    if owner is not None:  # the job's one HostMemory
+        metrics["memory/host_pinned(GiB)"] = owner.memory.pinned_bytes / 2**30
+    return metrics
 
 
 def reuse_metrics(offloader, model_parts) -> dict[str, float]:
@@ -139,6 +146,10 @@ class CPMetricsProcessor(MetricsProcessor):
     """The trainer's :class:`~torchtitan_upipe.memory.HostOffloader` (``memory.offload_activations``),
     whose host bytes are logged next to TorchTitan's device memory."""
 
+    optimizer_offloader = None
+    """The trainer's :class:`~torchtitan_upipe.memory.OptimizerStateOffloader`
+    (``memory.offload_optimizer_state``), whose host bytes are logged too."""
+
     tokens_seen = None
     """A callable returning the tokens trained on so far, each counted once (the trainer's)."""
 
@@ -158,7 +169,7 @@ class CPMetricsProcessor(MetricsProcessor):
         extra = dict(extra_metrics or {})
         if self.tokens_seen is not None:
             extra["n_tokens_seen"] = self.tokens_seen()
-        extra.update(host_memory_metrics(self.host_offloader))
+        extra.update(host_memory_metrics(self.host_offloader, self.optimizer_offloader))
         extra.update(reuse_metrics(self.host_offloader, self.model_parts))
         time_delta = time.perf_counter() - self.time_last_log
         timers = [m.timer for part in (self.model_parts or []) for m in part.modules()

@@ -43,6 +43,7 @@ from torchtitan.train import Trainer
 
 from ..cp.documents import DocumentKernel, Documents
 from ..cp.kernels import get_kernel
+from ..memory import OptimizerStateOffloader
 from ..memory.host import Allocate
 from .checks import validate_job_config
 from .fake_rank import fake_group_as
@@ -122,8 +123,15 @@ class UPipeTrainer(Trainer):
         self.tokens_seen = 0  # each token of the global batch once (TorchTitan's: once per rank)
         self._documents_logged = False
         super().__init__(job_config)
+        self.optimizer_offloader = None
+        if job_config.memory.offload_optimizer_state:  # validated: Adam(W), not in backward
+            offloader = OptimizerStateOffloader(self.optimizers, self.device,
+                                                self.plan.host_memory)
+            self.optimizers.register_step_pre_hook(lambda *_: offloader.reload())
+            self.optimizer_offloader = offloader
         if isinstance(self.metrics_processor, CPMetricsProcessor):
             self.metrics_processor.host_offloader = self.plan.offloader
+            self.metrics_processor.optimizer_offloader = self.optimizer_offloader
             self.metrics_processor.tokens_seen = lambda: self.tokens_seen
         self.run_record = RunRecord(job_config, lambda: self.tokens_seen)
         self.checkpointer.states[RECORD] = self.run_record
@@ -149,6 +157,15 @@ class UPipeTrainer(Trainer):
             if rebuild:
                 rebuild_schedule(self.lr_schedulers, self.job_config)
         return loaded
+
+    def forward_backward_step(self, *args, **kwargs):
+        """TorchTitan's, with ``memory.offload_optimizer_state`` the optimizer's state in host
+        memory from here to the optimizer step (its pre-hook reloads it).  A checkpoint being
+        staged from that state is waited for first."""
+        if self.optimizer_offloader is not None:
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizer_offloader.offload()
+        return super().forward_backward_step(*args, **kwargs)
 
     def _data_parallel_degree(self) -> int:
         return self.parallel_dims.dp_replicate * self.parallel_dims.dp_shard

@@ -87,7 +87,8 @@ class Estimate:
     optim_peak_bytes: list[int]  # per step: peak in grad clipping + optimizer step (step 1
     #                              creates the Adam state)
     workspace_bytes: int         # the largest kernel workspace counted (see module doc)
-    host_bytes: int              # host buffers of offloaded activations (exactly their size)
+    host_bytes: int              # host buffers of the job (exactly their size): offloaded
+    #                              activations and optimizer state
     seconds: float = 0.0
     argv: list[str] = field(default_factory=list)
     rank: int = 0                # the simulated rank (ring styles are not symmetric over ranks)
@@ -100,6 +101,8 @@ class Estimate:
     #                              benchmark.device_memory_gib; 0: none)
     host_attention_bytes: int = 0  # of host_bytes, the kept attention results
     #                              (memory.keep_attention_output = "host")
+    host_optimizer_bytes: int = 0  # of host_bytes, the optimizer state
+    #                              (memory.offload_optimizer_state)
 
     @property
     def peak_bytes(self) -> int:
@@ -148,11 +151,13 @@ def summary(est: Estimate, budget=None, ranks_per_node: int = 1) -> str:
                      f"backward workspace (counted at each attention backward)")
     if est.host_bytes:
         pinned = "pinned" if est.host_pinned_bytes else "pageable"
+        inputs = est.host_bytes - est.host_attention_bytes - est.host_optimizer_bytes
+        parts = [f"{nbytes / GiB:.2f} GiB of {what}" for nbytes, what in (
+            (inputs, "offloaded block inputs"), (est.host_attention_bytes, "kept attention results"),
+            (est.host_optimizer_bytes, "optimizer state")) if nbytes]
         lines.append(f"  host          {est.host_bytes / GiB:.2f} GiB per rank ({pinned}), "
                      f"{ranks_per_node * est.host_bytes / GiB:.1f} GiB per node of "
-                     f"{ranks_per_node} ranks: offloaded block inputs"
-                     + (f" and {est.host_attention_bytes / GiB:.2f} GiB of kept attention "
-                        f"results" if est.host_attention_bytes else ""))
+                     f"{ranks_per_node} ranks: " + ", ".join(parts))
     else:
         lines.append("  host          nothing offloaded")
     if budget is None:
@@ -306,10 +311,13 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
             trainer.optimizers.step()
             end_phase(optim_peaks)
         offloader = trainer.plan.offloader
-        host = host_attention = 0
+        host = host_attention = host_optimizer = 0
         if offloader is not None:
             host = offloader.host_bytes()
             host_attention = offloader.host_bytes(parts=AttentionSlot.PARTS)
+        if trainer.optimizer_offloader is not None:
+            host_optimizer = trainer.optimizer_offloader.host_bytes()
+            host += host_optimizer
     shape = trainer.plan.shape  # the job the trainer built
     est = Estimate(
         ngpu=ngpu,
@@ -331,6 +339,7 @@ def _estimate(argv, ngpu, steps, target, fake, breakdown, rank) -> Estimate:
         model=f"{job_config.model.name}/{job_config.model.flavor}",
         device_gib=job_config.memory.device_gib or job_config.benchmark.device_memory_gib,
         host_attention_bytes=host_attention,
+        host_optimizer_bytes=host_optimizer,
     )
     with contextlib.suppress(Exception):
         trainer.close()
