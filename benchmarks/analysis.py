@@ -11,8 +11,11 @@
    used as is and measures the extrapolation's error ``(extrapolated - measured) / measured``.
 2. **Maximum context** per setting: the largest length of the paper's grid
    (:data:`.paper.GRID`) whose full-depth peak plus ``reserve_gib`` (NCCL buffers and
-   all-to-all staging that the fake backend does not allocate) is at most ``device_gib``;
-   a length where any run went out of memory does not fit.
+   all-to-all staging that the fake backend does not allocate) is at most ``device_gib``,
+   and whose host memory per node (the estimator's exact host bytes per rank times the ranks
+   of one node, at most :data:`RANKS_PER_NODE`) is at most ``host_gib`` (the offloaded
+   block inputs and optimizer state of all of a node's ranks); a length where any run went
+   out of memory does not fit.
 3. **Throughput.**  ``compute tps = B S / (C step)``; the modeled multi-GPU figure adds the
    communication of :mod:`torchtitan_upipe.tools.perf_model.comm`:
    ``B S / (C (step + exposed comm))``.
@@ -32,6 +35,9 @@ from .settings import Setting, display_names, setting_of
 
 DEVICE_GIB = 80.0
 RESERVE_GIB = 4.0
+HOST_GIB = 2048.0
+"""Host memory of one 8-GPU node (a DGX H100 has 2 TiB), for the maximum-context rule."""
+RANKS_PER_NODE = 8
 
 
 @dataclass
@@ -150,14 +156,22 @@ class MaxContext:
     paper_row: str | None
 
 
+def host_per_node_gib(p: Point) -> float | None:
+    """The estimator's host memory per rank times the ranks of one node (None: no estimate)."""
+    if p.est_host_gib is None:
+        return None
+    return p.est_host_gib * min(p.setting.ngpu, RANKS_PER_NODE)
+
+
 def max_context(points: list[Point], device_gib: float = DEVICE_GIB,
                 reserve_gib: float = RESERVE_GIB, grid: tuple[int, ...] = paper.GRID,
-                estimated: bool = False) -> list[MaxContext]:
-    """Per setting: the largest grid length with ``peak + reserve <= device`` (see module doc);
-    ``estimated``: the CPU estimator's full-depth peaks instead of the GPU's."""
+                estimated: bool = False, host_gib: float | None = HOST_GIB) -> list[MaxContext]:
+    """Per setting: the largest grid length with ``peak + reserve <= device`` and host memory
+    per node ``<= host_gib`` where an estimate gives it (``None``: host not checked; see module
+    doc); ``estimated``: the CPU estimator's full-depth peaks instead of the GPU's."""
     if estimated:
-        points = [Point(p.setting, p.seq_len, mem_gib=p.est_gib) for p in points
-                  if p.est_gib is not None]
+        points = [Point(p.setting, p.seq_len, mem_gib=p.est_gib, est_host_gib=p.est_host_gib)
+                  for p in points if p.est_gib is not None]
     else:
         points = [p for p in points if p.layers or p.oom]
     by_setting: dict[Setting, list[Point]] = defaultdict(list)
@@ -173,7 +187,9 @@ def max_context(points: list[Point], device_gib: float = DEVICE_GIB,
             if p.oom:
                 fits[p.seq_len] = False
             elif p.mem_gib is not None:
-                fits[p.seq_len] = p.mem_gib + reserve_gib <= device_gib
+                host = host_per_node_gib(p)
+                fits[p.seq_len] = (p.mem_gib + reserve_gib <= device_gib
+                                   and (host_gib is None or host is None or host <= host_gib))
         ok = [s for s, f in fits.items() if f]
         best = max(ok) if ok else None
         fails = sorted(s for s, f in fits.items() if not f and (best is None or s > best))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torchtitan_upipe.tools.perf_model import comm as cm
 
 from . import paper
-from .analysis import DEVICE_GIB, RESERVE_GIB, analyze, max_context
+from .analysis import DEVICE_GIB, HOST_GIB, RESERVE_GIB, analyze, max_context
 from .settings import display_names, setting_of
 
 K, M = 2**10, 2**20
@@ -141,7 +141,7 @@ def markdown(data: list[dict], device_gib: float = DEVICE_GIB, reserve_gib: floa
         out += [
             "",
             (f"Estimated maximum context (estimated peak + {reserve_gib:g} GiB reserve <= "
-             f"{device_gib:g} GiB):"),
+             f"{device_gib:g} GiB, and host memory per node <= {HOST_GIB:g} GiB):"),
             "",
             "| setting | max context | first length that does not fit | paper max context |",
             "|---|---|---|---|",

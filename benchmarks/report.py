@@ -16,12 +16,13 @@ import argparse
 
 from torchtitan_upipe.tools.perf_model import comm as cm
 
-from .analysis import DEVICE_GIB, RESERVE_GIB, MaxContext, Point, analyze, load, max_context
+from .analysis import (DEVICE_GIB, HOST_GIB, RESERVE_GIB, MaxContext, Point, analyze,
+                       host_per_node_gib, load, max_context)
 from .render import fmt_len, markdown, paper_table, paper_tps
 from .settings import Setting, display_names, setting_of
 
-__all__ = ["DEVICE_GIB", "RESERVE_GIB", "MaxContext", "Point", "Setting", "analyze",
-           "display_names", "fmt_len", "load", "main", "markdown", "max_context", "paper_table",
+__all__ = ["DEVICE_GIB", "HOST_GIB", "RESERVE_GIB", "MaxContext", "Point", "Setting", "analyze",
+           "display_names", "fmt_len", "host_per_node_gib", "load", "main", "markdown", "max_context", "paper_table",
            "paper_tps", "setting_of"]
 
 

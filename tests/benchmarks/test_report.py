@@ -147,6 +147,26 @@ def test_runs_that_differ_in_an_option_are_different_settings(tmp_path):
     assert ring.options == () and ring.label == "ulysses"  # resolved, not an option
 
 
+def test_max_context_counts_host_memory_per_node(tmp_path):
+    """A length whose device peak fits but whose host memory per node (8 ranks of an 8-GPU
+    job) exceeds the node's does not fit; host_gib=None checks the device only."""
+    spec = functools.partial(runner.RunSpec, CONFIG_8B, 8, style="upipe", chunk_heads=8)
+    results = [_estimate_run(spec(4 * M), 60.0, host=200.0),   # 1600 GiB per node
+               _estimate_run(spec(5 * M), 70.0, host=260.0)]   # 2080 GiB per node
+    path = tmp_path / "est.json"
+    runner.save(results, str(path), ["python", "scripts/bench_one_rank.py", "--estimate"])
+    points = report.analyze(report.load([str(path)]))
+    assert sorted(report.host_per_node_gib(p) for p in points) == [1600.0, 2080.0]
+
+    def best(**kw):
+        (m,) = report.max_context(points, device_gib=80, reserve_gib=4, estimated=True, **kw)
+        return m.max_len, m.first_fail
+
+    assert best() == (4 * M, 5 * M)  # the default: a 2 TiB node
+    assert best(host_gib=None) == (5 * M, None)
+    assert best(host_gib=2080.0) == (5 * M, None)
+
+
 def _estimate_run(spec, peak, host=0.5):
     return runner.RunResult(spec, "est-cmd", ok=True, oom=False, kind="estimate",
                             est_peak_gib=peak, est_host_gib=host)

@@ -455,8 +455,8 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     order (TorchTitan's ``TransformerBlock.forward``): attention_norm, attention,
     h = x + wo(.), ffn_norm, MLP, and backward in reverse; the MLP and ffn_norm steps also
     hold the attention's saved tensors.  In the
-    MLP's backward, ``dh`` does not exist yet: the MLP's dx (in ``mlp_bytes``'s backward, or
-    made after its peak when untiled) becomes it.
+    recompute's forward phases and the MLP's backward, ``dh`` does not exist yet: the MLP's dx
+    (in ``mlp_bytes``'s backward, or made after its peak when untiled) becomes it.
     """
     e, T, dim = st.act_bytes, st.tokens, st.dim
     k = st.n_layers - 1 if layer is None else layer
@@ -469,10 +469,11 @@ def phases(st: Setup, layer: int | None = None) -> dict:
         io += kept_attention_bytes(st)  # the layer below's result, prefetched with its input
     a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
     held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
+    no_dh = e * T * dim  # the recompute's forward phases: dh is made later, by the MLP's backward
     return {
-        "attention_fwd": io + nm["saved"] + a["fwd"],
-        "norm_fwd": held + nm["fwd"],
-        "mlp_fwd": held + nm["saved"] + m["fwd"],
+        "attention_fwd": io - no_dh + nm["saved"] + a["fwd"],
+        "norm_fwd": held - no_dh + nm["fwd"],
+        "mlp_fwd": held - no_dh + nm["saved"] + m["fwd"],
         "mlp_bwd": held + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
         "norm_bwd": held + nm["bwd"],
         "attention_bwd": io + nm["saved"] + a["bwd"],
