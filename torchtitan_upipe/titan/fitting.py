@@ -214,6 +214,7 @@ MEMORY_FIELDS = {
     "tiled_mlp": "memory.tiled_mlp",
     "tiled_norm": "memory.tiled_norm",
     "chunked_loss": "memory.chunked_loss",
+    "offload_optimizer": "memory.offload_optimizer_state",
 }
 """The :class:`~.memory_model.Setup` fields the search changes, and their options."""
 
@@ -258,23 +259,27 @@ def with_tiles(st: mm.Setup, on: bool) -> mm.Setup:
                       chunked_loss=on or st.chunked_loss)
 
 
-def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False)):
+def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False),
+                    optimizer=(False, True)):
     """``st`` under every ``[memory]`` choice the search makes: the tiles and the chunked loss
-    off or on together (as configured when off), and no offload or offload with each
-    ``keep_layers`` from ``L - 1`` down to 0, with and without prefetch."""
+    off or on together (as configured when off), the optimizer state on the device (as
+    configured) or on the host, and no offload or offload with each ``keep_layers`` from
+    ``L - 1`` down to 0, with and without prefetch."""
     for tiled in tiles:
-        t = with_tiles(st, tiled)
-        yield mm.replace(t, offload=False)
-        for keep in range(t.n_layers - 1, -1, -1):
-            for pre in prefetch:
-                yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre)
+        for opt in optimizer:
+            t = mm.replace(with_tiles(st, tiled), offload_optimizer=opt or st.offload_optimizer)
+            yield mm.replace(t, offload=False)
+            for keep in range(t.n_layers - 1, -1, -1):
+                for pre in prefetch:
+                    yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre)
 
 
 def leanest(st: mm.Setup) -> mm.Setup:
     """``st`` with the least device memory the ``[memory]`` options give: every block input
-    offloaded (keep 0), no prefetch, tiled MLP and norm, chunked loss."""
+    offloaded (keep 0), no prefetch, tiled MLP and norm, chunked loss, the optimizer state on
+    the host."""
     return mm.replace(st, offload=True, keep_layers=0, offload_prefetch=False, tiled_mlp=True,
-                      tiled_norm=True, chunked_loss=True)
+                      tiled_norm=True, chunked_loss=True, offload_optimizer=True)
 
 
 def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:

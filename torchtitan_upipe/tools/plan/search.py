@@ -10,7 +10,8 @@ ring (``usp`` with ``ulysses_degree = 1``), not torch's DTensor ring.
 
 A *row* of the answer is one style and ``u``; its configuration is the fastest that fits
 (``U``, and the memory options: offload with the most layers kept on the device that fit,
-prefetch, the tiles and the chunked loss), or, when none fits, its leanest.
+prefetch, the tiles and the chunked loss, the optimizer state on the host), or, when none
+fits, its leanest.
 """
 
 from __future__ import annotations
@@ -194,16 +195,18 @@ def options_for(layout: Layout, st: mm.Setup, job: Job) -> Candidate | None:
         return None
     best = None
     for tiled in (False, True):
-        t = fm.with_tiles(st, tiled)
-        for pre in (True, False):
-            f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), job.budget)
-            if f is None:
-                continue
-            pinned = (not f.setup.offload or job.pinned_gib is None
-                      or f.host_node <= job.pinned_gib * fm.GiB)
-            c = Candidate(layout, f, predict(f.setup, job.hardware, pinned), pinned)
-            if best is None or _faster(c, best):
-                best = c
+        for opt in (False, True):
+            t = mm.replace(fm.with_tiles(st, tiled),
+                           offload_optimizer=opt or st.offload_optimizer)
+            for pre in (True, False):
+                f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), job.budget)
+                if f is None:
+                    continue
+                pinned = (not f.setup.offload or job.pinned_gib is None
+                          or f.host_node <= job.pinned_gib * fm.GiB)
+                c = Candidate(layout, f, predict(f.setup, job.hardware, pinned), pinned)
+                if best is None or _faster(c, best):
+                    best = c
     return best
 
 
@@ -212,7 +215,8 @@ def _faster(a: Candidate, b: Candidate) -> bool:
     options on, then the lower peak."""
     def options_on(c):
         s = c.setup
-        return sum((s.offload, s.tiled_mlp, s.tiled_norm, s.chunked_loss, not s.offload_prefetch))
+        return sum((s.offload, s.tiled_mlp, s.tiled_norm, s.chunked_loss, not s.offload_prefetch,
+                    s.offload_optimizer))
 
     ka = (round(a.prediction.step_s, 9), options_on(a), a.fit.peak)
     kb = (round(b.prediction.step_s, 9), options_on(b), b.fit.peak)
