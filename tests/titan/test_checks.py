@@ -144,6 +144,13 @@ def test_pageable_host_buffers_need_something_offloaded():
                         world_size=2, cuda=False)
 
 
+def test_refetching_the_input_needs_offloaded_activations():
+    _fails(r"memory.offload_refetch_input=true copies an offloaded block input back from host "
+           r"memory.*memory.offload_activations=false offloads none", "--memory.offload_refetch_input")
+    validate_job_config(_config("--memory.offload_refetch_input",
+                                config="llama3_debug_upipe_memory.toml"), world_size=2, cuda=False)
+
+
 def test_optimizer_state_offload_needs_a_stateful_optimizer_stepped_after_backward():
     validate_job_config(_config("--memory.offload_optimizer_state", "--optimizer.name=Adam"),
                         world_size=2, cuda=False)

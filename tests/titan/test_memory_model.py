@@ -310,7 +310,8 @@ def _small_llama(n_layers: int):
     return model
 
 
-def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tuple[int, int]:
+def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4,
+                           refetch: bool = False) -> tuple[int, int]:
     """Peak live bytes of forward + backward through the blocks of a small bf16 Llama3 with
     offloaded checkpointing (parameters frozen: their grads are model states).  Every tensor
     alive at the start stays alive to the end, so no freed address can hide an allocation."""
@@ -318,7 +319,8 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4) -> tupl
 
     model = _small_llama(n_layers)
     model.requires_grad_(False)
-    apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch)
+    apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch,
+                       refetch_input=refetch)
     x = torch.randn(1, S, DIM).to(DT).requires_grad_()
     dy = torch.randn(1, S, DIM).to(DT)
     blocks, freqs = list(model.layers.values()), model.freqs_cis
@@ -531,3 +533,21 @@ def test_optimizer_state_on_the_host_moves_adam_state_off_the_peak(flavor, cp, u
     assert b["optimizer_state_host"] == state and a["optimizer_state_host"] == 0
     assert b["host"] - a["host"] == state
     assert a["peak_device"] - b["peak_device"] in (state, state + 1)
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_refetched_input_is_one_block_input_less_in_the_backward(keep):
+    """memory.offload_refetch_input, measured on real bf16 tensors through 4 offloaded Llama3
+    blocks: the peak is exactly one block input lower, as the model's backward phases say."""
+    (off, block_input), (on, _) = (_offloaded_blocks_peak(True, keep, refetch=r)
+                                   for r in (False, True))
+    st = _setup(offload=True, keep_layers=keep)
+
+    def blocks_peak(refetch):  # the highest phase of any layer (the loss is not run here)
+        s = mm.replace(st, refetch_input=refetch)
+        return max(v for k in range(4) for name, v in mm.phases(s, k).items() if name != "loss")
+
+    model = {r: blocks_peak(r) for r in (False, True)}
+    print(f"refetch keep={keep}: peak {off} -> {on} (block input {block_input}; model "
+          f"{model[False] - model[True]})")
+    assert off - on == block_input == model[False] - model[True]

@@ -33,7 +33,7 @@ def _model(head_dim=None):
 
 def _mem(**kw):
     base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True,
-                keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
+                offload_refetch_input=False, keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
                 norm_tiles=0, chunked_loss=False, loss_chunks=0)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -63,10 +63,12 @@ def _loss_and_grads(model, tokens, labels, chunked):
         _mem(chunked_loss=True, loss_chunks=3),
         _mem(offload_activations=True, offload_keep_layers=1),
         _mem(offload_activations=True, offload_keep_layers=2, offload_prefetch=False),
+        _mem(offload_activations=True, offload_keep_layers=1, offload_refetch_input=True),
         _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
-             chunked_loss=True),
+             chunked_loss=True, offload_refetch_input=True),
     ],
-    ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "everything"],
+    ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "refetch",
+         "everything"],
 )
 def test_memory_stack_is_exact(mem, head_dim):
     ref = _model(head_dim)
@@ -75,7 +77,7 @@ def test_memory_stack_is_exact(mem, head_dim):
     apply_tiling(model, mem, local_seq_len=22)
     if mem.offload_activations:
         apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), mem.offload_keep_layers,
-                           mem.offload_prefetch)
+                           mem.offload_prefetch, refetch_input=mem.offload_refetch_input)
     assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
 
     g = torch.Generator().manual_seed(1)
@@ -170,7 +172,8 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
 
     mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
              loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
-             offload_prefetch=True, keep_attention_output="none", offload_optimizer_state=False)
+             offload_prefetch=True, keep_attention_output="none", offload_optimizer_state=False,
+             offload_refetch_input=False)
     assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
         "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
         "(mlp_tiles=0: ceil(1000 / dim 256))",
@@ -194,6 +197,11 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
             f"memory.keep_attention_output={keep!r}: each layer's attention output and LSE kept "
             f"from the forward {where}; the recompute replays them instead of running the "
             f"attention kernel forward"]
+    refetch = NS(**{**vars(none_kept), "offload_refetch_input": True})
+    assert describe(refetch, 1000, 3, 256, 6) == [
+        "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
+        "none kept on the device (offload_keep_layers=0); prefetch on; each input freed after "
+        "its recompute and refetched for the attention norm's backward (offload_refetch_input)"]
     optimizer = NS(**{**vars(off), "offload_optimizer_state": True})
     assert describe(optimizer, 1000, 3, 256, 6) == [
         "memory.offload_optimizer_state: the optimizer's state in pageable host memory during "

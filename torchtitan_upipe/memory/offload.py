@@ -29,6 +29,12 @@ With ``keep_attention_output`` the block's attention result is kept from the for
 replayed in the recompute (:mod:`torchtitan_upipe.cp.replay`): on the device, or (``"host"``)
 as more parts of the layer in its host buffers, copied and prefetched with its input.
 
+With ``refetch_input`` an offloaded layer's reloaded input is freed as soon as its recompute
+has run: from there on only the attention norm's backward reads it (the residual adds save
+nothing; the attention and the MLP read the norms' outputs), so it is copied back from its
+host buffer (still holding it) when that norm's gradient arrives.  The layer's backward then
+holds one block input less, for one more host-to-device copy per layer.
+
 Layers ``< keep_layers`` are checkpointed the same way but keep their input on the device
 (the paper keeps layer 0).  On a machine without CUDA the "host" copy is an ordinary CPU
 tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tests.
@@ -131,6 +137,19 @@ class HostOffloader:
         else:
             self._reloaded[key] = (buf.clone(), None)
 
+    def refill(self, layer: int, x: torch.Tensor, part: str = "input") -> None:
+        """Copy ``layer``'s ``part`` from its host buffer into ``x`` (a device tensor of its
+        shape) on the current stream, after the offload's copy has ended."""
+        key = (layer, part)
+        buf = self._host[key]
+        if self.cuda:
+            ev = self._done[key]
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+            x.copy_(buf, non_blocking=True)
+        else:
+            x.copy_(buf)
+
     def reload(self, layer: int, part: str = "input") -> torch.Tensor:
         """``layer``'s ``part`` back on the device, waiting for its copy (started here, for
         this part only, unless :meth:`prefetch` did).  The host buffer keeps it until the next
@@ -164,11 +183,11 @@ def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContex
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, options, slot, args, kwargs):
+    def forward(ctx, x, block, layer, offloader, options, slot, norm, args, kwargs):
         with torch.no_grad(), _mode(slot, replay=False):
             out = block(x, *args, **kwargs)
         ctx.block, ctx.layer, ctx.offloader, ctx.options = block, layer, offloader, options
-        ctx.slot = slot
+        ctx.slot, ctx.norm = slot, norm
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
         if offloader is None:
@@ -186,12 +205,42 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if ctx.options.prefetch:
                 ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
-        with torch.enable_grad(), _mode(ctx.slot, replay=True):
+        refetch = ctx.norm is not None and ctx.offloader is not None
+        with torch.enable_grad(), _mode(ctx.slot, replay=True), (
+                _refetching(ctx.norm, x, ctx.offloader, ctx.layer) if refetch
+                else contextlib.nullcontext()):
             out = ctx.block(x, *ctx.args, **ctx.kwargs)
         if ctx.options.release_output:
             _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None, None, None
+
+
+@contextlib.contextmanager
+def _refetching(norm: nn.Module, x: torch.Tensor, offloader: HostOffloader, layer: int):
+    """Around a block's recompute: free ``x``'s device storage once the recompute has run and
+    copy it back from ``layer``'s host buffer when the gradient of the first reader of ``x``,
+    the block's attention ``norm``, arrives (its backward, the last step to read ``x``, runs next).
+    Between the two only autograd's saved reference to ``x`` exists: the residual adds save
+    nothing, the attention and the MLP read the norms' outputs.  The refill keeps ``x``'s
+    version counter, so autograd's saved-tensor check sees the tensor it saved."""
+    nbytes = x.untyped_storage().nbytes()
+
+    def refill(_grad):
+        x.untyped_storage().resize_(nbytes)
+        with torch.autograd._unsafe_preserve_version_counter(x):
+            offloader.refill(layer, x)
+
+    def on_output(_module, _args, out):
+        if out.requires_grad:
+            out.register_hook(refill)
+
+    handle = norm.register_forward_hook(on_output)
+    try:
+        yield
+    finally:
+        handle.remove()
+    x.untyped_storage().resize_(0)
 
 
 @dataclass(frozen=True)
@@ -203,6 +252,7 @@ class _Options:
 def apply_offloaded_ac(
     model: nn.Module, offloader: HostOffloader, keep_layers: int, prefetch: bool = True,
     release_output: bool = True, keep_attention_output: str = "none",
+    refetch_input: bool = False,
 ) -> None:
     """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``
     through ``offloader``.
@@ -210,6 +260,10 @@ def apply_offloaded_ac(
     ``prefetch``: copy the previous layer's input back during a layer's backward (see the
     module docstring).  ``release_output``: free the recomputed block output before the inner
     backward when nothing saved it (off only to measure what that saves).
+    ``refetch_input``: an offloaded layer frees its reloaded input once its recompute has
+    run and copies it back from the host buffer for its ``attention_norm``'s backward, the last
+    step that reads it (one block input less through the layer's backward, one more
+    host-to-device copy).
     ``keep_attention_output`` (:data:`~torchtitan_upipe.cp.replay.KEEP_CHOICES`): give each
     block's attention (which must have a ``kept`` attribute, as the plugin's
     context-parallel attention has) an :class:`~torchtitan_upipe.cp.replay.AttentionSlot`
@@ -238,16 +292,24 @@ def apply_offloaded_ac(
                     f"plugin's context-parallel attention")
             slot = AttentionSlot(layer, offloader if keep_attention_output == "host" else None)
             attention.kept = slot
-        _wrap_forward(block, layer, layer_offloader, options, slot)
+        norm = None
+        if refetch_input and layer_offloader is not None:
+            norm = getattr(block, "attention_norm", None)
+            if not isinstance(norm, nn.Module):
+                raise ValueError(f"refetch_input: layer {layer}'s block ({type(block).__name__}) "
+                                 f"has no attention_norm module, the reader of the input to "
+                                 f"refetch it for")
+        _wrap_forward(block, layer, layer_offloader, options, slot, norm)
 
 
 def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None,
-                  options: _Options, slot: AttentionSlot | None) -> None:
+                  options: _Options, slot: AttentionSlot | None, norm: nn.Module | None) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, args, kwargs)
+        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, norm, args,
+                                          kwargs)
 
     block.forward = forward

@@ -181,6 +181,12 @@ def _validate_memory(job_config) -> None:
             )
         if job_config.compile.enable:
             raise ConfigError("memory.offload_activations=true does not work with compile.enable=true yet")
+    if mem.offload_refetch_input and not mem.offload_activations:
+        raise ConfigError(
+            "memory.offload_refetch_input=true copies an offloaded block input back from host "
+            "memory for the attention norm's backward, but memory.offload_activations=false "
+            "offloads none; set memory.offload_activations=true or "
+            "memory.offload_refetch_input=false")
     keep = mem.keep_attention_output
     if keep != "none":
         if not mem.offload_activations:

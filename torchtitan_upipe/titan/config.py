@@ -109,6 +109,12 @@ class Memory:
     """Copy the previous layer's input back while a layer runs its backward (overlap); false
     saves one block input of device memory at the step's peak for an exposed copy per layer."""
 
+    offload_refetch_input: bool = False
+    """Free each offloaded layer's reloaded input once its recompute has run and copy it back
+    from its host buffer for the attention norm's backward, the last step that reads it: one
+    block input less on the device through the layer's backward, for one more host-to-device
+    copy per layer (exact). Needs offload_activations = true."""
+
     keep_attention_output: str = "none"
     """Keep each layer's attention result (output and LSE) from the forward, so the
     backward's recompute does not run the attention kernel forward again (one attention

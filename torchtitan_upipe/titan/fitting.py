@@ -9,7 +9,8 @@ The questions a run must answer before it touches a GPU, all from
 * :func:`choose_chunk_heads`: the largest UPipe ``U`` that fits the device, what
   ``[context_parallel] upipe_chunk_heads = "auto"`` resolves to at config time;
 * :func:`leanest`: the least memory the ``[memory]`` options can give a job (offload every
-  block input, no prefetch, the tiles and the chunked loss on) and :func:`max_context`: the
+  block input, no prefetch, refetched inputs, the optimizer state on the host, the tiles and
+  the chunked loss on) and :func:`max_context`: the
   longest ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
 * :func:`remedies`: the ``[memory]`` changes that make a job fit that does not.
 
@@ -211,6 +212,7 @@ MEMORY_FIELDS = {
     "offload": "memory.offload_activations",
     "keep_layers": "memory.offload_keep_layers",
     "offload_prefetch": "memory.offload_prefetch",
+    "refetch_input": "memory.offload_refetch_input",
     "tiled_mlp": "memory.tiled_mlp",
     "tiled_norm": "memory.tiled_norm",
     "chunked_loss": "memory.chunked_loss",
@@ -219,15 +221,18 @@ MEMORY_FIELDS = {
 """The :class:`~.memory_model.Setup` fields the search changes, and their options."""
 
 
+_OFFLOAD_FIELDS = ("keep_layers", "offload_prefetch", "refetch_input")
+
+
 def memory_changes(base: mm.Setup, st: mm.Setup) -> dict[str, object]:
-    """The options ``st`` sets differently from ``base`` (``keep_layers`` only where
+    """The options ``st`` sets differently from ``base`` (the offload options only where
     offloading), as ``{option: value}``."""
     out = {}
     for field, option in MEMORY_FIELDS.items():
         old, new = getattr(base, field), getattr(st, field)
-        if field in ("keep_layers", "offload_prefetch") and not st.offload:
+        if field in _OFFLOAD_FIELDS and not st.offload:
             continue
-        if field in ("keep_layers", "offload_prefetch") and not base.offload:
+        if field in _OFFLOAD_FIELDS and not base.offload:
             old = None  # every offload option is new when offloading is
         if old != new:
             out[option] = new
@@ -260,26 +265,30 @@ def with_tiles(st: mm.Setup, on: bool) -> mm.Setup:
 
 
 def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False),
-                    optimizer=(False, True)):
+                    optimizer=(False, True), refetch_input=(False, True)):
     """``st`` under every ``[memory]`` choice the search makes: the tiles and the chunked loss
     off or on together (as configured when off), the optimizer state on the device (as
     configured) or on the host, and no offload or offload with each ``keep_layers`` from
-    ``L - 1`` down to 0, with and without prefetch."""
+    ``L - 1`` down to 0, with and without prefetch, and with the inputs refetched or not
+    (as configured)."""
     for tiled in tiles:
         for opt in optimizer:
             t = mm.replace(with_tiles(st, tiled), offload_optimizer=opt or st.offload_optimizer)
             yield mm.replace(t, offload=False)
             for keep in range(t.n_layers - 1, -1, -1):
                 for pre in prefetch:
-                    yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre)
+                    for refetch in refetch_input:
+                        yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre,
+                                         refetch_input=refetch or st.refetch_input)
 
 
 def leanest(st: mm.Setup) -> mm.Setup:
     """``st`` with the least device memory the ``[memory]`` options give: every block input
-    offloaded (keep 0), no prefetch, tiled MLP and norm, chunked loss, the optimizer state on
-    the host."""
+    offloaded (keep 0), no prefetch, the inputs refetched for the attention norm, tiled MLP
+    and norm, chunked loss, the optimizer state on the host."""
     return mm.replace(st, offload=True, keep_layers=0, offload_prefetch=False, tiled_mlp=True,
-                      tiled_norm=True, chunked_loss=True, offload_optimizer=True)
+                      tiled_norm=True, chunked_loss=True, offload_optimizer=True,
+                      refetch_input=True)
 
 
 def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:

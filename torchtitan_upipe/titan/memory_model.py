@@ -57,6 +57,7 @@ class Setup:
     offload: bool = False        # memory.offload_activations
     keep_layers: int = 1         # memory.offload_keep_layers
     offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
+    refetch_input: bool = False    # memory.offload_refetch_input (offload._refetching)
     keep_attention: str = "none"   # memory.keep_attention_output: "none" | "device" | "host"
     offload_optimizer: bool = False  # memory.offload_optimizer_state (OptimizerStateOffloader)
     tiled_mlp: bool = False
@@ -470,13 +471,16 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     a, m, nm = attention_bytes(st), mlp_bytes(st), norm_bytes(st)
     held = io + nm["saved"] + a["saved"] + e * T * dim  # + ffn_norm's saved output
     no_dh = e * T * dim  # the recompute's forward phases: dh is made later, by the MLP's backward
+    # refetch_input: the reloaded input is freed once the recompute has run, copied back for
+    # the attention norm's backward (after the attention's, where the layer has peaked)
+    no_x = e * T * dim if offloaded and st.refetch_input else 0
     return {
         "attention_fwd": io - no_dh + nm["saved"] + a["fwd"],
         "norm_fwd": held - no_dh + nm["fwd"],
         "mlp_fwd": held - no_dh + nm["saved"] + m["fwd"],
-        "mlp_bwd": held + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
-        "norm_bwd": held + nm["bwd"],
-        "attention_bwd": io + nm["saved"] + a["bwd"],
+        "mlp_bwd": held - no_x + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
+        "norm_bwd": held - no_x + nm["bwd"],
+        "attention_bwd": io - no_x + nm["saved"] + a["bwd"],
         "loss": (2 * e * T * dim + nm["saved"] + logits_bytes(st)
                  + kept_attention_bytes(st) * st.n_layers * (st.keep_attention == "device")),
     }
@@ -557,7 +561,7 @@ def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | 
         param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, keep_attention=mem.keep_attention_output,
-        offload_optimizer=mem.offload_optimizer_state,
+        offload_optimizer=mem.offload_optimizer_state, refetch_input=mem.offload_refetch_input,
         tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
         loss_chunks=mem.loss_chunks, **changes,

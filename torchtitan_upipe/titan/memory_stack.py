@@ -136,7 +136,9 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
             f"memory.offload_activations: block inputs of {which} ({n_layers - keep} of "
             f"{n_layers}) in {'pinned' if mem.offload_pinned else 'pageable'} host memory, "
             f"{kept} (offload_keep_layers={mem.offload_keep_layers}); prefetch "
-            f"{'on' if mem.offload_prefetch else 'off'}")
+            f"{'on' if mem.offload_prefetch else 'off'}"
+            + ("; each input freed after its recompute and refetched for the attention norm's "
+               "backward (offload_refetch_input)" if mem.offload_refetch_input else ""))
     keep = mem.keep_attention_output
     if keep != "none":
         where = ("on the device" if keep == "device" else
@@ -156,4 +158,5 @@ def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloade
     kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``), and
     each attention's result kept for the recompute as ``mem.keep_attention_output`` says."""
     apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch,
-                       keep_attention_output=mem.keep_attention_output)
+                       keep_attention_output=mem.keep_attention_output,
+                       refetch_input=mem.offload_refetch_input)

@@ -10,13 +10,14 @@ ring (``usp`` with ``ulysses_degree = 1``), not torch's DTensor ring.
 
 A *row* of the answer is one style and ``u``; its configuration is the fastest that fits
 (``U``, and the memory options: offload with the most layers kept on the device that fit,
-prefetch, the tiles and the chunked loss, the optimizer state on the host), or, when none
-fits, its leanest.
+prefetch, refetched inputs, the tiles and the chunked loss, the optimizer state on the
+host), or, when none fits, its leanest.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 from ...cp.kernels.base import FA2_OFFSET_LIMIT, fa2_backward_offset
@@ -198,8 +199,10 @@ def options_for(layout: Layout, st: mm.Setup, job: Job) -> Candidate | None:
         for opt in (False, True):
             t = mm.replace(fm.with_tiles(st, tiled),
                            offload_optimizer=opt or st.offload_optimizer)
-            for pre in (True, False):
-                f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre), job.budget)
+            for pre, refetch in itertools.product((True, False), (False, True)):
+                f = fm.fitting_keep(mm.replace(t, offload_prefetch=pre,
+                                               refetch_input=refetch or st.refetch_input),
+                                    job.budget)
                 if f is None:
                     continue
                 pinned = (not f.setup.offload or job.pinned_gib is None
@@ -216,7 +219,7 @@ def _faster(a: Candidate, b: Candidate) -> bool:
     def options_on(c):
         s = c.setup
         return sum((s.offload, s.tiled_mlp, s.tiled_norm, s.chunked_loss, not s.offload_prefetch,
-                    s.offload_optimizer))
+                    s.offload_optimizer, s.offload and s.refetch_input))
 
     ka = (round(a.prediction.step_s, 9), options_on(a), a.fit.peak)
     kb = (round(b.prediction.step_s, 9), options_on(b), b.fit.peak)
