@@ -454,7 +454,8 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     ``prefetch(k - 1)`` fetches it even where that layer's input stays on the device).  The recomputed block output is not held: its producer is
     the residual add, so ``_release_if_unsaved`` frees it before the inner backward.  Block
     order (TorchTitan's ``TransformerBlock.forward``): attention_norm, attention,
-    h = x + wo(.), ffn_norm, MLP, and backward in reverse; the MLP and ffn_norm steps also
+    h = x + wo(.), ffn_norm, MLP, out = h + MLP(.) (``block_out``: both are alive there),
+    and backward in reverse; the MLP and ffn_norm steps also
     hold the attention's saved tensors.  In the
     recompute's forward phases and the MLP's backward, ``dh`` does not exist yet: the MLP's dx
     (in ``mlp_bytes``'s backward, or made after its peak when untiled) becomes it.
@@ -478,6 +479,9 @@ def phases(st: Setup, layer: int | None = None) -> dict:
         "attention_fwd": io - no_dh + nm["saved"] + a["fwd"],
         "norm_fwd": held - no_dh + nm["fwd"],
         "mlp_fwd": held - no_dh + nm["saved"] + m["fwd"],
+        # the block's output (the last residual add) next to the MLP's: the tiles are gone
+        "block_out": held - no_dh + nm["saved"] + (e * T * dim if st.tiled_mlp else m["fwd"])
+                     + e * T * dim,
         "mlp_bwd": held - no_x + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
         "norm_bwd": held - no_x + nm["bwd"],
         "attention_bwd": io - no_x + nm["saved"] + a["bwd"],
