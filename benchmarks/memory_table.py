@@ -6,6 +6,8 @@
         # the model next to the CPU estimator's full-depth estimates (docs/benchmarks.md)
     python scripts/memory_table.py --keep --markdown
         # what memory.keep_attention_output costs, device and host (docs/memory.md)
+    python scripts/memory_table.py --wall --markdown
+        # each memory option past the paper's wall alone and all together (docs/memory.md)
 
 Tables: Llama3-8B on 8 ranks (C = N = 8, b = 1) at 1M/3M/5M tokens for ulysses and upipe
 (U = 8), with the whole [memory] stack on, on with ``memory.offload_prefetch = false``, and
@@ -91,6 +93,50 @@ def keep_table(markdown: bool) -> str:
     return _format(head, body, markdown)
 
 
+WALL_SETUPS = (("Llama3-8B, 8 ranks", "8B", 8, 0), ("Llama3-8B, 16 ranks (8 x 2)", "8B", 16, 8),
+               ("32B flavor, 16 ranks (8 x 2)", "32B", 16, 8))
+"""UPipe (U = 8) on the paper's three setups: (name, flavor, ranks, all-to-all degree)."""
+
+WALL_CHANGES = (
+    ("the stack (offload_keep_layers = 1, prefetch on)", {}),
+    ("offload_prefetch = false", {"offload_prefetch": False}),
+    ("offload_keep_layers = 0", {"keep_layers": 0}),
+    ("offload_refetch_input = true", {"refetch_input": True}),
+    ("offload_optimizer_state = true", {"offload_optimizer": True}),
+    ("all four", {"offload_prefetch": False, "keep_layers": 0, "refetch_input": True,
+                  "offload_optimizer": True}),
+)
+"""The [memory] options past the paper's wall, each alone and all together (Setup fields)."""
+
+
+def wall_table(markdown: bool, device_gib: float = 80.0, reserve_gib: float = 4.0,
+               host_gib: float = 2048.0) -> str:
+    """Per setup and change: the peak at 1M and 3M over the first 4 layers, and at full depth
+    the longest context whose peak + reserve fits ``device_gib`` (device only, and also within
+    ``host_gib`` per 8-GPU node), with its host memory per rank and node."""
+    from torchtitan_upipe.titan import fitting as fm
+
+    head = ["setup", "change", "1M, 4 layers", "3M, 4 layers", "max context (device)",
+            "host / node there", f"max context (+ host <= {host_gib:g} GiB/node)",
+            "host / rank there"]
+    device = fm.Budget(device_gib, reserve_gib)
+    both = fm.Budget(device_gib, reserve_gib, host_gib=host_gib, ranks_per_node=8)
+    body = []
+    for name, flavor, ranks, u in WALL_SETUPS:
+        base = stack(from_flavor(flavor, seq_len=M, cp=ranks, world=ranks, style="upipe",
+                                 ulysses=u, chunk_heads=8))
+        for change, fields in WALL_CHANGES:
+            st = replace(base, **fields)
+            short = [breakdown(replace(st, seq_len=n * M, n_layers=4))["peak_device"] / GiB
+                     for n in (1, 3)]
+            longest = [fm.max_context(st, b) for b in (device, both)]
+            host = [breakdown(replace(st, seq_len=n))["host"] / GiB for n in longest]
+            body.append([name, change] + [f"{x:.1f}" for x in short]
+                        + [f"{longest[0] / M:.2f}M", f"{8 * host[0]:.0f}",
+                           f"{longest[1] / M:.2f}M", f"{host[1]:.0f}"])
+    return _format(head, body, markdown)
+
+
 def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
     head = ["config"] + [c for _, c in COLUMNS] + ["peak at", "PEAK dev"]
     body = []
@@ -161,7 +207,14 @@ def main(argv=None) -> None:
                     help="compare the model with these estimator results instead")
     ap.add_argument("--keep", action="store_true",
                     help="what memory.keep_attention_output costs instead")
+    ap.add_argument("--wall", action="store_true",
+                    help="the [memory] options past the paper's wall, alone and together, instead")
     args = ap.parse_args(argv)
+    if args.wall:
+        print("UPipe (U = 8), per-rank GiB and maximum contexts at full depth under 80 GiB with "
+              "a 4 GiB reserve, derived (not measured)\n")
+        print(wall_table(args.markdown))
+        return
     if args.estimates:
         print(estimate_table(args.estimates))
         return

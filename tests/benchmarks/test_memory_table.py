@@ -57,3 +57,23 @@ def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
     model = mm.breakdown(mm.replace(_8b("upipe", 3 * M), offload_prefetch=False))["peak_device"]
     assert rows == [f"| upipe(U=8) S={3 * M} L=all --memory.no-offload-prefetch | 50.00 | "
                     f"{model / mm.GiB:.2f} | {100 * (model / mm.GiB / 50 - 1):+.1f}% | 93.00 |"]
+
+
+def test_wall_table(capsys):
+    """``--wall``: each option past the paper's wall alone and all four together, per setup;
+    together they reach further than any alone, and on the 32B flavor a 2 TiB node's host
+    memory binds before the device does."""
+    from benchmarks import memory_table as mod
+
+    mod.main(["--wall", "--markdown"])
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(mod.WALL_SETUPS) * len(mod.WALL_CHANGES)
+    for name, *_ in mod.WALL_SETUPS:
+        mine = [r for r in rows if r[0] == name]
+        device = [float(r[4].rstrip("M")) for r in mine]
+        host_bound = [float(r[6].rstrip("M")) for r in mine]
+        assert device[-1] > max(device[:-1]) > device[0]
+        assert all(h <= d for h, d in zip(host_bound, device))
+        if name.startswith("32B"):
+            assert host_bound[-1] < device[-1]
