@@ -66,6 +66,14 @@ class HostMemory:
             self._registered[t.data_ptr()] = t
         return t
 
+    def like(self, buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``buf`` if it has ``x``'s shape and dtype, else a new buffer for ``x`` (``buf`` freed)."""
+        if buf is not None and buf.shape == x.shape and buf.dtype == x.dtype:
+            return buf
+        if buf is not None:
+            self.free(buf)
+        return self.empty(x.shape, x.dtype)
+
     def free(self, t: torch.Tensor) -> None:
         """Unlock ``t``'s pages; call before dropping the last reference to a buffer."""
         if self._registered.pop(t.data_ptr(), None) is not None:

@@ -46,30 +46,25 @@ class OptimizerStateOffloader:
         self._host: dict[tuple[int, int, str], torch.Tensor] = {}
         self.offloaded = False
 
-    def _tensors(self) -> Iterator[tuple[tuple[int, int, str], torch.Tensor]]:
-        """``(key, local tensor)`` of every state tensor on the device with bytes."""
+    def _state(self) -> Iterator[tuple[tuple[int, int, str], torch.Tensor]]:
+        """``(key, local tensor)`` of every tensor in the optimizers' state."""
         for i, opt in enumerate(self.optimizers):
             for j, state in enumerate(opt.state.values()):
                 for name, value in state.items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    local = _local(value)
-                    if local.device.type != self.device.type or local.dim() == 0:
-                        continue
-                    if local.untyped_storage().nbytes() != local.numel() * local.element_size():
-                        raise ValueError(
-                            f"optimizer state {name!r} does not cover its storage (a view, "
-                            f"{local.numel() * local.element_size()} of "
-                            f"{local.untyped_storage().nbytes()} bytes): it cannot be offloaded")
-                    yield (i, j, name), local
+                    if isinstance(value, torch.Tensor):
+                        yield (i, j, name), _local(value)
 
-    def _buffer(self, key, local: torch.Tensor) -> torch.Tensor:
-        buf = self._host.get(key)
-        if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
-            if buf is not None:
-                self.memory.free(buf)
-            buf = self._host[key] = self.memory.empty(local.shape, local.dtype)
-        return buf
+    def _tensors(self) -> Iterator[tuple[tuple[int, int, str], torch.Tensor]]:
+        """``(key, local tensor)`` of every state tensor on the device with bytes."""
+        for key, local in self._state():
+            if local.device.type != self.device.type or local.dim() == 0:
+                continue
+            if local.untyped_storage().nbytes() != local.numel() * local.element_size():
+                raise ValueError(
+                    f"optimizer state {key[2]!r} does not cover its storage (a view, "
+                    f"{local.numel() * local.element_size()} of "
+                    f"{local.untyped_storage().nbytes()} bytes): it cannot be offloaded")
+            yield key, local
 
     def offload(self) -> None:
         """Copy the state to host memory and free its device storage (no-op if offloaded)."""
@@ -77,7 +72,7 @@ class OptimizerStateOffloader:
             return
         with torch.no_grad():
             for key, local in self._tensors():
-                buf = self._buffer(key, local)
+                buf = self._host[key] = self.memory.like(self._host.get(key), local)
                 buf.copy_(local, non_blocking=self.memory.pinned)
                 local.untyped_storage().resize_(0)
         self.offloaded = True
@@ -87,15 +82,12 @@ class OptimizerStateOffloader:
         if not self.offloaded:
             return
         with torch.no_grad():
-            for i, opt in enumerate(self.optimizers):
-                for j, state in enumerate(opt.state.values()):
-                    for name, value in state.items():
-                        buf = self._host.get((i, j, name))
-                        if buf is None:
-                            continue
-                        local = _local(value)
-                        local.untyped_storage().resize_(buf.numel() * buf.element_size())
-                        local.copy_(buf, non_blocking=self.memory.pinned)
+            for key, local in self._state():
+                buf = self._host.get(key)
+                if buf is None:
+                    continue
+                local.untyped_storage().resize_(buf.numel() * buf.element_size())
+                local.copy_(buf, non_blocking=self.memory.pinned)
         self.offloaded = False
 
     def host_bytes(self) -> int:
