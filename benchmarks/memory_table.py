@@ -103,8 +103,9 @@ WALL_CHANGES = (
     ("offload_keep_layers = 0", {"keep_layers": 0}),
     ("offload_refetch_input = true", {"refetch_input": True}),
     ("offload_optimizer_state = true", {"offload_optimizer": True}),
-    ("all four", {"offload_prefetch": False, "keep_layers": 0, "refetch_input": True,
-                  "offload_optimizer": True}),
+    ("offload_inplace_residual_grads = true", {"inplace_grads": True}),
+    ("all five", {"offload_prefetch": False, "keep_layers": 0, "refetch_input": True,
+                  "offload_optimizer": True, "inplace_grads": True}),
 )
 """The [memory] options past the paper's wall, each alone and all together (Setup fields)."""
 
@@ -134,7 +135,7 @@ def wall_table(markdown: bool, device_gib: float = 80.0, reserve_gib: float = 4.
             body.append([name, change] + [f"{x:.1f}" for x in short]
                         + [f"{longest[0] / M:.2f}M", f"{8 * host[0]:.0f}",
                            f"{longest[1] / M:.2f}M", f"{host[1]:.0f}"])
-    return _format(head, body, markdown)
+    return _format(head, body, markdown, text_columns=2)
 
 
 def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
@@ -148,16 +149,17 @@ def table(rows: list[tuple[str, Setup]], markdown: bool) -> str:
     return _format(head, body, markdown)
 
 
-def _format(head: list[str], body: list[list[str]], markdown: bool) -> str:
+def _format(head: list[str], body: list[list[str]], markdown: bool, text_columns: int = 1) -> str:
+    """A table; the first ``text_columns`` columns are left-aligned, the (numeric) rest right."""
     if markdown:
-        rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
+        rule = "|" + "|".join(["---"] * text_columns + ["---:"] * (len(head) - text_columns)) + "|"
         out = ["| " + " | ".join(head) + " |", rule]
         out += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(out)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
 
     def fmt(r):
-        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        cells = (c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         return "  ".join(cells)
 
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])

@@ -60,7 +60,7 @@ def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
 
 
 def test_wall_table(capsys):
-    """``--wall``: each option past the paper's wall alone and all four together, per setup;
+    """``--wall``: each option past the paper's wall alone and all five together, per setup;
     together they reach further than any alone, and on the 32B flavor a 2 TiB node's host
     memory binds before the device does."""
     from benchmarks import memory_table as mod

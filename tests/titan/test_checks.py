@@ -151,6 +151,14 @@ def test_refetching_the_input_needs_offloaded_activations():
                                 config="llama3_debug_upipe_memory.toml"), world_size=2, cuda=False)
 
 
+def test_inplace_residual_grads_need_offloaded_activations():
+    _fails(r"memory.offload_inplace_residual_grads=true sums the residual gradients in place.*"
+           r"memory.offload_activations=false; set memory.offload_activations=true or "
+           r"memory.offload_inplace_residual_grads=false", "--memory.offload_inplace_residual_grads")
+    validate_job_config(_config("--memory.offload_inplace_residual_grads",
+                                config="llama3_debug_upipe_memory.toml"), world_size=2, cuda=False)
+
+
 def test_optimizer_state_offload_needs_a_stateful_optimizer_stepped_after_backward():
     validate_job_config(_config("--memory.offload_optimizer_state", "--optimizer.name=Adam"),
                         world_size=2, cuda=False)

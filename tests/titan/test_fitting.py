@@ -196,7 +196,8 @@ def test_remedies_fit_and_come_fewest_changes_first():
     assert fixes and all(f.ok for _, f in fixes)
     counts = [len(c) for c, _ in fixes]
     assert counts == sorted(counts)
-    assert fixes[0][0] in ({"memory.offload_prefetch": False}, {"memory.offload_keep_layers": 0})
+    # the free change first: the residual gradients summed in place (one gradient less)
+    assert fixes[0][0] == {"memory.offload_inplace_residual_grads": True}
     args = fm.option_args({"memory.offload_prefetch": False, "memory.offload_keep_layers": 0,
                            "memory.tiled_mlp": True})
     assert args == ["--memory.no_offload_prefetch", "--memory.offload_keep_layers", "0",
@@ -220,7 +221,8 @@ def test_fitting_keep_is_the_largest_keep_that_fits(seq, host):
     st = _8b(seq, chunk_heads=8)
     budget = fm.Budget(80, 4, host_gib=host, ranks_per_node=8)
     got = fm.fitting_keep(st, budget)
-    scan = [k for k in range(32) if fm.fit(mm.replace(st, offload=True, keep_layers=k), budget).ok]
+    scan = [k for k in range(32)
+            if fm.fit(mm.replace(st, offload=True, keep_layers=k, inplace_grads=True), budget).ok]
     if fm.fit(mm.replace(st, offload=False), budget).ok:
         assert got is not None and not got.setup.offload
     elif not scan:

@@ -16,6 +16,7 @@ import functools
 import gc
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -311,27 +312,49 @@ def _small_llama(n_layers: int):
 
 
 def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4,
-                           refetch: bool = False) -> tuple[int, int]:
+                           refetch: bool = False, inplace: bool = False,
+                           tiles: int = 0, attention_phase: bool = False) -> tuple[int, int]:
     """Peak live bytes of forward + backward through the blocks of a small bf16 Llama3 with
     offloaded checkpointing (parameters frozen: their grads are model states).  Every tensor
-    alive at the start stays alive to the end, so no freed address can hide an allocation."""
+    alive at the start stays alive to the end, so no freed address can hide an allocation.
+    The gradient arriving from above is made in the region (as the final norm's would be):
+    the backward starts from ``(h * dy).sum()``.  ``tiles``: tiled MLP and norm, that many.
+    ``attention_phase``: the highest peak inside an attention's backward instead (from the
+    gradient of its output to that of its input), the model's ``attention_bwd``."""
     from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+    from torchtitan_upipe.titan.memory_stack import apply_tiling
 
     model = _small_llama(n_layers)
     model.requires_grad_(False)
+    if tiles:
+        apply_tiling(model, SimpleNamespace(tiled_mlp=True, mlp_tiles=tiles, tiled_norm=True,
+                                            norm_tiles=tiles, chunked_loss=False), S)
     apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch,
-                       refetch_input=refetch)
+                       refetch_input=refetch, inplace_residual_grads=inplace)
     x = torch.randn(1, S, DIM).to(DT).requires_grad_()
     dy = torch.randn(1, S, DIM).to(DT)
     blocks, freqs = list(model.layers.values()), model.freqs_cis
+    peaks = []
+
+    def on_attention(_module, args, out):  # in the recompute: mark the attention's backward
+        if out.requires_grad:
+            out.register_hook(lambda _g: t.reset_peak())
+            args[0].register_hook(lambda _g: peaks.append(t.peak_bytes))
+
+    if attention_phase:
+        for block in blocks:
+            block.attention.register_forward_hook(on_attention)
     with _tracker() as t:
         h = x
         for block in blocks:
             h = block(h, freqs, None, None)
-        h.backward(dy)
+        h.mul(dy).sum().backward()
         del h
     del model, blocks, freqs
     gc.collect()  # the wrapped blocks form reference cycles: leave no garbage to later tests
+    if attention_phase:
+        assert len(peaks) == n_layers
+        return max(peaks), x.nbytes
     return t.peak_bytes, x.nbytes
 
 
@@ -549,5 +572,24 @@ def test_refetched_input_is_one_block_input_less_in_the_backward(keep):
 
     model = {r: blocks_peak(r) for r in (False, True)}
     print(f"refetch keep={keep}: peak {off} -> {on} (block input {block_input}; model "
+          f"{model[False] - model[True]})")
+    assert off - on == block_input == model[False] - model[True]
+
+
+@pytest.mark.parametrize("refetch", [False, True])
+def test_inplace_residual_grads_are_one_gradient_less_in_the_backward(refetch):
+    """memory.offload_inplace_residual_grads, measured on real bf16 tensors through 4 offloaded
+    Llama3 blocks with tiled MLP and norms (every layer offloaded, with and without refetched
+    inputs): inside the attention's backward, where a layer peaks at long contexts, the peak
+    is exactly one block-sized gradient lower, as the model's ``attention_bwd`` says (at
+    these small shapes the MLP's backward binds the whole step, which it does not change)."""
+    (off, block_input), (on, _) = (
+        _offloaded_blocks_peak(True, 0, refetch=refetch, inplace=i, tiles=4, attention_phase=True)
+        for i in (False, True))
+    st = _setup(offload=True, keep_layers=0, refetch_input=refetch, tiled_mlp=True, mlp_tiles=4,
+                tiled_norm=True, norm_tiles=4)
+    model = {i: mm.phases(mm.replace(st, inplace_grads=i), 0)["attention_bwd"]
+             for i in (False, True)}
+    print(f"inplace refetch={refetch}: peak {off} -> {on} (block input {block_input}; model "
           f"{model[False] - model[True]})")
     assert off - on == block_input == model[False] - model[True]

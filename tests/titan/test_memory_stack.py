@@ -16,7 +16,8 @@ from torchtitan.models.llama3.model.model import FeedForward
 from tests.helpers.dist import run_distributed
 from tests.helpers.numerics import DIM, assert_same_module
 from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac, apply_tiled_mlp
-from torchtitan_upipe.titan.memory_stack import TiledFeedForward, apply_tiling
+from torchtitan_upipe.titan.memory_stack import (TiledFeedForward, apply_offloaded_checkpointing,
+                                               apply_tiling)
 from torchtitan_upipe.titan.llama3 import LlamaArgs, Transformer
 
 
@@ -33,7 +34,8 @@ def _model(head_dim=None):
 
 def _mem(**kw):
     base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True,
-                offload_refetch_input=False, keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
+                offload_refetch_input=False, offload_inplace_residual_grads=False,
+                keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
                 norm_tiles=0, chunked_loss=False, loss_chunks=0)
     base.update(kw)
     return SimpleNamespace(**base)
@@ -64,11 +66,12 @@ def _loss_and_grads(model, tokens, labels, chunked):
         _mem(offload_activations=True, offload_keep_layers=1),
         _mem(offload_activations=True, offload_keep_layers=2, offload_prefetch=False),
         _mem(offload_activations=True, offload_keep_layers=1, offload_refetch_input=True),
+        _mem(offload_activations=True, offload_keep_layers=1, offload_inplace_residual_grads=True),
         _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
-             chunked_loss=True, offload_refetch_input=True),
+             chunked_loss=True, offload_refetch_input=True, offload_inplace_residual_grads=True),
     ],
     ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "refetch",
-         "everything"],
+         "inplace_residual_grads", "everything"],
 )
 def test_memory_stack_is_exact(mem, head_dim):
     ref = _model(head_dim)
@@ -77,7 +80,8 @@ def test_memory_stack_is_exact(mem, head_dim):
     apply_tiling(model, mem, local_seq_len=22)
     if mem.offload_activations:
         apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), mem.offload_keep_layers,
-                           mem.offload_prefetch, refetch_input=mem.offload_refetch_input)
+                           mem.offload_prefetch, refetch_input=mem.offload_refetch_input,
+                           inplace_residual_grads=mem.offload_inplace_residual_grads)
     assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
 
     g = torch.Generator().manual_seed(1)
@@ -89,6 +93,60 @@ def test_memory_stack_is_exact(mem, head_dim):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
     for name, gr in grads_ref.items():
         torch.testing.assert_close(grads[name], gr, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("keep", [0, 2])
+def test_inplace_residual_grads_are_bit_identical(keep, tiled):
+    """memory.offload_inplace_residual_grads adds each norm's input gradient to the residual's
+    gradient.  With the tiled norms (one autograd node each) that is autograd's addition: every
+    gradient is bit for bit that of the offloaded checkpointing without it (input refetched
+    too).  TorchTitan's composite RMSNorm reads its input twice, so autograd adds those two
+    terms to the residual's one at a time, and the in-place sum adds their sum: equal within
+    float64 rounding."""
+    def run(inplace):
+        model = _model()
+        mem = _mem(offload_activations=True, tiled_mlp=tiled, mlp_tiles=3, tiled_norm=tiled,
+                   norm_tiles=2)
+        apply_tiling(model, mem, local_seq_len=22)
+        apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, refetch_input=True,
+                           inplace_residual_grads=inplace)
+        tokens = torch.randint(0, 97, (2, 22), generator=torch.Generator().manual_seed(4))
+        out = model(tokens)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (out_ref, grads_ref), (out, grads) = run(False), run(True)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        if tiled:
+            assert torch.equal(grads[name], g), name
+        else:
+            torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m: f"{name}: {m}")
+        assert grads[name].abs().max() > 0, name  # every weight gets a gradient
+
+
+def test_inplace_residual_grads_need_torchtitans_block_forward():
+    """A block whose forward is not TorchTitan's is refused: the in-place sums follow its
+    residual structure, and another structure would get other gradients."""
+    model = _model()
+
+    class Other(type(model.layers["0"])):
+        def forward(self, x, *args, **kwargs):
+            return super().forward(x, *args, **kwargs) * 2
+
+    model.layers["1"].__class__ = Other
+    mem = _mem(offload_activations=True, offload_inplace_residual_grads=True)
+    with pytest.raises(ValueError, match=r"layer 1's block \(Other\) does not run TorchTitan's "
+                                         r"Llama3 TransformerBlock.forward.*"
+                                         r"memory.offload_inplace_residual_grads=false"):
+        apply_offloaded_checkpointing(model, mem, HostOffloader(torch.device("cpu")))
+    del model.layers["1"].ffn_norm  # without the submodules it runs, the memory layer refuses
+    with pytest.raises(ValueError, match=r"layer 1's block \(Other\) has no ffn_norm module"):
+        apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), 0,
+                           inplace_residual_grads=True)
 
 
 def test_offload_keeps_only_host_copies_between_forward_and_backward():
@@ -173,7 +231,7 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
     mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
              loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
              offload_prefetch=True, keep_attention_output="none", offload_optimizer_state=False,
-             offload_refetch_input=False)
+             offload_refetch_input=False, offload_inplace_residual_grads=False)
     assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
         "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
         "(mlp_tiles=0: ceil(1000 / dim 256))",
@@ -202,6 +260,11 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
         "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
         "none kept on the device (offload_keep_layers=0); prefetch on; each input freed after "
         "its recompute and refetched for the attention norm's backward (offload_refetch_input)"]
+    inplace = NS(**{**vars(none_kept), "offload_inplace_residual_grads": True})
+    assert describe(inplace, 1000, 3, 256, 6) == [
+        "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
+        "none kept on the device (offload_keep_layers=0); prefetch on; residual gradients "
+        "summed in place (offload_inplace_residual_grads)"]
     optimizer = NS(**{**vars(off), "offload_optimizer_state": True})
     assert describe(optimizer, 1000, 3, 256, 6) == [
         "memory.offload_optimizer_state: the optimizer's state in pageable host memory during "

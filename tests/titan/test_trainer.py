@@ -161,16 +161,16 @@ def test_kept_attention_outputs_change_no_loss(workdir, seed_checkpoint, memory_
     _assert_parity(device, ulysses_losses)
 
 
-def test_optimizer_state_on_the_host_and_refetched_inputs_change_no_loss(
+def test_optimizer_state_on_the_host_refetched_inputs_and_inplace_grads_change_no_loss(
         workdir, seed_checkpoint, memory_stack_losses):
     """memory.offload_optimizer_state (FSDP's DTensor state, 2 ranks) with
-    memory.offload_refetch_input and every layer offloaded, under the trainer: the memory
-    stack's losses bit for bit; the host holds rank 0's Adam state from step 2 on (step 1's
-    optimizer step creates it)."""
+    memory.offload_refetch_input, memory.offload_inplace_residual_grads (tiled norms: the same
+    additions) and every layer offloaded, under the trainer: the memory stack's losses bit for
+    bit; the host holds rank 0's Adam state from step 2 on (step 1's optimizer step creates it)."""
     name = "upipe_optimizer_host"
     losses = _losses(workdir, seed_checkpoint, name, 2, "llama3_debug_upipe_memory.toml",
                      "--memory.offload_optimizer_state", "--memory.offload_refetch_input",
-                     "--memory.offload_keep_layers=0")
+                     "--memory.offload_inplace_residual_grads", "--memory.offload_keep_layers=0")
     assert losses == memory_stack_losses
     host = tensorboard_scalars(str(workdir / name), "memory/host_optimizer(GiB)")
     state = rank0_adam_bytes("debugmodel", 2) / 2**30

@@ -43,6 +43,7 @@ tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tes
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 import weakref
 import torch
@@ -78,12 +79,9 @@ class HostOffloader:
         the tensors keep their shapes (a buffer is re-created only when its tensor changes)."""
 
     def _buffer(self, key: tuple[int, str], x: torch.Tensor) -> torch.Tensor:
-        buf = self._host.get(key)
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-            if buf is not None:
-                self.memory.free(buf)
-            buf = self.memory.empty(x.shape, x.dtype)
-            self._host[key] = buf
+        old = self._host.get(key)
+        buf = self._host[key] = self.memory.like(old, x)
+        if buf is not old:
             self.allocations += 1
         return buf
 
@@ -171,8 +169,69 @@ def _release_if_unsaved(out: torch.Tensor) -> None:
     """Free ``out``'s storage when no autograd node can read it: its producer is an add
     (``AddBackward0`` saves no tensors) and nothing else references the tensor's storage."""
     fn = out.grad_fn
-    if fn is not None and type(fn).__name__ == "AddBackward0" and out._base is None:
+    if fn is not None and type(fn).__name__ in _UNSAVING_ADDS and out._base is None:
         out.untyped_storage().resize_(0)
+
+
+class _ResidualAdd(torch.autograd.Function):
+    """``x + y``; the backward passes ``dout`` to ``y`` only and leaves it in ``box`` for
+    :class:`_GradInto` on ``x``'s other reader, which adds that reader's gradient to it in
+    place (so the engine does not sum ``x``'s two gradients into a new tensor).  Saves nothing."""
+
+    @staticmethod
+    def forward(ctx, x, y, box):
+        ctx.box = box
+        return x + y
+
+    @staticmethod
+    def backward(ctx, dout):
+        ctx.box.append(dout)
+        return None, dout, None
+
+
+class _GradInto(torch.autograd.Function):
+    """A view of ``x`` for its non-residual reader; the backward adds the reader's gradient
+    ``g`` into the residual's gradient in place (``box``'s, from :class:`_ResidualAdd`, whose
+    readers have all run: ``g`` comes from below them) and returns it as ``x``'s gradient, or
+    with ``sink`` appends it there and returns none (``x`` a leaf: no ``.grad`` is made)."""
+
+    @staticmethod
+    def forward(ctx, x, box, sink):
+        ctx.box, ctx.sink = box, sink
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        total = ctx.box.pop().add_(g)
+        if ctx.sink is None:
+            return total, None, None
+        ctx.sink.append(total)
+        return None, None, None
+
+
+_UNSAVING_ADDS = ("AddBackward0", "_ResidualAddBackward")
+
+
+def _forward_summing_in_place(block: nn.Module, x: torch.Tensor, sink: list, *args, **kwargs):
+    """TorchTitan's ``TransformerBlock.forward`` (``h = x + attention(attention_norm(x))``,
+    ``out = h + feed_forward(ffn_norm(h))``) with both residual gradients summed in place:
+    ``dh`` in ``dout``'s storage, then ``dx`` in the same (appended to ``sink``)."""
+    box_x, box_h = [], []
+    normed = block.attention_norm(_GradInto.apply(x, box_x, sink))
+    h = _ResidualAdd.apply(x, block.attention(normed, *args, **kwargs), box_x)
+    del normed
+    mlp = block.feed_forward(block.ffn_norm(_GradInto.apply(h, box_h, None)))
+    return _ResidualAdd.apply(h, mlp, box_h)
+
+
+def _check_summable(block: nn.Module, layer: int) -> None:
+    missing = [n for n in ("attention_norm", "attention", "ffn_norm", "feed_forward")
+               if not isinstance(getattr(block, n, None), nn.Module)]
+    if missing:
+        raise ValueError(
+            f"inplace_residual_grads: layer {layer}'s block ({type(block).__name__}) has no "
+            f"{', '.join(missing)} module(s); the in-place sums run TorchTitan's Llama3 block "
+            f"structure; set memory.offload_inplace_residual_grads=false")
 
 
 def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContextManager:
@@ -183,10 +242,11 @@ def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContex
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, options, slot, norm, args, kwargs):
+    def forward(ctx, x, block, layer, offloader, options, slot, norm, recompute, args, kwargs):
         with torch.no_grad(), _mode(slot, replay=False):
             out = block(x, *args, **kwargs)
         ctx.block, ctx.layer, ctx.offloader, ctx.options = block, layer, offloader, options
+        ctx.recompute = recompute
         ctx.slot, ctx.norm = slot, norm
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
@@ -206,14 +266,19 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
         refetch = ctx.norm is not None and ctx.offloader is not None
+        sink: list[torch.Tensor] = []
         with torch.enable_grad(), _mode(ctx.slot, replay=True), (
                 _refetching(ctx.norm, x, ctx.offloader, ctx.layer) if refetch
                 else contextlib.nullcontext()):
-            out = ctx.block(x, *ctx.args, **ctx.kwargs)
+            if ctx.recompute is None:
+                out = ctx.block(x, *ctx.args, **ctx.kwargs)
+            else:
+                out = ctx.recompute(x, sink, *ctx.args, **ctx.kwargs)
         if ctx.options.release_output:
             _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None, None, None, None, None
+        dx = x.grad if ctx.recompute is None else (sink[0] if sink else None)
+        return dx, None, None, None, None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -252,7 +317,7 @@ class _Options:
 def apply_offloaded_ac(
     model: nn.Module, offloader: HostOffloader, keep_layers: int, prefetch: bool = True,
     release_output: bool = True, keep_attention_output: str = "none",
-    refetch_input: bool = False,
+    refetch_input: bool = False, inplace_residual_grads: bool = False,
 ) -> None:
     """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``
     through ``offloader``.
@@ -264,6 +329,10 @@ def apply_offloaded_ac(
     run and copies it back from the host buffer for its ``attention_norm``'s backward, the last
     step that reads it (one block input less through the layer's backward, one more
     host-to-device copy).
+    ``inplace_residual_grads``: the recompute sums the residual gradients in place (see the
+    module docstring).  The recompute then runs the blocks' submodules as TorchTitan's Llama3
+    ``TransformerBlock.forward`` does, whatever the block's own ``forward`` is: callers check
+    that it is that one (``titan.memory_stack.apply_offloaded_checkpointing`` does).
     ``keep_attention_output`` (:data:`~torchtitan_upipe.cp.replay.KEEP_CHOICES`): give each
     block's attention (which must have a ``kept`` attribute, as the plugin's
     context-parallel attention has) an :class:`~torchtitan_upipe.cp.replay.AttentionSlot`
@@ -299,17 +368,22 @@ def apply_offloaded_ac(
                 raise ValueError(f"refetch_input: layer {layer}'s block ({type(block).__name__}) "
                                  f"has no attention_norm module, the reader of the input to "
                                  f"refetch it for")
-        _wrap_forward(block, layer, layer_offloader, options, slot, norm)
+        recompute = None
+        if inplace_residual_grads:
+            _check_summable(block, layer)
+            recompute = functools.partial(_forward_summing_in_place, block)
+        _wrap_forward(block, layer, layer_offloader, options, slot, norm, recompute)
 
 
 def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None,
-                  options: _Options, slot: AttentionSlot | None, norm: nn.Module | None) -> None:
+                  options: _Options, slot: AttentionSlot | None, norm: nn.Module | None,
+                  recompute) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, norm, args,
-                                          kwargs)
+        return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, norm,
+                                          recompute, args, kwargs)
 
     block.forward = forward

@@ -187,6 +187,12 @@ def _validate_memory(job_config) -> None:
             "memory for the attention norm's backward, but memory.offload_activations=false "
             "offloads none; set memory.offload_activations=true or "
             "memory.offload_refetch_input=false")
+    if mem.offload_inplace_residual_grads and not mem.offload_activations:
+        raise ConfigError(
+            "memory.offload_inplace_residual_grads=true sums the residual gradients in place in "
+            "the recompute of the plugin's offloaded checkpointing, but "
+            "memory.offload_activations=false; set memory.offload_activations=true or "
+            "memory.offload_inplace_residual_grads=false")
     keep = mem.keep_attention_output
     if keep != "none":
         if not mem.offload_activations:

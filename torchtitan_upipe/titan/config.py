@@ -115,6 +115,13 @@ class Memory:
     block input less on the device through the layer's backward, for one more host-to-device
     copy per layer (exact). Needs offload_activations = true."""
 
+    offload_inplace_residual_grads: bool = False
+    """The recompute sums each block's residual gradients in place, into the storage of the
+    gradient arriving from the block above, instead of into new tensors: one gradient of the
+    block's size less through the attention's backward, where a layer peaks (the same
+    additions: exact). Blocks must run TorchTitan's Llama3 TransformerBlock.forward. Needs
+    offload_activations = true."""
+
     keep_attention_output: str = "none"
     """Keep each layer's attention result (output and LSE) from the forward, so the
     backward's recompute does not run the attention kernel forward again (one attention

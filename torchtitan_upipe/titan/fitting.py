@@ -9,7 +9,8 @@ The questions a run must answer before it touches a GPU, all from
 * :func:`choose_chunk_heads`: the largest UPipe ``U`` that fits the device, what
   ``[context_parallel] upipe_chunk_heads = "auto"`` resolves to at config time;
 * :func:`leanest`: the least memory the ``[memory]`` options can give a job (offload every
-  block input, no prefetch, refetched inputs, the optimizer state on the host, the tiles and
+  block input, no prefetch, refetched inputs, in-place residual gradients, the optimizer
+  state on the host, the tiles and
   the chunked loss on) and :func:`max_context`: the
   longest ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
 * :func:`remedies`: the ``[memory]`` changes that make a job fit that does not.
@@ -213,6 +214,7 @@ MEMORY_FIELDS = {
     "keep_layers": "memory.offload_keep_layers",
     "offload_prefetch": "memory.offload_prefetch",
     "refetch_input": "memory.offload_refetch_input",
+    "inplace_grads": "memory.offload_inplace_residual_grads",
     "tiled_mlp": "memory.tiled_mlp",
     "tiled_norm": "memory.tiled_norm",
     "chunked_loss": "memory.chunked_loss",
@@ -221,7 +223,7 @@ MEMORY_FIELDS = {
 """The :class:`~.memory_model.Setup` fields the search changes, and their options."""
 
 
-_OFFLOAD_FIELDS = ("keep_layers", "offload_prefetch", "refetch_input")
+_OFFLOAD_FIELDS = ("keep_layers", "offload_prefetch", "refetch_input", "inplace_grads")
 
 
 def memory_changes(base: mm.Setup, st: mm.Setup) -> dict[str, object]:
@@ -270,7 +272,8 @@ def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False),
     off or on together (as configured when off), the optimizer state on the device (as
     configured) or on the host, and no offload or offload with each ``keep_layers`` from
     ``L - 1`` down to 0, with and without prefetch, and with the inputs refetched or not
-    (as configured)."""
+    (as configured); offloading always sums the residual gradients in place (it costs
+    nothing)."""
     for tiled in tiles:
         for opt in optimizer:
             t = mm.replace(with_tiles(st, tiled), offload_optimizer=opt or st.offload_optimizer)
@@ -279,29 +282,32 @@ def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False),
                 for pre in prefetch:
                     for refetch in refetch_input:
                         yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre,
-                                         refetch_input=refetch or st.refetch_input)
+                                         refetch_input=refetch or st.refetch_input,
+                                         inplace_grads=True)
 
 
 def leanest(st: mm.Setup) -> mm.Setup:
     """``st`` with the least device memory the ``[memory]`` options give: every block input
-    offloaded (keep 0), no prefetch, the inputs refetched for the attention norm, tiled MLP
-    and norm, chunked loss, the optimizer state on the host."""
+    offloaded (keep 0), no prefetch, the inputs refetched for the attention norm, the residual
+    gradients summed in place, tiled MLP and norm, chunked loss, the optimizer state on the
+    host."""
     return mm.replace(st, offload=True, keep_layers=0, offload_prefetch=False, tiled_mlp=True,
                       tiled_norm=True, chunked_loss=True, offload_optimizer=True,
-                      refetch_input=True)
+                      refetch_input=True, inplace_grads=True)
 
 
 def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:
     """With ``st``'s other options and offloading: the largest ``keep_layers`` (the fewest
     copies) that fits device and host, or no offload when that fits; ``None`` if none fits.
     Device memory grows with ``keep_layers`` and host memory shrinks, so the largest
-    ``keep_layers`` that fits the device is bisected, and the host decides there."""
+    ``keep_layers`` that fits the device is bisected, and the host decides there.
+    Offloading sums the residual gradients in place (free: no copy, no compute)."""
     f = fit(mm.replace(st, offload=False), budget)
     if f.ok:
         return f
 
     def at(keep):
-        return fit(mm.replace(st, offload=True, keep_layers=keep), budget)
+        return fit(mm.replace(st, offload=True, keep_layers=keep, inplace_grads=True), budget)
 
     lo = at(0)
     if not lo.device_ok:

@@ -58,6 +58,7 @@ class Setup:
     keep_layers: int = 1         # memory.offload_keep_layers
     offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
     refetch_input: bool = False    # memory.offload_refetch_input (offload._refetching)
+    inplace_grads: bool = False    # memory.offload_inplace_residual_grads (offload._GradInto)
     keep_attention: str = "none"   # memory.keep_attention_output: "none" | "device" | "host"
     offload_optimizer: bool = False  # memory.offload_optimizer_state (OptimizerStateOffloader)
     tiled_mlp: bool = False
@@ -444,7 +445,8 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     layer (the most block-boundary tensors; every offloaded layer's phases are the same
     except for ``io``).
 
-    ``io``: dout and dh ``2 e T dim``; an offloaded layer adds its reloaded input
+    ``io``: dout and dh ``2 e T dim`` (one, in the attention's backward, with
+    ``inplace_grads``: dh is summed into dout's storage); an offloaded layer adds its reloaded input
     (``HostOffloader.reload``) and, with ``offload_prefetch`` and an offloaded layer before
     it, that layer's prefetched input (``HostOffloader.prefetch``): ``4 e T dim``, or
     ``3 e T dim`` without prefetch.  With ``keep_attention = "device"`` it also holds the kept
@@ -475,6 +477,9 @@ def phases(st: Setup, layer: int | None = None) -> dict:
     # refetch_input: the reloaded input is freed once the recompute has run, copied back for
     # the attention norm's backward (after the attention's, where the layer has peaked)
     no_x = e * T * dim if offloaded and st.refetch_input else 0
+    # inplace_grads: dh is summed into dout's storage (every layer of the offloaded
+    # checkpointing, kept ones too): one of io's two gradients once dh exists
+    one_grad = e * T * dim if st.offload and st.inplace_grads else 0
     return {
         "attention_fwd": io - no_dh + nm["saved"] + a["fwd"],
         "norm_fwd": held - no_dh + nm["fwd"],
@@ -484,7 +489,7 @@ def phases(st: Setup, layer: int | None = None) -> dict:
                      + e * T * dim,
         "mlp_bwd": held - no_x + nm["saved"] + m["bwd"] - e * T * dim,  # m's dx is io's dh
         "norm_bwd": held - no_x + nm["bwd"],
-        "attention_bwd": io - no_x + nm["saved"] + a["bwd"],
+        "attention_bwd": io - no_x - one_grad + nm["saved"] + a["bwd"],
         "loss": (2 * e * T * dim + nm["saved"] + logits_bytes(st)
                  + kept_attention_bytes(st) * st.n_layers * (st.keep_attention == "device")),
     }
@@ -566,6 +571,7 @@ def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | 
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, keep_attention=mem.keep_attention_output,
         offload_optimizer=mem.offload_optimizer_state, refetch_input=mem.offload_refetch_input,
+        inplace_grads=mem.offload_inplace_residual_grads,
         tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
         loss_chunks=mem.loss_chunks, **changes,

@@ -24,7 +24,7 @@ import math
 
 import torch
 from torch import nn
-from torchtitan.models.llama3.model.model import FeedForward
+from torchtitan.models.llama3.model.model import FeedForward, TransformerBlock
 
 from ..memory import (
     HostOffloader,
@@ -138,7 +138,9 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
             f"{kept} (offload_keep_layers={mem.offload_keep_layers}); prefetch "
             f"{'on' if mem.offload_prefetch else 'off'}"
             + ("; each input freed after its recompute and refetched for the attention norm's "
-               "backward (offload_refetch_input)" if mem.offload_refetch_input else ""))
+               "backward (offload_refetch_input)" if mem.offload_refetch_input else "")
+            + ("; residual gradients summed in place (offload_inplace_residual_grads)"
+               if mem.offload_inplace_residual_grads else ""))
     keep = mem.keep_attention_output
     if keep != "none":
         where = ("on the device" if keep == "device" else
@@ -153,10 +155,25 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
     return lines
 
 
+def check_torchtitan_blocks(model: nn.Module) -> None:
+    """``memory.offload_inplace_residual_grads`` recomputes each block as TorchTitan's Llama3
+    ``TransformerBlock.forward`` does: refuse a block whose ``forward`` is another."""
+    for name, block in model.layers.items():
+        if type(block).forward is not TransformerBlock.forward:
+            raise ValueError(
+                f"memory.offload_inplace_residual_grads: layer {name}'s block "
+                f"({type(block).__name__}) does not run TorchTitan's Llama3 "
+                f"TransformerBlock.forward, whose residual structure the in-place gradient sums "
+                f"follow; set memory.offload_inplace_residual_grads=false")
+
+
 def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloader) -> None:
     """Full activation checkpointing with the inputs of layers ``>= mem.offload_keep_layers``
     kept in ``offloader``'s host buffers (needs ``activation_checkpoint.mode = "full"``), and
     each attention's result kept for the recompute as ``mem.keep_attention_output`` says."""
+    if mem.offload_inplace_residual_grads:
+        check_torchtitan_blocks(model)
     apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch,
                        keep_attention_output=mem.keep_attention_output,
-                       refetch_input=mem.offload_refetch_input)
+                       refetch_input=mem.offload_refetch_input,
+                       inplace_residual_grads=mem.offload_inplace_residual_grads)

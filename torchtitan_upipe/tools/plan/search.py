@@ -10,8 +10,8 @@ ring (``usp`` with ``ulysses_degree = 1``), not torch's DTensor ring.
 
 A *row* of the answer is one style and ``u``; its configuration is the fastest that fits
 (``U``, and the memory options: offload with the most layers kept on the device that fit,
-prefetch, refetched inputs, the tiles and the chunked loss, the optimizer state on the
-host), or, when none fits, its leanest.
+prefetch, refetched inputs, in-place residual gradients whenever it offloads, the tiles and
+the chunked loss, the optimizer state on the host), or, when none fits, its leanest.
 """
 
 from __future__ import annotations
