@@ -66,7 +66,8 @@ def _loss_and_grads(model, tokens, labels, chunked):
         _mem(offload_activations=True, offload_keep_layers=1),
         _mem(offload_activations=True, offload_keep_layers=2, offload_prefetch=False),
         _mem(offload_activations=True, offload_keep_layers=1, offload_refetch_input=True),
-        _mem(offload_activations=True, offload_keep_layers=1, offload_inplace_residual_grads=True),
+        _mem(offload_activations=True, offload_keep_layers=1,
+             offload_inplace_residual_grads=True),
         _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
              chunked_loss=True, offload_refetch_input=True, offload_inplace_residual_grads=True),
     ],
@@ -126,6 +127,24 @@ def test_inplace_residual_grads_are_bit_identical(keep, tiled):
             torch.testing.assert_close(grads[name], g, rtol=1e-12, atol=1e-14,
                                        msg=lambda m: f"{name}: {m}")
         assert grads[name].abs().max() > 0, name  # every weight gets a gradient
+
+
+def test_inplace_residual_grads_leave_an_expanded_incoming_gradient_alone():
+    """A block whose output is summed gets an expanded (stride 0) gradient from ``sum()``:
+    nothing is written into it, and the gradients are those without the option."""
+    def run(inplace):
+        model = _model()
+        apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), 0,
+                           inplace_residual_grads=inplace)
+        x = torch.randn(2, 6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        x.requires_grad_()
+        model.layers["0"](x, model.freqs_cis[:6], None, None).sum().backward()
+        return x.grad, {n: p.grad for n, p in model.layers["0"].named_parameters()}
+
+    (dx_ref, ref), (dx, got) = run(False), run(True)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-14)
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
 
 def test_inplace_residual_grads_need_torchtitans_block_forward():

@@ -35,6 +35,18 @@ nothing; the attention and the MLP read the norms' outputs), so it is copied bac
 host buffer (still holding it) when that norm's gradient arrives.  The layer's backward then
 holds one block input less, for one more host-to-device copy per layer.
 
+With ``inplace_residual_grads`` the recompute runs the block as TorchTitan's
+``TransformerBlock.forward`` does, with the residual gradients summed in place: the gradient
+of ``h = x + attention(attention_norm(x))`` is ``dout + d ffn_norm``, written into ``dout``'s
+storage once the MLP's backward (its last reader) is done, and ``dx = dh + d attention_norm``
+into the same storage (:class:`_ResidualAdd` passes ``dout`` to its branch only,
+:class:`_GradInto` adds the norm's input gradient to it).  Autograd's sums would make a new
+tensor each time while ``dout`` (held by the engine that called this backward) stays alive:
+through the attention's backward, where the layer peaks, the block then holds one gradient
+of the block's size instead of two.  The same additions: bit for bit where each norm is one
+autograd node (the tiled norm); a norm that reads its input twice (TorchTitan's composite
+RMSNorm) has its two terms summed before they meet the residual's, equal within rounding.
+
 Layers ``< keep_layers`` are checkpointed the same way but keep their input on the device
 (the paper keeps layer 0).  On a machine without CUDA the "host" copy is an ordinary CPU
 tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tests.
@@ -202,7 +214,10 @@ class _GradInto(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        total = ctx.box.pop().add_(g)
+        base = ctx.box.pop()
+        # in place only into a dense tensor of its own (autograd may hand a backward an
+        # expanded one, as ``out.sum()``'s); otherwise the sum autograd would make
+        total = base.add_(g) if base._base is None and base.is_contiguous() else base + g
         if ctx.sink is None:
             return total, None, None
         ctx.sink.append(total)

@@ -118,9 +118,10 @@ class Memory:
     offload_inplace_residual_grads: bool = False
     """The recompute sums each block's residual gradients in place, into the storage of the
     gradient arriving from the block above, instead of into new tensors: one gradient of the
-    block's size less through the attention's backward, where a layer peaks (the same
-    additions: exact). Blocks must run TorchTitan's Llama3 TransformerBlock.forward. Needs
-    offload_activations = true."""
+    block's size less through the attention's backward, where a layer peaks. Exact: the same
+    additions, bit for bit with tiled_norm; TorchTitan's composite RMSNorm adds its two input
+    gradient terms in another order (equal within rounding). Blocks must run TorchTitan's
+    Llama3 TransformerBlock.forward. Needs offload_activations = true."""
 
     keep_attention_output: str = "none"
     """Keep each layer's attention result (output and LSE) from the forward, so the

@@ -10,9 +10,8 @@ The questions a run must answer before it touches a GPU, all from
   ``[context_parallel] upipe_chunk_heads = "auto"`` resolves to at config time;
 * :func:`leanest`: the least memory the ``[memory]`` options can give a job (offload every
   block input, no prefetch, refetched inputs, in-place residual gradients, the optimizer
-  state on the host, the tiles and
-  the chunked loss on) and :func:`max_context`: the
-  longest ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
+  state on the host, the tiles and the chunked loss on) and :func:`max_context`: the longest
+  ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
 * :func:`remedies`: the ``[memory]`` changes that make a job fit that does not.
 
 The planner (``python -m torchtitan_upipe.tools.plan``) searches the rest (styles, degrees,
