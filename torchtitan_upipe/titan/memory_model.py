@@ -173,6 +173,18 @@ def _ring_fwd(st, nq, nkv):
     return 0 if st.ring == 1 else 4 * nkv * st.act_bytes + 20 * nq
 
 
+def _stage_kernel_bwd(st, nq, nkv, gqa):
+    """A kernel backward's dq, dk, dv ``e (nq + 2 nkv)`` + FA2 workspace.  In a causal ring
+    (R > 1) the steps after the first, where the fp32 accumulators exist, each take half a
+    block: ``src < rank`` all queries against half the keys (half ``dk``/``dv``), ``src >
+    rank`` half the queries (half ``dq`` and workspace); the worse of the two."""
+    e = st.act_bytes
+    if st.ring == 1:
+        return e * (nq + 2 * nkv) + _fa2_ws(st, nq, gqa)
+    return max(e * (nq + nkv) + _fa2_ws(st, nq, gqa),
+               e * (nq // 2 + 2 * nkv) + _fa2_ws(st, nq // 2, gqa))
+
+
 def _ring_bwd(st, nq, nkv):
     """``ring_backward``: the K|V stack + its receive buffer, the fp32 ``dq``, and two fp32
     dK|dV accumulators (``dkv`` and the one in flight, ``next_dkv``)."""
@@ -254,7 +266,7 @@ def upipe_backward_bytes(st: Setup) -> int:
     stage = e * wst * gm["strided"] + max(
         e * nq + _rope(nq, e),
         e * nq * (3 + 2 * gm["o_copy"] + (4 if a2a else 0)),
-        4 * e * nq + 2 * e * nkv + _fa2_ws(st, nq, gm["gamma"] > 1) + _ring_bwd(st, nq, nkv),
+        3 * e * nq + _stage_kernel_bwd(st, nq, nkv, gm["gamma"] > 1) + _ring_bwd(st, nq, nkv),
         held + e * nq * (2 if a2a else 1) + _rope_inv(nq, e, conj),
         held + e * nq + e * wst)
     end = max(acc + held + casts + e * nkv * (2 + (4 + 2 * hb if a2a else 0)),
