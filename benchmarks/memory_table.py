@@ -104,8 +104,10 @@ WALL_CHANGES = (
     ("offload_refetch_input = true", {"refetch_input": True}),
     ("offload_optimizer_state = true", {"offload_optimizer": True}),
     ("offload_inplace_residual_grads = true", {"inplace_grads": True}),
-    ("all five", {"offload_prefetch": False, "keep_layers": 0, "refetch_input": True,
-                  "offload_optimizer": True, "inplace_grads": True}),
+    ("fuse_output_projection = true", {"fused_wo": True}),
+    ("all six", ALL_SIX := {"offload_prefetch": False, "keep_layers": 0, "refetch_input": True,
+                            "offload_optimizer": True, "inplace_grads": True, "fused_wo": True}),
+    ("all six, offload_stride = 2", {**ALL_SIX, "offload_stride": 2}),
 )
 """The [memory] options past the paper's wall, each alone and all together (Setup fields)."""
 

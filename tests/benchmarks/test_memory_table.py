@@ -60,20 +60,25 @@ def test_memory_table_compares_estimates_with_the_model(tmp_path, capsys):
 
 
 def test_wall_table(capsys):
-    """``--wall``: each option past the paper's wall alone and all five together, per setup;
-    together they reach further than any alone, and on the 32B flavor a 2 TiB node's host
-    memory binds before the device does."""
+    """``--wall``: each option past the paper's wall alone, all six together, and with
+    segment checkpointing, per setup; together they reach further than any alone; on the 32B
+    flavor a 2 TiB node's host memory binds before the device does, until offload_stride = 2
+    halves it (the device is unchanged)."""
     from benchmarks import memory_table as mod
 
     mod.main(["--wall", "--markdown"])
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == len(mod.WALL_SETUPS) * len(mod.WALL_CHANGES)
+    assert [c for c, _ in mod.WALL_CHANGES][-2:] == ["all six", "all six, offload_stride = 2"]
     for name, *_ in mod.WALL_SETUPS:
         mine = [r for r in rows if r[0] == name]
         device = [float(r[4].rstrip("M")) for r in mine]
         host_bound = [float(r[6].rstrip("M")) for r in mine]
-        assert device[-1] > max(device[:-1]) > device[0]
+        host_node = [float(r[5]) for r in mine]
+        assert device[-2] > max(device[:-2]) > device[0]
+        assert device[-1] == device[-2] and host_node[-1] < 0.6 * host_node[-2]
         assert all(h <= d for h, d in zip(host_bound, device))
+        assert host_bound[-1] == device[-1]
         if name.startswith("32B"):
-            assert host_bound[-1] < device[-1]
+            assert host_bound[-2] < device[-2]

@@ -8,7 +8,7 @@ USP and UPipe x ring under the offloaded checkpoint is tests/titan/test_memory_s
 import pytest
 import torch
 
-from tests.cp.test_upipe import HEAD_DIM, _tensors
+from tests.cp.test_upipe import DIM, HEAD_DIM, _tensors, _wo
 from tests.helpers.reference import freqs_cis
 from torchtitan_upipe import ulysses_attention, upipe_attention
 from torchtitan_upipe.cp.kernels import AttentionKernel, get_kernel
@@ -117,9 +117,10 @@ def test_ulysses_replays_its_kernel_result_exactly():
         assert torch.equal(got.grad, want.grad)
 
 
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
 @pytest.mark.parametrize("inline", [False, True], ids=["op", "inline"])
 @pytest.mark.parametrize("h,hkv,u", [(4, 2, 1), (4, 2, 4), (6, 3, 2), (4, 1, 2)])
-def test_upipe_replays_the_fused_op_exactly(h, hkv, u, inline, monkeypatch):
+def test_upipe_replays_the_fused_op_exactly(h, hkv, u, inline, fused_wo, monkeypatch):
     from torchtitan_upipe.cp.kernels.math import MathKernel
 
     calls = []
@@ -127,24 +128,30 @@ def test_upipe_replays_the_fused_op_exactly(h, hkv, u, inline, monkeypatch):
     monkeypatch.setattr(MathKernel, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
     s = 10
     x, wq, wk, wv, dout = _tensors(2, s, h, hkv, seed=h + hkv + u)
+    leaves = (x, wq, wk, wv) + ((_wo(h, u),) if fused_wo else ())
+    if fused_wo:
+        dout = torch.randn(2, s, DIM, generator=torch.Generator().manual_seed(u), dtype=dout.dtype)
     freqs = freqs_cis(s, HEAD_DIM)
     kw = dict(n_heads=h, n_kv_heads=hkv, chunk_heads=u, kernel="math", inline=inline)
 
-    ref_params = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
-    ref = upipe_attention(*ref_params, freqs, **kw)
+    def attend(x, wq, wk, wv, wo=None, **more):
+        return upipe_attention(x, wq, wk, wv, freqs, wo=wo, **kw, **more)
+
+    ref_params = [t.clone().requires_grad_() for t in leaves]
+    ref = attend(*ref_params)
     ref.backward(dout)
     assert len(calls) == h // u  # one kernel forward per stage
     calls.clear()
 
     slot = AttentionSlot(0)
     with torch.no_grad(), slot.recording():
-        upipe_attention(x, wq, wk, wv, freqs, keep=slot, **kw)
+        attend(*leaves, keep=slot)
     assert len(calls) == h // u and slot.recorded == 1
-    params = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
+    params = [t.clone().requires_grad_() for t in leaves]
     with slot.replaying():
-        out = upipe_attention(*params, freqs, keep=slot, **kw)
+        out = attend(*params, keep=slot)
     assert len(calls) == h // u  # the replay ran no stage
     out.backward(dout)
     assert torch.equal(out, ref)
-    for name, got, want in zip(("dx", "dwq", "dwk", "dwv"), params, ref_params):
+    for name, got, want in zip(("dx", "dwq", "dwk", "dwv", "dwo"), params, ref_params):
         assert torch.equal(got.grad, want.grad), name

@@ -28,34 +28,49 @@ def _tensors(b, seq, h, hkv, seed):
     return x, wq, wk, wv, dout
 
 
-def _check_case(rank, c, group, b, h, hkv, u, kernel="math"):
+def _wo(h, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(DIM, h * HEAD_DIM, generator=g, dtype=torch.float64) / (h * HEAD_DIM) ** 0.5
+
+
+def _check_case(rank, c, group, b, h, hkv, u, kernel="math", fused_wo=False):
+    """``fused_wo``: the op applies ``wo`` too (memory.fuse_output_projection); the reference
+    is the textbook attention followed by ``@ wo^T``, and ``wo``'s gradient is checked."""
     seq = S_LOCAL * c
-    x, wq, wk, wv, dout = _tensors(b, seq, h, hkv, seed=h * 100 + hkv * 10 + u + b)
+    seed = h * 100 + hkv * 10 + u + b
+    x, wq, wk, wv, dout = _tensors(b, seq, h, hkv, seed=seed)
+    weights = (wq, wk, wv) + ((_wo(h, seed),) if fused_wo else ())
+    if fused_wo:
+        dout = torch.randn(b, seq, DIM, generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.float64)
     freqs = freqs_cis(seq, HEAD_DIM)
-    params = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
-    ref = projected_attention(*params, freqs, h, hkv)
+    params = [t.clone().requires_grad_() for t in (x, *weights)]
+    ref = projected_attention(*params[:4], freqs, h, hkv)
+    if fused_wo:
+        ref = ref @ params[4].T
     ref.backward(dout)
 
     sl = slice(rank * S_LOCAL, (rank + 1) * S_LOCAL)
     xl = x[:, sl].clone().requires_grad_()
-    ws = [w.clone().requires_grad_() for w in (wq, wk, wv)]
+    ws = [w.clone().requires_grad_() for w in weights]
     out = upipe_attention(
-        xl, *ws, freqs[sl], n_heads=h, n_kv_heads=hkv, chunk_heads=u, group=group, kernel=kernel
+        xl, *ws[:3], freqs[sl], n_heads=h, n_kv_heads=hkv, chunk_heads=u, group=group,
+        kernel=kernel, wo=ws[3] if fused_wo else None,
     )
     out.backward(dout[:, sl])
     tol = dict(rtol=1e-10, atol=1e-10)
-    msg = f"H={h} H_kv={hkv} C={c} U={u} B={b}"
+    msg = f"H={h} H_kv={hkv} C={c} U={u} B={b} wo={fused_wo}"
     torch.testing.assert_close(out, ref.detach()[:, sl], **tol, msg=lambda m: f"{msg} out: {m}")
     torch.testing.assert_close(xl.grad, params[0].grad[:, sl], **tol, msg=lambda m: f"{msg} dx: {m}")
     # weight grads: each rank holds its shard's contribution; their sum is the full gradient
-    for name, w_local, w_ref in zip(("dwq", "dwk", "dwv"), ws, params[1:]):
+    for name, w_local, w_ref in zip(("dwq", "dwk", "dwv", "dwo"), ws, params[1:]):
         g = w_local.grad.clone()
         if group is not None:
             dist.all_reduce(g, group=group)
         torch.testing.assert_close(g, w_ref.grad, **tol, msg=lambda m: f"{msg} {name}: {m}")
 
 
-def _grid(rank, c, kernel):
+def _grid(rank, c, kernel, fused_wo=False):
     group = dist.group.WORLD if c > 1 else None
     ran = 0
     for h, hkv in HEADS:
@@ -65,24 +80,27 @@ def _grid(rank, c, kernel):
             if u > h or h % u:
                 continue
             for b in (1, 2):
-                _check_case(rank, c, group, b, h, hkv, u, kernel)
+                _check_case(rank, c, group, b, h, hkv, u, kernel, fused_wo)
                 ran += 1
     assert ran >= 10, ran
 
 
-def test_upipe_single_rank_matches_reference():
-    _grid(0, 1, "math")
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
+def test_upipe_single_rank_matches_reference(fused_wo):
+    _grid(0, 1, "math", fused_wo)
 
 
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_upipe_matches_reference(world_size):
-    run_distributed(_grid, world_size, "math")
+def test_upipe_matches_reference(world_size, fused_wo):
+    run_distributed(_grid, world_size, "math", fused_wo)
 
 
 def _sdpa_cases(rank, c):
     group = dist.group.WORLD
     for h, hkv, u in [(8, 2, 2), (16, 4, 4), (8, 8, 8)]:
         _check_case(rank, c, group, 2, h, hkv, u, kernel="sdpa")
+    _check_case(rank, c, group, 2, 16, 4, 4, kernel="sdpa", fused_wo=True)
 
 
 def test_upipe_with_cpu_flash_kernel():
@@ -93,7 +111,8 @@ def _replicated_kv(rank, c):
     # H_kv < C: KV heads replicated in the computation, gradients summed over replicas
     group = dist.group.WORLD
     for h, hkv, u in [(8, 2, 4), (8, 2, 8), (4, 1, 4), (8, 1, 4)]:
-        _check_case(rank, c, group, 1, h, hkv, u)
+        for fused_wo in (False, True):
+            _check_case(rank, c, group, 1, h, hkv, u, fused_wo=fused_wo)
 
 
 def test_upipe_replicated_kv_heads():
@@ -185,7 +204,7 @@ def _transient_peaks(u, h=32, hkv=8, seq=512, b=1):
         out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, None, kernel, True, d**-0.5)
     dout = torch.randn_like(out)
     with LiveTensorTracker() as bwd:
-        grads = upipe_backward(dout, x, wq, wk, wv, freqs, out, lse, sched, None, kernel, True, d**-0.5)
+        grads = upipe_backward(dout, x, wq, wk, wv, freqs, out, lse, sched, None, kernel, True, d**-0.5)[:4]
     out_bytes = out.nbytes + lse.nbytes
     grad_bytes = sum(t.nbytes for t in grads)
     return fwd.peak_bytes - out_bytes, bwd.peak_bytes - grad_bytes, out.numel() * out.element_size()
@@ -218,16 +237,21 @@ def test_bad_chunk_heads_raise_with_the_option_name():
         upipe_attention(x, wq, wk, wv, freqs_cis(3, HEAD_DIM), n_heads=4, n_kv_heads=4)
 
 
-def test_custom_op_is_opaque_to_torch_compile():
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
+def test_custom_op_is_opaque_to_torch_compile(fused_wo):
     """fullgraph compile traces the op as one node; forward and backward stay exact."""
     x, wq, wk, wv, dout = _tensors(1, 6, 8, 2, 0)
+    leaves = (x, wq, wk, wv) + ((_wo(8, 0),) if fused_wo else ())
+    if fused_wo:
+        dout = torch.randn(1, 6, DIM, dtype=dout.dtype)
     freqs = freqs_cis(6, HEAD_DIM)
 
-    def f(x, wq, wk, wv):
-        return upipe_attention(x, wq, wk, wv, freqs, n_heads=8, n_kv_heads=2, chunk_heads=2, kernel="math")
+    def f(x, wq, wk, wv, wo=None):
+        return upipe_attention(x, wq, wk, wv, freqs, n_heads=8, n_kv_heads=2, chunk_heads=2,
+                               kernel="math", wo=wo)
 
-    compiled = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
-    eager = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
+    compiled = [t.clone().requires_grad_() for t in leaves]
+    eager = [t.clone().requires_grad_() for t in leaves]
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(*compiled)
     out.backward(dout)
     ref = f(*eager)
@@ -237,15 +261,19 @@ def test_custom_op_is_opaque_to_torch_compile():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
-def test_inline_ops_give_the_custom_ops_values_and_gradients():
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
+def test_inline_ops_give_the_custom_ops_values_and_gradients(fused_wo):
     """The estimator's inline path (no custom-op boundary) computes exactly what the op does."""
     x, wq, wk, wv, dout = _tensors(2, 6, 8, 2, 1)
+    tensors = (x, wq, wk, wv) + ((_wo(8, 1),) if fused_wo else ())
+    if fused_wo:
+        dout = torch.randn(2, 6, DIM, dtype=dout.dtype)
     freqs = freqs_cis(6, HEAD_DIM)
     results = []
     for inline in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (x, wq, wk, wv)]
-        out = upipe_attention(*leaves, freqs, n_heads=8, n_kv_heads=2, chunk_heads=4, kernel="math",
-                              inline=inline)
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = upipe_attention(*leaves[:4], freqs, n_heads=8, n_kv_heads=2, chunk_heads=4,
+                              kernel="math", inline=inline, wo=leaves[4] if fused_wo else None)
         out.backward(dout)
         results.append([out.detach()] + [t.grad for t in leaves])
     for op, inline in zip(*results):
@@ -285,3 +313,35 @@ def test_bf16_gradients_are_as_accurate_as_ulysses():
     for u in (1, 4, 32):
         for name, e, e0 in zip(("dx", "dwq", "dwk", "dwv"), err(grads(upipe(u), torch.bfloat16)), baseline):
             assert e <= 1.5 * e0, (u, name, e, e0)
+
+
+def test_bf16_fused_output_projection_is_as_accurate_as_wo_after_the_op():
+    """memory.fuse_output_projection in bf16: the output is wo's own GEMM (bit for bit), and
+    every gradient (x and the four weights) is within 1.1x of the error, against float64, of
+    the op followed by autograd's ``nn.Linear`` wo, at U = 1 (8 stages' columns), 4 and 8."""
+    b, s, h, hkv, d, dim = 1, 256, 8, 2, 16, 64
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, s, dim, generator=g, dtype=torch.float64)
+    ws = [torch.randn(n * d, dim, generator=g, dtype=torch.float64) / dim**0.5 for n in (h, hkv, hkv)]
+    wo = torch.randn(dim, h * d, generator=g, dtype=torch.float64) / (h * d) ** 0.5
+    dy = torch.randn(b, s, dim, generator=g, dtype=torch.float64)
+    freqs = freqs_cis(s, d)
+
+    def run(u, fused, dtype):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (x, *ws, wo)]
+        kw = dict(n_heads=h, n_kv_heads=hkv, chunk_heads=u, kernel="sdpa")
+        if fused:
+            y = upipe_attention(*leaves[:4], freqs, wo=leaves[4], **kw)
+        else:
+            y = torch.nn.functional.linear(upipe_attention(*leaves[:4], freqs, **kw), leaves[4])
+        y.backward(dy.to(dtype))
+        return y.detach(), [t.grad.double() for t in leaves]
+
+    exact = run(h, False, torch.float64)[1]
+    err = lambda got: [((a - r).norm() / r.norm()).item() for a, r in zip(got, exact)]
+    for u in (1, 4, 8):
+        y_fused, fused = run(u, True, torch.bfloat16)
+        y_after, after = run(u, False, torch.bfloat16)
+        assert torch.equal(y_fused, y_after), u
+        for name, e, e0 in zip(("dx", "dwq", "dwk", "dwv", "dwo"), err(fused), err(after)):
+            assert e <= 1.1 * e0, (u, name, e, e0)

@@ -33,6 +33,12 @@ class _Stack(nn.Module):
         return x
 
 
+def _input_and_gradient():
+    """A float64 input (two leaves: the model's and the reference's) and the output's gradient."""
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    return x, x.detach().clone().requires_grad_(), torch.randn(2, 5, 6, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("keep,prefetch", [(0, True), (1, True), (2, False), (4, True)])
 def test_gradients_are_exact_and_inputs_live_on_the_host(keep, prefetch):
     torch.manual_seed(0)
@@ -43,9 +49,7 @@ def test_gradients_are_exact_and_inputs_live_on_the_host(keep, prefetch):
         pinned=False, allocate=lambda make: seen.append(make()) or seen[-1]))
     apply_offloaded_ac(model, offloader, keep, prefetch)
     assert list(model.state_dict()) == list(ref.state_dict())
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    gy = torch.randn(2, 5, 6, dtype=torch.float64)
+    x, x_ref, gy = _input_and_gradient()
     for _ in range(2):  # the second step reuses the host buffers
         model.zero_grad()
         ref.zero_grad()
@@ -113,3 +117,59 @@ def test_a_reload_fetches_its_part_only_and_a_prefetch_every_part():
     assert sorted(offloader._reloaded) == [(1, "attention_out"), (1, "input")]
     with pytest.raises(KeyError, match="layer 2 has no 'input' on the host"):
         offloader.reload(2)
+
+
+class _CountingBlock(_Block):
+    def __init__(self, dim: int, calls: list) -> None:
+        super().__init__(dim)
+        self.calls = calls
+
+    def forward(self, x, scale):
+        self.calls.append(torch.is_grad_enabled())
+        return super().forward(x, scale)
+
+
+@pytest.mark.parametrize("keep,stride,refetch", [(0, 2, False), (0, 3, False), (0, 6, True),
+                                                 (2, 2, True), (0, 1, False)])
+def test_segments_keep_one_input_per_segment_on_the_host(keep, stride, refetch):
+    """memory.offload_stride: 6 layers, the offloaded ones in segments of ``stride``.  The
+    gradients are bit for bit those of plain autograd; the host holds each segment's first
+    input and ``stride - 1`` scratch buffers (``stride - 2`` without refetch), every
+    segment's; each layer but a segment's last runs one more no-grad forward, in the backward;
+    and every parked input is taken again (none left on its way to the device)."""
+    torch.manual_seed(0)
+    calls = {i: [] for i in range(6)}
+    ref = _Stack(6).double()
+    model = copy.deepcopy(ref)
+    for i, block in model.layers.items():
+        counting = _CountingBlock(6, calls[int(i)]).double()
+        counting.load_state_dict(block.state_dict())
+        model.layers[i] = counting
+    offloader = HostOffloader(torch.device("cpu"))
+    if refetch:  # refetch_input needs the block's attention_norm: give it one
+        for block in model.layers.values():
+            block.attention_norm = block.lin
+    apply_offloaded_ac(model, offloader, keep, stride=stride, refetch_input=refetch)
+    x, x_ref, gy = _input_and_gradient()
+    for _ in range(2):  # the second step reuses the host buffers
+        model.zero_grad()
+        ref.zero_grad()
+        for c in calls.values():
+            c.clear()
+        model(x).backward(gy)
+        ref(x_ref).backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    offloaded = 6 - keep
+    heads = list(range(keep, 6, stride))
+    assert offloader.layers() == heads
+    scratch = (stride - 1 if refetch else stride - 2) if stride > 1 else 0
+    assert offloader.host_bytes() == (len(heads) + scratch) * x.nbytes
+    assert offloader.allocations == len(heads) + scratch  # made once, reused by step 2
+    for layer, made in calls.items():
+        last = layer >= keep and (layer - keep) % stride == stride - 1
+        regenerated = layer >= keep and stride > 1 and not last
+        # the forward (no grad), the regenerating one (no grad), the recompute (grad)
+        assert made == [False] + [False] * regenerated + [True], (layer, made)
+    assert not offloader._reloaded and offloaded % stride == 0

@@ -159,6 +159,38 @@ def test_inplace_residual_grads_need_offloaded_activations():
                                 config="llama3_debug_upipe_memory.toml"), world_size=2, cuda=False)
 
 
+def test_offload_stride_needs_offloading_divides_the_offloaded_layers_and_keeps_no_results():
+    _fails(r"memory.offload_stride=2 keeps every k-th offloaded block input on the host, but "
+           r"memory.offload_activations=false offloads none", "--memory.offload_stride=2")
+    stack = dict(config="llama3_debug_upipe_memory.toml")  # 6 layers, offload_keep_layers = 1
+    _fails(r"memory.offload_stride=2 must divide the 5 offloaded layers \(6 layers, "
+           r"offload_keep_layers=1\) into segments; valid: \[1, 5\]",
+           "--memory.offload_stride=2", **stack)
+    _fails(r"memory.offload_stride=3 regenerates block inputs with plain forwards and does "
+           r"not take memory.keep_attention_output='host'", "--memory.offload_stride=3",
+           "--memory.offload_keep_layers=0", "--memory.keep_attention_output=host", **stack)
+    from torchtitan_upipe.titan.config import Memory
+
+    with pytest.raises(ValueError, match=r"memory.offload_stride=0 must be an integer >= 1"):
+        Memory(offload_stride=0)
+    for args in (("--memory.offload_stride=5",),
+                 ("--memory.offload_stride=3", "--memory.offload_keep_layers=0")):
+        validate_job_config(_config(*args, **stack), world_size=2, cuda=False)
+
+
+def test_fused_output_projection_needs_upipe():
+    for args, got in ((("--context_parallel.style=ulysses",), "style='ulysses', degree 2"),
+                      (("--parallelism.context_parallel_degree=1",), "style='upipe', degree 1")):
+        _fails(r"memory.fuse_output_projection=true applies wo inside UPipe's op: it needs "
+               r"context_parallel.style='upipe' with context_parallel_degree > 1 \(got "
+               + got.replace("(", r"\(") + r"\); or memory.fuse_output_projection=false",
+               "--memory.fuse_output_projection", *args)
+    validate_job_config(_config("--memory.fuse_output_projection"), world_size=2, cuda=False)
+    validate_job_config(_config("--memory.fuse_output_projection",
+                                "--parallelism.context_parallel_degree=4",
+                                "--context_parallel.ulysses_degree=2"), world_size=4, cuda=False)
+
+
 def test_optimizer_state_offload_needs_a_stateful_optimizer_stepped_after_backward():
     validate_job_config(_config("--memory.offload_optimizer_state", "--optimizer.name=Adam"),
                         world_size=2, cuda=False)

@@ -196,8 +196,11 @@ def test_remedies_fit_and_come_fewest_changes_first():
     assert fixes and all(f.ok for _, f in fixes)
     counts = [len(c) for c, _ in fixes]
     assert counts == sorted(counts)
-    # the free change first: the residual gradients summed in place (one gradient less)
-    assert fixes[0][0] == {"memory.offload_inplace_residual_grads": True}
+    # the free changes first: the residual gradients summed in place and wo fused into the
+    # op (a block-sized gradient less each), part of every remedy
+    free = {"memory.offload_inplace_residual_grads": True, "memory.fuse_output_projection": True}
+    assert fixes[0][0] == free
+    assert all(changes.items() >= free.items() for changes, _ in fixes)
     args = fm.option_args({"memory.offload_prefetch": False, "memory.offload_keep_layers": 0,
                            "memory.tiled_mlp": True})
     assert args == ["--memory.no_offload_prefetch", "--memory.offload_keep_layers", "0",
@@ -213,22 +216,36 @@ def test_the_option_flags_parse_as_train_py_parses_them():
             job.context_parallel.upipe_chunk_heads) == (False, 0, True, 4)
 
 
-@pytest.mark.parametrize("host", [1400, 600])
+@pytest.mark.parametrize("host", [1400, 600, 250])
 @pytest.mark.parametrize("seq", [3 * M, 5 * M, 6 * M])
 def test_fitting_keep_is_the_largest_keep_that_fits(seq, host):
-    """The bisection over keep_layers equals a linear scan (at 5M with 600 GiB of host per
-    node, nothing fits: the device needs more layers offloaded than the host can take)."""
+    """The bisection over keep_layers equals a linear scan; where no keep_layers fits the
+    host (at 5M with 600 GiB of host per node the device needs more layers offloaded than
+    the host can take), segment checkpointing: the smallest offload_stride, then the largest
+    keep_layers, of a scan over both (None if none fits)."""
     st = _8b(seq, chunk_heads=8)
     budget = fm.Budget(80, 4, host_gib=host, ranks_per_node=8)
     got = fm.fitting_keep(st, budget)
-    scan = [k for k in range(32)
-            if fm.fit(mm.replace(st, offload=True, keep_layers=k, inplace_grads=True), budget).ok]
-    if fm.fit(mm.replace(st, offload=False), budget).ok:
+
+    def fits(keep, stride=1):
+        return fm.fit(fm.with_free_options(mm.replace(
+            st, offload=True, keep_layers=keep, offload_stride=stride)), budget).ok
+
+    scan = [k for k in range(32) if fits(k)]
+    strided = [(s, k) for s in fm.STRIDES for k in range(32) if (32 - k) % s == 0 and fits(k, s)]
+    if fm.fit(fm.with_free_options(mm.replace(st, offload=False)), budget).ok:
         assert got is not None and not got.setup.offload
-    elif not scan:
+    elif scan:
+        assert got is not None and got.setup.keep_layers == max(scan)
+        assert got.setup.offload_stride == 1
+    elif not strided:
         assert got is None
     else:
-        assert got is not None and got.setup.keep_layers == max(scan)
+        stride, keep = min(strided, key=lambda r: (r[0], -r[1]))
+        assert got is not None and got.ok
+        assert (got.setup.offload_stride, got.setup.keep_layers) == (stride, keep)
+    if (seq, host) == (5 * M, 600):
+        assert not scan and strided and got.setup.offload_stride > 1
 
 
 def test_leanest_is_the_least_device_memory():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import math
 import os
 from types import SimpleNamespace
@@ -57,32 +58,41 @@ def _err(model: int, measured: int) -> float:
 
 
 # ---- (a) UPipe: forward (and backward) of upipe/functional.py -----------------------------
+def _weight_grads(grads) -> int:
+    """Bytes of ``upipe_backward``'s wq, wk and wv gradients, made before its stages (the
+    model's model_states counts these); wo's, with the fused projection, is made after the
+    last stage, past the peak."""
+    return sum(t.nbytes for t in grads[1:4])
+
+
 @functools.cache
-def _upipe_measure(u: int, dtype: torch.dtype = DT) -> tuple[int, int]:
+def _upipe_measure(u: int, dtype: torch.dtype = DT, fused_wo: bool = False) -> tuple[int, int]:
     g = torch.Generator().manual_seed(u)
     x = torch.randn(1, S, DIM, generator=g).to(dtype)
     wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(dtype) for n in (H, HKV, HKV))
+    wo = (torch.randn(DIM, H * D, generator=g) * 0.1).to(dtype) if fused_wo else None
     freqs, kernel, sched = freqs_cis(S, D), get_kernel("sdpa"), UPipeSchedule(H, HKV, 1, u)
     with _tracker() as fwd:
         out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, None, kernel, True, D**-0.5)
-    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dout = torch.randn(out.shape if wo is None else x.shape, generator=g).to(dtype)
     with _tracker() as bwd:
         grads = upipe_backward(dout, x, wq, wk, wv, freqs, out, lse, sched, None, kernel, True,
-                               D**-0.5)
-    weight_grads = sum(t.nbytes for t in grads[1:])  # model_states counts these
-    return fwd.peak_bytes, bwd.peak_bytes - weight_grads
+                               D**-0.5, wo=wo)
+    return fwd.peak_bytes, bwd.peak_bytes - _weight_grads(grads)
 
 
+@pytest.mark.parametrize("fused_wo", [False, True], ids=["attention", "fused_wo"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("u", [1, 2, 4, 16])
-def test_upipe_forward_phase_matches_model(u, dtype):
+def test_upipe_forward_phase_matches_model(u, dtype, fused_wo):
     """Forward phase: everything ``upipe_forward`` allocates (out + lse + the O(U) stage
     buffers) vs :func:`upipe_forward_bytes`; the backward is checked the same way.  Exact: in
     bf16 the backward peaks in a stage's inverse RoPE, on top of the fp32 dK/dV accumulators
-    (tau > 1) or the kernel's dk_s/dv_s (tau == 1); in float32 in the kernel backward."""
-    fwd, bwd = _upipe_measure(u, dtype)
+    (tau > 1) or the kernel's dk_s/dv_s (tau == 1); in float32 in the kernel backward.
+    ``fused_wo``: the backward makes each stage's output gradient from the block's."""
+    fwd, bwd = _upipe_measure(u, dtype, fused_wo)
     e = dtype.itemsize
-    st = _setup(style="upipe", chunk_heads=u, act_bytes=e, param_bytes=e)
+    st = _setup(style="upipe", chunk_heads=u, act_bytes=e, param_bytes=e, fused_wo=fused_wo)
     mf, mb = mm.upipe_forward_bytes(st), mm.upipe_backward_bytes(st)
     print(f"U={u} {dtype} tau={mm.upipe_geometry(st)['tau']}: forward measured {fwd} model {mf} "
           f"({_err(mf, fwd):+.2%}); backward measured {bwd} model {mb} ({_err(mb, bwd):+.2%})")
@@ -91,43 +101,47 @@ def test_upipe_forward_phase_matches_model(u, dtype):
 
 def _upipe_gloo_worker(rank: int, world: int) -> None:
     """On each gloo rank: UPipe forward/backward with real all-to-alls (u = world, strided
-    stage weights; tau = 4, 2, 1; KV replication rho = 2 with H_kv = 2), bf16 and float32."""
+    stage weights; tau = 4, 2, 1; KV replication rho = 2 with H_kv = 2), bf16 and float32,
+    with and without the fused output projection."""
     group, kernel = torch.distributed.group.WORLD, get_kernel("sdpa")
     s = S // world
     exact = total = 0
-    for hkv, u in ((HKV, world), (HKV, 2 * world), (HKV, 16), (2, world), (2, 2 * world)):
-        for dtype in (torch.bfloat16, torch.float32):
-            g = torch.Generator().manual_seed(u + hkv)
-            x = torch.randn(1, s, DIM, generator=g).to(dtype)
-            wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(dtype)
-                          for n in (H, hkv, hkv))
-            freqs, sched = freqs_cis(S, D)[rank * s:(rank + 1) * s], UPipeSchedule(H, hkv, world, u)
-            with _tracker() as fwd:
-                out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, D**-0.5)
-            dout = torch.randn(out.shape, generator=g).to(dtype)
-            with _tracker() as bwd:
-                grads = upipe_backward(dout, x, wq, wk, wv, freqs, out, lse, sched, group, kernel,
-                                       True, D**-0.5)
-            measured = (fwd.peak_bytes, bwd.peak_bytes - sum(t.nbytes for t in grads[1:]))
-            del out, lse, dout, grads
-            e = dtype.itemsize
-            st = _setup(style="upipe", chunk_heads=u, n_kv_heads=hkv, cp=world, act_bytes=e,
-                        param_bytes=e)
-            model = (mm.upipe_forward_bytes(st), mm.upipe_backward_bytes(st))
-            # c10d work objects sometimes keep send buffers alive a little longer: the
-            # measurement can exceed the model, never fall below it
-            assert measured[0] >= model[0] and measured[1] >= model[1], (rank, hkv, u, dtype,
-                                                                        measured, model)
-            exact += (measured[0] == model[0]) + (measured[1] == model[1])
-            if measured != model:
-                print(f"rank {rank} H_kv={hkv} U={u} {dtype}: measured {measured} model {model}")
-            total += 2
+    cases = ((HKV, world), (HKV, 2 * world), (HKV, 16), (2, world), (2, 2 * world))
+    for (hkv, u), dtype, fused_wo in itertools.product(
+            cases, (torch.bfloat16, torch.float32), (False, True)):
+        g = torch.Generator().manual_seed(u + hkv)
+        x = torch.randn(1, s, DIM, generator=g).to(dtype)
+        wq, wk, wv = ((torch.randn(n * D, DIM, generator=g) * 0.1).to(dtype)
+                      for n in (H, hkv, hkv))
+        wo = (torch.randn(DIM, H * D, generator=g) * 0.1).to(dtype) if fused_wo else None
+        freqs, sched = freqs_cis(S, D)[rank * s:(rank + 1) * s], UPipeSchedule(H, hkv, world, u)
+        with _tracker() as fwd:
+            out, lse = upipe_forward(x, wq, wk, wv, freqs, sched, group, kernel, True, D**-0.5)
+        dout = torch.randn(out.shape if wo is None else x.shape, generator=g).to(dtype)
+        with _tracker() as bwd:
+            grads = upipe_backward(dout, x, wq, wk, wv, freqs, out, lse, sched, group, kernel,
+                                   True, D**-0.5, wo=wo)
+        measured = (fwd.peak_bytes, bwd.peak_bytes - _weight_grads(grads))
+        del out, lse, dout, grads
+        e = dtype.itemsize
+        st = _setup(style="upipe", chunk_heads=u, n_kv_heads=hkv, cp=world, act_bytes=e,
+                    param_bytes=e, fused_wo=fused_wo)
+        model = (mm.upipe_forward_bytes(st), mm.upipe_backward_bytes(st))
+        # c10d work objects sometimes keep send buffers alive a little longer: the
+        # measurement can exceed the model, never fall below it
+        case = (rank, hkv, u, dtype, fused_wo)
+        assert measured[0] >= model[0] and measured[1] >= model[1], (case, measured, model)
+        exact += (measured[0] == model[0]) + (measured[1] == model[1])
+        if measured != model:
+            print(f"rank {rank} H_kv={hkv} U={u} {dtype} wo={fused_wo}: measured {measured} "
+                  f"model {model}")
+        total += 2
     print(f"rank {rank}: {exact} of {total} UPipe phases match the model to the byte")
 
 
 @pytest.mark.slow
 def test_upipe_all_to_all_terms_bound_measurement():
-    """4 gloo ranks (20-40 s on 2 cores): the model's all-to-all terms are a lower
+    """4 gloo ranks (40-80 s on 2 cores): the model's all-to-all terms are a lower
     bound on every rank, and to the byte when no send buffer lingers (most of them)."""
     from tests.helpers.dist import run_distributed
 
@@ -313,24 +327,53 @@ def _small_llama(n_layers: int):
 
 def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4,
                            refetch: bool = False, inplace: bool = False,
-                           tiles: int = 0, attention_phase: bool = False) -> tuple[int, int]:
+                           tiles: int = 0, attention_phase: bool = False,
+                           upipe: int = 0, fused_wo: bool = False,
+                           stride: int = 1) -> tuple[int, int]:
     """Peak live bytes of forward + backward through the blocks of a small bf16 Llama3 with
-    offloaded checkpointing (parameters frozen: their grads are model states).  Every tensor
+    offloaded checkpointing (parameters frozen: their grads are model states), without the
+    offloader's host buffers (CPU tensors too, here: the tracker is told to skip them).  Every tensor
     alive at the start stays alive to the end, so no freed address can hide an allocation.
     The gradient arriving from above is made in the region (as the final norm's would be):
     the backward starts from ``(h * dy).sum()``.  ``tiles``: tiled MLP and norm, that many.
     ``attention_phase``: the highest peak inside an attention's backward instead (from the
-    gradient of its output to that of its input), the model's ``attention_bwd``."""
-    from torchtitan_upipe.memory import HostOffloader, apply_offloaded_ac
+    gradient of its output to that of its input), the model's ``attention_bwd``.
+    ``upipe``: the plugin's UPipe attention (no CP) with that U, ``wo`` in its op with
+    ``fused_wo``; ``wo`` then trains (the op makes its gradient either way, as autograd's
+    ``nn.Linear`` does for a trained weight)."""
+    from torchtitan_upipe.memory import HostMemory, HostOffloader, apply_offloaded_ac
+    from torchtitan_upipe.titan.attention import ContextParallelAttention, UPipeStrategy
+    from torchtitan_upipe.titan.groups import CPGroups
     from torchtitan_upipe.titan.memory_stack import apply_tiling
 
     model = _small_llama(n_layers)
     model.requires_grad_(False)
+    if upipe:
+        for block in model.layers.values():
+            strategy = UPipeStrategy(CPGroups.local(), "sdpa", upipe, fuse_wo=fused_wo)
+            block.attention = ContextParallelAttention(block.attention, strategy)
+            block.attention.wo.weight.requires_grad_(True)
     if tiles:
         apply_tiling(model, SimpleNamespace(tiled_mlp=True, mlp_tiles=tiles, tiled_norm=True,
                                             norm_tiles=tiles, chunked_loss=False), S)
-    apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep, prefetch,
-                       refetch_input=refetch, inplace_residual_grads=inplace)
+    making, host_buffers = [False], set()  # the buffers' data pointers
+
+    def host_buffer(make):
+        making[0] = True
+        try:
+            buf = make()
+        finally:
+            making[0] = False
+        host_buffers.add(buf.data_ptr())
+        return buf
+
+    def on_host(t: torch.Tensor) -> bool:  # made, or first written (copy_), as a host buffer
+        return making[0] or t.untyped_storage().data_ptr() in host_buffers
+
+    offloader = HostOffloader(torch.device("cpu"),
+                              host_memory=HostMemory(pinned=False, allocate=host_buffer))
+    apply_offloaded_ac(model, offloader, keep, prefetch,
+                       refetch_input=refetch, inplace_residual_grads=inplace, stride=stride)
     x = torch.randn(1, S, DIM).to(DT).requires_grad_()
     dy = torch.randn(1, S, DIM).to(DT)
     blocks, freqs = list(model.layers.values()), model.freqs_cis
@@ -344,7 +387,8 @@ def _offloaded_blocks_peak(prefetch: bool, keep: int, n_layers: int = 4,
     if attention_phase:
         for block in blocks:
             block.attention.register_forward_hook(on_attention)
-    with _tracker() as t:
+    gc.collect()
+    with LiveTensorTracker(ignore=on_host) as t:
         h = x
         for block in blocks:
             h = block(h, freqs, None, None)
@@ -482,6 +526,7 @@ def test_kept_attention_results_wait_on_the_device_or_leave_it(style):
             strategy = (UPipeStrategy(CPGroups.local(), "math", 1) if style == "upipe" else
                         UlyssesStrategy(CPGroups.local(), get_kernel("math", torch.device("cpu"))))
             block.attention = ContextParallelAttention(block.attention, strategy)
+            block.attention.wo.weight.requires_grad_(True)
         counted = Counted(fake=False)
         offloader = HostOffloader(torch.device("cpu"), host_memory=HostMemory(
             pinned=False, allocate=counted.allocate_host))
@@ -593,3 +638,41 @@ def test_inplace_residual_grads_are_one_gradient_less_in_the_backward(refetch):
     print(f"inplace refetch={refetch}: peak {off} -> {on} (block input {block_input}; model "
           f"{model[False] - model[True]})")
     assert off - on == block_input == model[False] - model[True]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["autograd_sums", "inplace_sums"])
+def test_fused_output_projection_is_one_output_gradient_less_in_the_backward(inplace):
+    """memory.fuse_output_projection, measured on real bf16 tensors through 4 offloaded Llama3
+    blocks with UPipe attention (U = 2 of 4 heads, tiled MLP and norms): inside the
+    attention's backward the peak is exactly ``wo``'s input gradient ``e T H D`` lower (here
+    ``H D = dim``: one block-sized tensor), as the model's ``attention_bwd`` says."""
+    (off, block_input), (on, _) = (
+        _offloaded_blocks_peak(True, 0, inplace=inplace, tiles=4, attention_phase=True,
+                               upipe=2, fused_wo=f)
+        for f in (False, True))
+    st = _setup(n_heads=4, n_kv_heads=2, head_dim=DIM // 4, style="upipe", chunk_heads=2,
+                offload=True, keep_layers=0, inplace_grads=inplace, tiled_mlp=True,
+                mlp_tiles=4, tiled_norm=True, norm_tiles=4)
+    model = {f: mm.phases(mm.replace(st, fused_wo=f), 0)["attention_bwd"] for f in (False, True)}
+    print(f"fused wo inplace={inplace}: peak {off} -> {on} (block input {block_input}; model "
+          f"{model[False] - model[True]})")
+    assert off - on == block_input == model[False] - model[True]
+
+
+@pytest.mark.parametrize("refetch", [False, True])
+def test_segments_hold_no_more_on_the_device(refetch):
+    """memory.offload_stride = 2 and 4 on real bf16 tensors through 4 offloaded Llama3 blocks
+    (tiled MLP and norms, in-place residual gradients): the regenerating forwards run
+    inside a layer's backward, yet without prefetch the step's peak, and the attention
+    backward's, are those of offloading every input; with prefetch they are no higher (a
+    regenerated input is not prefetched: there is none on the host to fetch).  The host
+    holds fewer inputs: the segment tests in tests/memory/test_offload.py count them."""
+    kw = dict(refetch=refetch, inplace=True, tiles=4)
+    for prefetch in (False, True):
+        for phase in (False, True):
+            base, _ = _offloaded_blocks_peak(prefetch, 0, attention_phase=phase, **kw)
+            for stride in (2, 4):
+                got, _ = _offloaded_blocks_peak(prefetch, 0, attention_phase=phase,
+                                                stride=stride, **kw)
+                case = (prefetch, phase, stride, got, base)
+                assert got <= base if prefetch else got == base, case

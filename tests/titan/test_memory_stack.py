@@ -34,7 +34,7 @@ def _model(head_dim=None):
 
 def _mem(**kw):
     base = dict(offload_activations=False, offload_keep_layers=1, offload_prefetch=True,
-                offload_refetch_input=False, offload_inplace_residual_grads=False,
+                offload_refetch_input=False, offload_inplace_residual_grads=False, offload_stride=1,
                 keep_attention_output="none", tiled_mlp=False, mlp_tiles=0, tiled_norm=False,
                 norm_tiles=0, chunked_loss=False, loss_chunks=0)
     base.update(kw)
@@ -70,9 +70,16 @@ def _loss_and_grads(model, tokens, labels, chunked):
              offload_inplace_residual_grads=True),
         _mem(offload_activations=True, offload_keep_layers=0, tiled_mlp=True, tiled_norm=True,
              chunked_loss=True, offload_refetch_input=True, offload_inplace_residual_grads=True),
+        _mem(offload_activations=True, offload_keep_layers=1, offload_stride=2),
+        _mem(offload_activations=True, offload_keep_layers=0, offload_stride=3,
+             offload_prefetch=False),
+        _mem(offload_activations=True, offload_keep_layers=0, offload_stride=3, tiled_mlp=True,
+             tiled_norm=True, chunked_loss=True, offload_refetch_input=True,
+             offload_inplace_residual_grads=True),
     ],
     ids=["tiled_mlp", "tiled_norm", "chunked_loss", "offload", "offload_no_prefetch", "refetch",
-         "inplace_residual_grads", "everything"],
+         "inplace_residual_grads", "everything", "stride_2", "stride_3_no_prefetch",
+         "stride_3_everything"],
 )
 def test_memory_stack_is_exact(mem, head_dim):
     ref = _model(head_dim)
@@ -82,7 +89,8 @@ def test_memory_stack_is_exact(mem, head_dim):
     if mem.offload_activations:
         apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), mem.offload_keep_layers,
                            mem.offload_prefetch, refetch_input=mem.offload_refetch_input,
-                           inplace_residual_grads=mem.offload_inplace_residual_grads)
+                           inplace_residual_grads=mem.offload_inplace_residual_grads,
+                           stride=mem.offload_stride)
     assert list(model.state_dict()) == keys  # canonical weights: nothing renamed
 
     g = torch.Generator().manual_seed(1)
@@ -250,7 +258,8 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
     mem = NS(tiled_mlp=True, mlp_tiles=0, tiled_norm=True, norm_tiles=3, chunked_loss=True,
              loss_chunks=0, offload_activations=True, offload_keep_layers=1, offload_pinned=False,
              offload_prefetch=True, keep_attention_output="none", offload_optimizer_state=False,
-             offload_refetch_input=False, offload_inplace_residual_grads=False)
+             offload_refetch_input=False, offload_inplace_residual_grads=False,
+             offload_stride=1, fuse_output_projection=False)
     assert describe(mem, local_seq=1000, batch=3, dim=256, n_layers=6) == [
         "memory.tiled_mlp: the MLP over 4 tiles of <= 250 tokens per sample "
         "(mlp_tiles=0: ceil(1000 / dim 256))",
@@ -284,6 +293,10 @@ def test_each_memory_option_that_is_on_says_what_it_takes_effect_with():
         "memory.offload_activations: block inputs of layers 0-5 (6 of 6) in pageable host memory, "
         "none kept on the device (offload_keep_layers=0); prefetch on; residual gradients "
         "summed in place (offload_inplace_residual_grads)"]
+    fused = NS(**{**vars(off), "fuse_output_projection": True})
+    assert describe(fused, 1000, 3, 256, 6) == [
+        "memory.fuse_output_projection: UPipe's op applies wo; its backward makes each stage's "
+        "output gradient from the block's (no full-width gradient of wo's input)"]
     optimizer = NS(**{**vars(off), "offload_optimizer_state": True})
     assert describe(optimizer, 1000, 3, 256, 6) == [
         "memory.offload_optimizer_state: the optimizer's state in pageable host memory during "
@@ -301,7 +314,7 @@ KEEP_CASES = {
 }
 
 
-def _cp_model(groups, style, chunk_heads):
+def _cp_model(groups, style, chunk_heads, fuse_wo=False):
     from torchtitan_upipe.cp.kernels import get_kernel
     from torchtitan_upipe.titan.attention import (
         ContextParallelAttention,
@@ -311,7 +324,7 @@ def _cp_model(groups, style, chunk_heads):
 
     model = _model()
     for block in model.layers.values():
-        strategy = (UPipeStrategy(groups, "math", chunk_heads) if style == "upipe"
+        strategy = (UPipeStrategy(groups, "math", chunk_heads, fuse_wo=fuse_wo) if style == "upipe"
                     else UlyssesStrategy(groups, get_kernel("math", torch.device("cpu"))))
         block.attention = ContextParallelAttention(block.attention, strategy)
     return model
@@ -398,3 +411,70 @@ def test_kept_attention_output_is_exact_and_runs_each_kernel_forward_once_2_rank
 
 def test_kept_attention_output_is_exact_and_runs_each_kernel_forward_once_4_ranks():
     run_distributed(_keep_cases, 4)
+
+
+# ---- memory.fuse_output_projection: UPipe's op applies wo ---------------------------------
+
+def _fused_wo_cases(rank, world):
+    """Every UPipe case of KEEP_CASES (UPipe x ring on 4 ranks) with wo fused into the op and
+    without, under the offloaded checkpointing with each kept-result choice and the in-place
+    residual gradients: the same loss and every gradient within float64 rounding."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan_upipe.titan.groups import build_cp_groups
+    from torchtitan_upipe.titan.sharding import sharder_for
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 97, (2, SEQ), generator=g)
+    labels = torch.randint(0, 97, (2, SEQ), generator=g)
+    ran = 0
+    for u, style, chunk_heads in KEEP_CASES[world]:
+        if style != "upipe":
+            continue
+        groups = build_cp_groups(mesh, u)
+        sharder = sharder_for(groups)
+        local = [sharder.shard(t) for t in (tokens, labels)]
+        for keep, inplace in (("none", False), ("host", True), ("device", False)):
+            results = []
+            for fuse in (False, True):
+                model = _cp_model(groups, style, chunk_heads, fuse_wo=fuse)
+                model.use_local_rope(sharder.indices(SEQ))
+                apply_offloaded_ac(model, HostOffloader(torch.device("cpu")), keep_layers=1,
+                                   keep_attention_output=keep, inplace_residual_grads=inplace)
+                results.append(_step(model, *local))
+            (loss, grads), (f_loss, f_grads) = results
+            case = f"C={world} u={u} U={chunk_heads} keep={keep} inplace={inplace}"
+            torch.testing.assert_close(f_loss, loss, rtol=1e-12, atol=1e-12, msg=case)
+            for name, grad in grads.items():
+                torch.testing.assert_close(f_grads[name], grad, rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"{case} {name}: {m}")
+            ran += 1
+    assert ran == 6, ran  # two UPipe layouts x three choices
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_output_projection_gives_every_gradient(world):
+    run_distributed(_fused_wo_cases, world)
+
+
+def test_fused_output_projection_refuses_a_converted_wo():
+    """A wo that is not TorchTitan's bias-free nn.Linear would be bypassed: an error that
+    names the option, when the style installs the attention."""
+    from torchtitan_upipe.titan.attention import check_fusable_wo
+
+    model = _model()
+    attention = model.layers["0"].attention
+    check_fusable_wo(attention)  # TorchTitan's
+
+    class Converted(torch.nn.Linear):
+        pass
+
+    attention.wo = Converted(attention.wo.in_features, attention.wo.out_features, bias=False)
+    with pytest.raises(ValueError, match=r"memory.fuse_output_projection=true applies wo inside "
+                                         r"the UPipe op, but this model's wo is Converted.*"
+                                         r"set memory.fuse_output_projection=false"):
+        check_fusable_wo(attention)
+    attention.wo = torch.nn.Linear(attention.wo.in_features, attention.wo.out_features)
+    with pytest.raises(ValueError, match="wo is Linear with a bias"):
+        check_fusable_wo(attention)

@@ -177,6 +177,36 @@ def test_optimizer_state_on_the_host_refetched_inputs_and_inplace_grads_change_n
     assert host == {1: 0.0, **{s: state for s in range(2, STEPS + 1)}}, (host, state)
 
 
+def test_fused_output_projection_changes_no_loss(workdir, seed_checkpoint, memory_stack_losses,
+                                                reference_losses):
+    """memory.fuse_output_projection under the trainer (FSDP, the checkpoint's wo): with the
+    memory stack and kept results on 2 ranks the memory stack's losses, and UPipe x ring 2x2
+    on 4 ranks plain training's, both within the parity bound (the backward's GEMMs are split
+    by columns: equal within rounding, not bit for bit)."""
+    stacked = _losses(workdir, seed_checkpoint, "upipe_fused_wo", 2,
+                      "llama3_debug_upipe_memory.toml", "--memory.fuse_output_projection",
+                      "--memory.keep_attention_output=host")
+    _assert_parity(stacked, memory_stack_losses)
+    ring = _losses(workdir, seed_checkpoint, "upipe2x2_fused_wo", 4, "llama3_debug_upipe.toml",
+                   "--parallelism.context_parallel_degree=4", "--context_parallel.ulysses_degree=2",
+                   "--memory.fuse_output_projection")
+    _assert_parity(ring, reference_losses)
+
+
+def test_segment_checkpointing_changes_no_loss(workdir, seed_checkpoint, memory_stack_losses):
+    """memory.offload_stride = 3 under the trainer (FSDP2 on 2 ranks: the regenerating
+    forwards gather each block's shards themselves), all 6 layers offloaded, with refetched
+    inputs and in-place residual gradients: the memory stack's losses bit for bit, and the
+    host holds 2 segment inputs and 2 scratch buffers instead of 5 inputs."""
+    name = "upipe_stride3"
+    losses = _losses(workdir, seed_checkpoint, name, 2, "llama3_debug_upipe_memory.toml",
+                     "--memory.offload_keep_layers=0", "--memory.offload_stride=3",
+                     "--memory.offload_refetch_input", "--memory.offload_inplace_residual_grads")
+    assert losses == memory_stack_losses
+    host = tensorboard_scalars(str(workdir / name), "memory/host_offload(GiB)")
+    assert set(host.values()) == {4 * 2 * 128 * 256 * 4 / 2**30}, host
+
+
 CP4 = ("--parallelism.context_parallel_degree=4",)
 
 

@@ -341,24 +341,33 @@ def test_analytic_model_agrees_with_the_estimator_where_the_recompute_forward_bi
 
 
 @pytest.mark.slow
-def test_analytic_model_agrees_with_the_estimator_on_the_leanest_options(tmp_path):
+@pytest.mark.parametrize("fused_wo,stride", [(False, 1), (True, 1), (True, 2)],
+                         ids=["five", "fused_wo", "fused_wo_stride_2"])
+def test_analytic_model_agrees_with_the_estimator_on_the_leanest_options(tmp_path, fused_wo,
+                                                                         stride):
     """Every block input offloaded, no prefetch, the optimizer state on the host, the
     inputs refetched for the attention norm and the residual gradients summed in place
-    (Llama3-8B, 8 ranks, 1M, 4 layers): the model's peak within 1% of the estimator's, its
-    host bytes exact."""
+    (Llama3-8B, 8 ranks, 1M, 4 layers), then wo fused into the op, then segments of 2
+    layers: the model's peak within 1% of the estimator's, its host bytes exact (segments:
+    2 of the 4 inputs and 1 scratch buffer)."""
     from torchtitan_upipe.titan import memory_model as mm
 
     seq = 1 << 20
+    more = ((["--memory.fuse_output_projection"] if fused_wo else [])
+            + ["--memory.offload_stride", str(stride)])
     est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B, "--training.seq_len", str(seq),
                     "--benchmark.n_layers", "4", "--memory.offload_keep_layers", "0",
                     "--memory.no-offload-prefetch", "--memory.offload_optimizer_state",
                     "--memory.offload_refetch_input", "--memory.offload_inplace_residual_grads",
-                    target="cuda")
+                    *more, target="cuda")
     st = mm.replace(mm.stack(mm.from_flavor("8B", seq_len=seq, cp=8, world=8, style="upipe")),
                     n_layers=4, keep_layers=0, offload_prefetch=False, offload_optimizer=True,
-                    refetch_input=True, inplace_grads=True)
+                    refetch_input=True, inplace_grads=True, fused_wo=fused_wo,
+                    offload_stride=stride)
     b = mm.breakdown(st)
-    assert est["host_bytes"] == b["host"] == 4 * seq // 8 * 4096 * 2 + est["host_optimizer_bytes"]
+    inputs = 4 if stride == 1 else 3
+    assert est["host_bytes"] == b["host"] == (inputs * seq // 8 * 4096 * 2
+                                              + est["host_optimizer_bytes"])
     assert abs(b["peak_device"] / est["peak_bytes"] - 1) < 0.01, (b["peak_device"], est["peak_bytes"])
 
 

@@ -47,6 +47,20 @@ of the block's size instead of two.  The same additions: bit for bit where each 
 autograd node (the tiled norm); a norm that reads its input twice (TorchTitan's composite
 RMSNorm) has its two terms summed before they meet the residual's, equal within rounding.
 
+With ``stride = k > 1`` (segment checkpointing) only every ``k``-th offloaded layer, the
+head of a segment of ``k`` consecutive layers, keeps its input in host memory; the others
+keep nothing.  The backward of a segment's last layer regenerates the inputs of the layers
+between from the head's: it copies the head's input back and runs blocks ``head`` to
+``last - 1`` forward without autograd, keeps the last layer's input on the device for its
+recompute and parks the others (and, for ``refetch_input``, the last one too) in ``k - 1``
+scratch host buffers that every segment shares, from which the earlier layers of the segment
+then reload theirs like any offloaded layer.  Host memory for the block inputs falls from
+one per offloaded layer to one per segment plus the scratch buffers, for ``k - 1`` more block
+forwards per segment; the device holds no more than one layer's backward does.  A sharded
+block (FSDP2's ``FSDPModule``) is gathered with its ``unshard()`` and released with
+``reshard()`` around the regenerating forward, which calls the block's own forward: module
+hooks do not run, so FSDP's backward prefetch order stays that of the forward.
+
 Layers ``< keep_layers`` are checkpointed the same way but keep their input on the device
 (the paper keeps layer 0).  On a machine without CUDA the "host" copy is an ordinary CPU
 tensor copy, so the same code path (buffers, ordering, prefetch) runs in CPU tests.
@@ -98,8 +112,9 @@ class HostOffloader:
         return buf
 
     def layers(self) -> list[int]:
-        """The layers that have host buffers, ascending."""
-        return sorted({layer for layer, _ in self._host})
+        """The layers that have host buffers, ascending (not the scratch buffers of segment
+        checkpointing, keyed by negative numbers)."""
+        return sorted({layer for layer, _ in self._host if layer >= 0})
 
     def host_bytes(self, parts: tuple[str, ...] | None = None) -> int:
         """Bytes of the host buffers allocated so far (one per offloaded layer and part),
@@ -130,7 +145,9 @@ class HostOffloader:
 
     def prefetch(self, layer: int) -> None:
         """Start copying every part of ``layer`` on the host back to the device (no-op for a
-        layer with none, and for a part already on its way)."""
+        layer with none, below layer 0, and for a part already on its way)."""
+        if layer < 0:  # (negative keys are scratch buffers, not layers)
+            return
         for key in [k for k in self._host if k[0] == layer and k not in self._reloaded]:
             self._fetch(key)
 
@@ -249,6 +266,64 @@ def _check_summable(block: nn.Module, layer: int) -> None:
             f"structure; set memory.offload_inplace_residual_grads=false")
 
 
+class _Segment:
+    """``stride`` consecutive offloaded layers from ``head``: only the head's input is kept
+    on the host; the others' are regenerated from it in the backward (module docstring)."""
+
+    def __init__(self, head: int, stride: int, offloader: HostOffloader, park_last: bool):
+        self.head, self.stride, self.offloader, self.park_last = head, stride, offloader, park_last
+        self.blocks: dict[int, tuple[nn.Module, object]] = {}  # layer -> (module, its forward)
+        self.calls: dict[int, tuple[tuple, dict]] = {}  # layer -> its forward's other arguments
+        self.parked: set[int] = set()  # layers whose regenerated input waits in a scratch buffer
+
+    @staticmethod
+    def key(slot: int) -> tuple[int, str]:
+        """The scratch host buffer of the segment's ``slot``-th layer (shared by all segments)."""
+        return -slot, "segment"
+
+    def input_key(self, layer: int) -> tuple[int, str]:
+        """Where ``layer``'s input is on the host: the head's own buffer, or a scratch one."""
+        return (layer, "input") if layer == self.head else self.key(layer - self.head)
+
+    def reload(self, layer: int) -> torch.Tensor:
+        """``layer``'s input on the device: the head's or a parked one, reloaded, or (the
+        segment's last layer, the first the backward reaches) regenerated from the head's."""
+        if layer == self.head or layer in self.parked:
+            self.parked.discard(layer)
+            return self.offloader.reload(*self.input_key(layer))
+        x = self.offloader.reload(self.head)
+        for j in range(self.head, layer):
+            module, forward = self.blocks[j]
+            args, kwargs = self.calls[j]
+            with torch.no_grad(), _gathered(module):
+                x = forward(x, *args, **kwargs)
+            if j + 1 < layer:
+                self._park(j + 1, x)
+                self.parked.add(j + 1)
+        if self.park_last:  # refetch_input copies it back from a host buffer
+            self._park(layer, x)
+        return x
+
+    def _park(self, layer: int, x: torch.Tensor) -> None:
+        slot, part = self.key(layer - self.head)
+        self.offloader.offload(slot, x, part)
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module):
+    """A sharded module's parameters gathered (FSDP2's ``unshard()``/``reshard()``) while its
+    own forward runs outside its hooks; nothing for a module that is not sharded."""
+    unshard, reshard = getattr(module, "unshard", None), getattr(module, "reshard", None)
+    if unshard is None or reshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        reshard()
+
+
 def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContextManager:
     if slot is None:
         return contextlib.nullcontext()
@@ -257,33 +332,41 @@ def _mode(slot: AttentionSlot | None, replay: bool) -> contextlib.AbstractContex
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, layer, offloader, options, slot, norm, recompute, args, kwargs):
+    def forward(ctx, x, block, layer, offloader, options, slot, norm, recompute, segment,
+                args, kwargs):
         with torch.no_grad(), _mode(slot, replay=False):
             out = block(x, *args, **kwargs)
         ctx.block, ctx.layer, ctx.offloader, ctx.options = block, layer, offloader, options
-        ctx.recompute = recompute
+        ctx.recompute, ctx.segment = recompute, segment
         ctx.slot, ctx.norm = slot, norm
         ctx.args, ctx.kwargs = args, kwargs
         ctx.requires_x_grad = x.requires_grad
+        if segment is not None:  # for the regenerating forwards
+            segment.calls[layer] = (args, kwargs)
         if offloader is None:
             ctx.save_for_backward(x)
-        else:
+        elif segment is None or layer == segment.head:
             offloader.offload(layer, x)
+        # else: regenerated in the backward from the segment head's input
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        key = (ctx.layer, "input")
         if ctx.offloader is None:
             (x,) = ctx.saved_tensors
         else:
-            x = ctx.offloader.reload(ctx.layer)
+            if ctx.segment is None:
+                x = ctx.offloader.reload(ctx.layer)
+            else:
+                x, key = ctx.segment.reload(ctx.layer), ctx.segment.input_key(ctx.layer)
             if ctx.options.prefetch:
                 ctx.offloader.prefetch(ctx.layer - 1)  # overlaps with this layer's recompute
         x = x.detach().requires_grad_(ctx.requires_x_grad)
         refetch = ctx.norm is not None and ctx.offloader is not None
         sink: list[torch.Tensor] = []
         with torch.enable_grad(), _mode(ctx.slot, replay=True), (
-                _refetching(ctx.norm, x, ctx.offloader, ctx.layer) if refetch
+                _refetching(ctx.norm, x, ctx.offloader, key) if refetch
                 else contextlib.nullcontext()):
             if ctx.recompute is None:
                 out = ctx.block(x, *ctx.args, **ctx.kwargs)
@@ -293,14 +376,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             _release_if_unsaved(out)
         torch.autograd.backward(out, dout)
         dx = x.grad if ctx.recompute is None else (sink[0] if sink else None)
-        return dx, None, None, None, None, None, None, None, None, None
+        return (dx,) + (None,) * 10
 
 
 @contextlib.contextmanager
-def _refetching(norm: nn.Module, x: torch.Tensor, offloader: HostOffloader, layer: int):
+def _refetching(norm: nn.Module, x: torch.Tensor, offloader: HostOffloader,
+                key: tuple[int, str]):
     """Around a block's recompute: free ``x``'s device storage once the recompute has run and
-    copy it back from ``layer``'s host buffer when the gradient of the first reader of ``x``,
-    the block's attention ``norm``, arrives (its backward, the last step to read ``x``, runs next).
+    copy it back from its host buffer (``key``: layer and part) when the gradient of the first
+    reader of ``x``, the block's attention ``norm``, arrives (its backward, the last step to
+    read ``x``, runs next).
     Between the two only autograd's saved reference to ``x`` exists: the residual adds save
     nothing, the attention and the MLP read the norms' outputs.  The refill keeps ``x``'s
     version counter, so autograd's saved-tensor check sees the tensor it saved."""
@@ -309,7 +394,7 @@ def _refetching(norm: nn.Module, x: torch.Tensor, offloader: HostOffloader, laye
     def refill(_grad):
         x.untyped_storage().resize_(nbytes)
         with torch.autograd._unsafe_preserve_version_counter(x):
-            offloader.refill(layer, x)
+            offloader.refill(key[0], x, key[1])
 
     def on_output(_module, _args, out):
         if out.requires_grad:
@@ -332,7 +417,7 @@ class _Options:
 def apply_offloaded_ac(
     model: nn.Module, offloader: HostOffloader, keep_layers: int, prefetch: bool = True,
     release_output: bool = True, keep_attention_output: str = "none",
-    refetch_input: bool = False, inplace_residual_grads: bool = False,
+    refetch_input: bool = False, inplace_residual_grads: bool = False, stride: int = 1,
 ) -> None:
     """Checkpoint every block of ``model.layers``; offload inputs of layers ``>= keep_layers``
     through ``offloader``.
@@ -344,6 +429,9 @@ def apply_offloaded_ac(
     run and copies it back from the host buffer for its ``attention_norm``'s backward, the last
     step that reads it (one block input less through the layer's backward, one more
     host-to-device copy).
+    ``stride``: only every ``stride``-th offloaded layer (from ``keep_layers``) keeps its
+    input on the host; the backward regenerates the others' (segment checkpointing, see the
+    module docstring).  Not with ``keep_attention_output``.
     ``inplace_residual_grads``: the recompute sums the residual gradients in place (see the
     module docstring).  The recompute then runs the blocks' submodules as TorchTitan's Llama3
     ``TransformerBlock.forward`` does, whatever the block's own ``forward`` is: callers check
@@ -362,10 +450,21 @@ def apply_offloaded_ac(
     if keep_attention_output not in KEEP_CHOICES:
         raise ValueError(f"keep_attention_output={keep_attention_output!r} is not one of "
                          f"{list(KEEP_CHOICES)}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"stride={stride!r} must be an integer >= 1")
+    if stride > 1 and keep_attention_output != "none":
+        raise ValueError(f"stride={stride} regenerates block inputs with plain forwards; it does "
+                         f"not take keep_attention_output={keep_attention_output!r}")
     options = _Options(prefetch, release_output)
+    segments: dict[int, _Segment] = {}
     for name, block in model.layers.items():
         layer = int(name)
         layer_offloader = offloader if layer >= keep_layers else None
+        segment = None
+        if stride > 1 and layer_offloader is not None:
+            head = layer - (layer - keep_layers) % stride
+            segment = segments.setdefault(head, _Segment(head, stride, offloader, refetch_input))
+            segment.blocks[layer] = (block, block.forward)
         slot = None
         if keep_attention_output != "none":
             attention = getattr(block, "attention", None)
@@ -387,18 +486,18 @@ def apply_offloaded_ac(
         if inplace_residual_grads:
             _check_summable(block, layer)
             recompute = functools.partial(_forward_summing_in_place, block)
-        _wrap_forward(block, layer, layer_offloader, options, slot, norm, recompute)
+        _wrap_forward(block, layer, layer_offloader, options, slot, norm, recompute, segment)
 
 
 def _wrap_forward(block: nn.Module, layer: int, offloader: HostOffloader | None,
                   options: _Options, slot: AttentionSlot | None, norm: nn.Module | None,
-                  recompute) -> None:
+                  recompute, segment: _Segment | None) -> None:
     inner = block.forward
 
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
         return _OffloadedCheckpoint.apply(x, inner, layer, offloader, options, slot, norm,
-                                          recompute, args, kwargs)
+                                          recompute, segment, args, kwargs)
 
     block.forward = forward

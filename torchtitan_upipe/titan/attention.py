@@ -10,7 +10,9 @@ normed input and ``wo`` is delegated to a strategy:
   (style ``ulysses``; with a ring group, style ``usp``: each head group's attention is a
   ring pass, :class:`~torchtitan_upipe.cp.ring.RingKernel`).
 * :class:`UPipeStrategy` -- :func:`~torchtitan_upipe.upipe_attention`, which owns the
-  projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).
+  projections so full-width Q/K/V never exist (with a ring group: UPipe x ring).  With
+  ``memory.fuse_output_projection`` it owns ``wo`` too (``applies_wo``): the op returns the
+  module's output and its backward never makes the full-width gradient of ``wo``'s input.
 
 Packed documents (``attn_mask_type = "block_causal"``): the trainer passes the batch's
 :class:`~torchtitan_upipe.cp.documents.Documents` as ``attention_masks`` (TorchTitan's
@@ -79,7 +81,10 @@ def check_sharding_once(model: nn.Module, sharder: SequenceSharder) -> None:
 
 
 class CPAttentionStrategy(abc.ABC):
-    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input."""
+    """Computes ``(B, S/C, H*D)`` (the input of ``wo``) from this rank's normed block input,
+    or, where ``applies_wo``, the module's output ``(B, S/C, dim)`` (``wo`` applied)."""
+
+    applies_wo = False
 
     def __init__(self, groups: CPGroups) -> None:
         self.groups = groups
@@ -108,11 +113,15 @@ class UlyssesStrategy(CPAttentionStrategy):
 
 class UPipeStrategy(CPAttentionStrategy):
     """``inline``: run UPipe without its custom-op boundary (the CPU memory estimator's fake
-    tensors need it; same values)."""
+    tensors need it; same values).  ``fuse_wo``: the op applies ``wo`` too
+    (``memory.fuse_output_projection``; ``wo`` must be TorchTitan's bias-free ``nn.Linear``,
+    :func:`check_fusable_wo`)."""
 
-    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int, inline: bool = False) -> None:
+    def __init__(self, groups: CPGroups, kernel: str, chunk_heads: int, inline: bool = False,
+                 fuse_wo: bool = False) -> None:
         super().__init__(groups)
         self.kernel, self.chunk_heads, self.inline = kernel, chunk_heads, inline
+        self.applies_wo = fuse_wo
 
     def __call__(self, attn, x, freqs_cis, positions, documents=None):
         seqlen = x.shape[1]
@@ -124,7 +133,21 @@ class UPipeStrategy(CPAttentionStrategy):
             n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, chunk_heads=self.chunk_heads,
             group=self.groups.ulysses, ring_group=self.groups.ring, causal=True, kernel=self.kernel,
             inline=self.inline, documents=documents, keep=attn.kept,
+            wo=attn.wo.weight if self.applies_wo else None,
         )
+
+
+def check_fusable_wo(attention: nn.Module) -> None:
+    """``memory.fuse_output_projection`` computes ``wo``'s GEMM inside the UPipe op, so
+    ``wo`` must be a plain bias-free ``nn.Linear`` (TorchTitan's): a converted one (Float8,
+    a LoRA wrapper, a bias) would otherwise be bypassed."""
+    wo = attention.wo
+    if type(wo) is not nn.Linear or wo.bias is not None:
+        raise ValueError(
+            f"memory.fuse_output_projection=true applies wo inside the UPipe op, but this "
+            f"model's wo is {type(wo).__name__}{'' if wo.bias is None else ' with a bias'}, not "
+            f"TorchTitan's bias-free nn.Linear (a model converter changed it?); set "
+            f"memory.fuse_output_projection=false")
 
 
 class ContextParallelAttention(nn.Module):
@@ -156,7 +179,7 @@ class ContextParallelAttention(nn.Module):
             )
         out = timed(self.timer,
                     lambda h: self.strategy(self, h, freqs_cis, positions, attention_masks), x)
-        return self.wo(out)
+        return out if self.strategy.applies_wo else self.wo(out)
 
     def extra_repr(self) -> str:
         return f"strategy={type(self.strategy).__name__}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"

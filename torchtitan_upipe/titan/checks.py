@@ -193,6 +193,26 @@ def _validate_memory(job_config) -> None:
             "the recompute of the plugin's offloaded checkpointing, but "
             "memory.offload_activations=false; set memory.offload_activations=true or "
             "memory.offload_inplace_residual_grads=false")
+    if mem.fuse_output_projection:
+        style = job_config.context_parallel.style
+        degree = job_config.parallelism.context_parallel_degree
+        if not (get_style(style).stages_heads and degree > 1):
+            raise ConfigError(
+                f"memory.fuse_output_projection=true applies wo inside UPipe's op: it needs "
+                f"context_parallel.style='upipe' with context_parallel_degree > 1 (got "
+                f"style={style!r}, degree {degree}); or memory.fuse_output_projection=false")
+    if mem.offload_stride > 1:
+        if not mem.offload_activations:
+            raise ConfigError(
+                f"memory.offload_stride={mem.offload_stride} keeps every k-th offloaded block "
+                f"input on the host, but memory.offload_activations=false offloads none; set "
+                f"memory.offload_activations=true or memory.offload_stride=1")
+        if mem.keep_attention_output != "none":
+            raise ConfigError(
+                f"memory.offload_stride={mem.offload_stride} regenerates block inputs with plain "
+                f"forwards and does not take memory.keep_attention_output="
+                f"{mem.keep_attention_output!r}; set keep_attention_output='none' or "
+                f"offload_stride=1")
     keep = mem.keep_attention_output
     if keep != "none":
         if not mem.offload_activations:
@@ -257,6 +277,13 @@ def _validate_memory_shape(job_config, shape: JobShape) -> None:
                 f"valid: 0 (automatic) or 1 to {tokens}"
             )
     layers = shape.model.n_layers
+    offloaded = layers - min(mem.offload_keep_layers, layers)
+    if mem.offload_activations and mem.offload_stride > 1 and offloaded % mem.offload_stride:
+        valid = [k for k in range(1, offloaded + 1) if offloaded % k == 0]
+        raise ConfigError(
+            f"memory.offload_stride={mem.offload_stride} must divide the {offloaded} offloaded "
+            f"layers ({layers} layers, offload_keep_layers={mem.offload_keep_layers}) into "
+            f"segments; valid: {valid}")
     if mem.offload_activations and mem.offload_keep_layers > layers:
         raise ConfigError(
             f"memory.offload_keep_layers={mem.offload_keep_layers} keeps more layers on the device "

@@ -90,6 +90,7 @@ class Memory:
         tiled_norm = true            # RMSNorm over sequence tiles (norm_tiles, 0 = same rule)
         chunked_loss = true          # output projection + loss over chunks (loss_chunks, 0 = 1K-token chunks)
         keep_attention_output = "host"  # one attention forward per step: kept with the block input
+        fuse_output_projection = true   # UPipe applies wo in its op: no full-width gradient of wo's input
         offload_optimizer_state = true  # Adam's state in host memory during forward and backward
     """
 
@@ -115,6 +116,14 @@ class Memory:
     block input less on the device through the layer's backward, for one more host-to-device
     copy per layer (exact). Needs offload_activations = true."""
 
+    offload_stride: int = 1
+    """Segment checkpointing: of the offloaded layers (from offload_keep_layers on), only
+    every k-th keeps its input in host memory; the backward regenerates the k - 1 inputs
+    between from it (k - 1 more block forwards per segment of k layers, about +12% compute at
+    k = 2). Host memory for the block inputs is divided by about k (k - 1 scratch buffers are
+    shared by all segments); device memory is unchanged. Must divide the number of offloaded
+    layers. Needs offload_activations = true; not with keep_attention_output."""
+
     offload_inplace_residual_grads: bool = False
     """The recompute sums each block's residual gradients in place, into the storage of the
     gradient arriving from the block above, instead of into new tensors: one gradient of the
@@ -122,6 +131,14 @@ class Memory:
     additions, bit for bit with tiled_norm; TorchTitan's composite RMSNorm adds its two input
     gradient terms in another order (equal within rounding). Blocks must run TorchTitan's
     Llama3 TransformerBlock.forward. Needs offload_activations = true."""
+
+    fuse_output_projection: bool = False
+    """UPipe's op applies the attention's output projection ``wo`` itself: its backward makes
+    each stage's columns of wo's input gradient from the block's gradient, so the full-width
+    ``(B, S/C, H*D)`` gradient never exists (one block-sized tensor less where a layer's
+    backward peaks, no extra FLOPs). The forward is TorchTitan's GEMM, bit for bit; the
+    backward's GEMMs are split by columns (equal within rounding). Style upipe (and its ring
+    hybrid) only."""
 
     keep_attention_output: str = "none"
     """Keep each layer's attention result (output and LSE) from the forward, so the
@@ -163,6 +180,10 @@ class Memory:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"memory.{name}={value!r} must be an integer >= 0")
+        k = self.offload_stride
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"memory.offload_stride={k!r} must be an integer >= 1 "
+                             f"(1 = every offloaded layer keeps its input on the host)")
         for name in ("device_gib", "reserve_gib"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

@@ -9,8 +9,8 @@ The questions a run must answer before it touches a GPU, all from
 * :func:`choose_chunk_heads`: the largest UPipe ``U`` that fits the device, what
   ``[context_parallel] upipe_chunk_heads = "auto"`` resolves to at config time;
 * :func:`leanest`: the least memory the ``[memory]`` options can give a job (offload every
-  block input, no prefetch, refetched inputs, in-place residual gradients, the optimizer
-  state on the host, the tiles and the chunked loss on) and :func:`max_context`: the longest
+  block input, no prefetch, refetched inputs, in-place residual gradients, ``wo`` fused into
+  UPipe's op, the optimizer state on the host, the tiles and the chunked loss on) and :func:`max_context`: the longest
   ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
 * :func:`remedies`: the ``[memory]`` changes that make a job fit that does not.
 
@@ -211,9 +211,11 @@ def choose_chunk_heads(st: mm.Setup, budget: Budget,
 MEMORY_FIELDS = {
     "offload": "memory.offload_activations",
     "keep_layers": "memory.offload_keep_layers",
+    "offload_stride": "memory.offload_stride",
     "offload_prefetch": "memory.offload_prefetch",
     "refetch_input": "memory.offload_refetch_input",
     "inplace_grads": "memory.offload_inplace_residual_grads",
+    "fused_wo": "memory.fuse_output_projection",
     "tiled_mlp": "memory.tiled_mlp",
     "tiled_norm": "memory.tiled_norm",
     "chunked_loss": "memory.chunked_loss",
@@ -222,7 +224,12 @@ MEMORY_FIELDS = {
 """The :class:`~.memory_model.Setup` fields the search changes, and their options."""
 
 
-_OFFLOAD_FIELDS = ("keep_layers", "offload_prefetch", "refetch_input", "inplace_grads")
+_OFFLOAD_FIELDS = ("keep_layers", "offload_stride", "offload_prefetch", "refetch_input",
+                   "inplace_grads")
+
+STRIDES = (2, 3, 4)
+"""The ``offload_stride`` values the searches try when the host is what does not fit (each
+``k`` costs ``k - 1`` more block forwards per segment of ``k`` layers)."""
 
 
 def memory_changes(base: mm.Setup, st: mm.Setup) -> dict[str, object]:
@@ -265,34 +272,43 @@ def with_tiles(st: mm.Setup, on: bool) -> mm.Setup:
                       chunked_loss=on or st.chunked_loss)
 
 
+def with_free_options(st: mm.Setup) -> mm.Setup:
+    """``st`` with the options that cost nothing turned on where they apply: the residual
+    gradients summed in place when offloading, ``wo`` fused into UPipe's op (no copy, no
+    extra compute, exact within rounding)."""
+    return mm.replace(st, inplace_grads=st.inplace_grads or st.offload,
+                      fused_wo=st.fused_wo or st.shape.schedule is not None)
+
+
 def memory_variants(st: mm.Setup, tiles=(False, True), prefetch=(True, False),
-                    optimizer=(False, True), refetch_input=(False, True)):
+                    optimizer=(False, True), refetch_input=(False, True), strides=(1, 2)):
     """``st`` under every ``[memory]`` choice the search makes: the tiles and the chunked loss
     off or on together (as configured when off), the optimizer state on the device (as
     configured) or on the host, and no offload or offload with each ``keep_layers`` from
-    ``L - 1`` down to 0, with and without prefetch, and with the inputs refetched or not
-    (as configured); offloading always sums the residual gradients in place (it costs
-    nothing)."""
+    ``L - 1`` down to 0, each ``offload_stride`` of ``strides`` that divides the offloaded
+    layers, with and without prefetch, and with the inputs refetched or not (as
+    configured); each with the free options on (:func:`with_free_options`)."""
     for tiled in tiles:
         for opt in optimizer:
             t = mm.replace(with_tiles(st, tiled), offload_optimizer=opt or st.offload_optimizer)
-            yield mm.replace(t, offload=False)
+            yield with_free_options(mm.replace(t, offload=False))
             for keep in range(t.n_layers - 1, -1, -1):
-                for pre in prefetch:
-                    for refetch in refetch_input:
-                        yield mm.replace(t, offload=True, keep_layers=keep, offload_prefetch=pre,
-                                         refetch_input=refetch or st.refetch_input,
-                                         inplace_grads=True)
+                for k in (k for k in strides if (t.n_layers - keep) % k == 0):
+                    for pre in prefetch:
+                        for refetch in refetch_input:
+                            yield with_free_options(mm.replace(
+                                t, offload=True, keep_layers=keep, offload_stride=k,
+                                offload_prefetch=pre, refetch_input=refetch or st.refetch_input))
 
 
 def leanest(st: mm.Setup) -> mm.Setup:
     """``st`` with the least device memory the ``[memory]`` options give: every block input
-    offloaded (keep 0), no prefetch, the inputs refetched for the attention norm, the residual
-    gradients summed in place, tiled MLP and norm, chunked loss, the optimizer state on the
-    host."""
-    return mm.replace(st, offload=True, keep_layers=0, offload_prefetch=False, tiled_mlp=True,
-                      tiled_norm=True, chunked_loss=True, offload_optimizer=True,
-                      refetch_input=True, inplace_grads=True)
+    offloaded (keep 0), no prefetch, the inputs refetched for the attention norm, tiled MLP
+    and norm, chunked loss, the optimizer state on the host, and the free options
+    (:func:`with_free_options`)."""
+    return with_free_options(mm.replace(
+        st, offload=True, keep_layers=0, offload_prefetch=False, tiled_mlp=True,
+        tiled_norm=True, chunked_loss=True, offload_optimizer=True, refetch_input=True))
 
 
 def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:
@@ -300,13 +316,17 @@ def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:
     copies) that fits device and host, or no offload when that fits; ``None`` if none fits.
     Device memory grows with ``keep_layers`` and host memory shrinks, so the largest
     ``keep_layers`` that fits the device is bisected, and the host decides there.
-    Offloading sums the residual gradients in place (free: no copy, no compute)."""
-    f = fit(mm.replace(st, offload=False), budget)
+    When the host does not hold that, segment checkpointing: the smallest
+    ``offload_stride`` of :data:`STRIDES` (the least recompute) and the largest
+    ``keep_layers`` it divides the rest of that host memory fits.  Each with the free
+    options on (:func:`with_free_options`)."""
+    f = fit(with_free_options(mm.replace(st, offload=False)), budget)
     if f.ok:
         return f
 
-    def at(keep):
-        return fit(mm.replace(st, offload=True, keep_layers=keep, inplace_grads=True), budget)
+    def at(keep, stride=1):
+        return fit(with_free_options(mm.replace(st, offload=True, keep_layers=keep,
+                                                offload_stride=stride)), budget)
 
     lo = at(0)
     if not lo.device_ok:
@@ -319,7 +339,13 @@ def fitting_keep(st: mm.Setup, budget: Budget) -> Fit | None:
             lo_keep, lo = mid, f
         else:
             hi_keep = mid
-    return lo if lo.host_ok else None
+    if lo.host_ok:
+        return lo
+    for k in STRIDES:  # the device fits at every keep <= lo_keep: the host decides
+        for keep in range(lo_keep, -1, -1):
+            if (st.n_layers - keep) % k == 0 and (f := at(keep, k)).ok:
+                return f
+    return None
 
 
 def remedies(st: mm.Setup, budget: Budget, limit: int = 3) -> list[tuple[dict, Fit]]:
@@ -459,7 +485,8 @@ def where_text(where: tuple[int | None, str]) -> str:
 __all__ = [
     "DEFAULT_RESERVE_GIB", "GPUS", "Budget", "ChunkHeadsChoice", "Fit", "Gpu",
     "budget_from_job_config", "choose_chunk_heads", "chunk_heads_choices", "fit",
-    "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest", "max_context", "memory_changes",
-    "memory_variants", "remedies", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
+    "STRIDES", "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest",
+    "max_context", "memory_changes",
+    "memory_variants", "remedies", "with_free_options", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
     "with_tiles",
 ]

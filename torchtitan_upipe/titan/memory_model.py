@@ -56,9 +56,11 @@ class Setup:
     act_bytes: int = 2
     offload: bool = False        # memory.offload_activations
     keep_layers: int = 1         # memory.offload_keep_layers
+    offload_stride: int = 1      # memory.offload_stride (offload._Segment)
     offload_prefetch: bool = True  # memory.offload_prefetch (HostOffloader.prefetch)
     refetch_input: bool = False    # memory.offload_refetch_input (offload._refetching)
     inplace_grads: bool = False    # memory.offload_inplace_residual_grads (offload._GradInto)
+    fused_wo: bool = False         # memory.fuse_output_projection (UPipe's op applies wo)
     keep_attention: str = "none"   # memory.keep_attention_output: "none" | "device" | "host"
     offload_optimizer: bool = False  # memory.offload_optimizer_state (OptimizerStateOffloader)
     tiled_mlp: bool = False
@@ -254,7 +256,10 @@ def upipe_backward_bytes(st: Setup) -> int:
     rows ``e U D dim``; with tau == 1 the last two also hold ``dk_s``, ``dv_s``, which are
     then the chunk's dK/dV); the chunk end: dK/dV (+ their casts to x's dtype when tau > 1;
     no-ops when tau == 1), their pair and its send/receive (``pair_head_to_seq``), and the
-    inverse RoPE of ``dk``).
+    inverse RoPE of ``dk``).  With ``fused_wo`` (``wo`` given) a stage's ``do_stage`` is not
+    a slice of ``dout`` but the GEMM ``dy @ wo[:, stage heads]`` ``e nq`` (``_stage_dout``:
+    ``qh``, the ``o_stage`` copy, the strided ``wo`` columns' copy ``e U D dim`` and the
+    product), and then a tensor of its own in the pair step.
     """
     e, T, D, a2a, hb = st.act_bytes, st.tokens, st.head_dim, st.u > 1, st.batch > 1
     gm = upipe_geometry(st)
@@ -263,9 +268,11 @@ def upipe_backward_bytes(st: Setup) -> int:
     acc = 2 * max(e, 4) * nkv if tau > 1 else 0  # fp32 dK/dV summed over the chunk's stages
     held = 2 * e * nkv if tau == 1 else 0  # the kernel's dk_s, dv_s kept as the chunk's dK/dV
     casts = 2 * e * nkv if tau > 1 and e < 4 else 0  # dkh.to(x.dtype): a no-op otherwise
+    o_copy, do_copy = gm["o_copy"], gm["o_copy"] or st.fused_wo
     stage = e * wst * gm["strided"] + max(
         e * nq + _rope(nq, e),
-        e * nq * (3 + 2 * gm["o_copy"] + (4 if a2a else 0)),
+        (e * nq * (2 + o_copy) + e * wst * gm["strided"]) if st.fused_wo else 0,
+        e * nq * (3 + o_copy + do_copy + (4 if a2a else 0)),
         3 * e * nq + _stage_kernel_bwd(st, nq, nkv, gm["gamma"] > 1) + _ring_bwd(st, nq, nkv),
         held + e * nq * (2 if a2a else 1) + _rope_inv(nq, e, conj),
         held + e * nq + e * wst)
@@ -320,8 +327,9 @@ def kept_attention_bytes(st: Setup) -> int:
 
 def attention_bytes(st: Setup) -> dict:
     """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
-    UPipe (a job with a stage schedule) saves only out + lse (the op's ``_setup_context``);
-    its backward holds them + dout ``e T H D``.  With ``keep_attention`` UPipe's recompute
+    UPipe (a job with a stage schedule) saves only out + lse (the op's ``_save``); its
+    backward holds them + dout ``e T H D`` (wo's input gradient), which ``fused_wo`` never
+    makes (the op's backward takes the block's ``dh`` instead, held by ``io``).  With ``keep_attention`` UPipe's recompute
     replays the op (``_ReplayAttention``): its ``fwd`` is the kept result; Ulysses' recompute
     still runs everything but the kernel, which returns the kept result instead of an equal
     one it would allocate (``fwd`` unchanged).  With the local RoPE table both strategies
@@ -332,7 +340,7 @@ def attention_bytes(st: Setup) -> dict:
     freqs = 0 if st.local_rope else 4 * st.s * st.head_dim
     if st.shape.schedule is not None:
         out = kept_attention_bytes(st)
-        d_out = st.tokens * st.n_heads * st.head_dim * st.act_bytes
+        d_out = 0 if st.fused_wo else st.tokens * st.n_heads * st.head_dim * st.act_bytes
         # a kept result (keep_attention): the recompute replays the op, runs no stage
         fwd = out if st.keep_attention != "none" else upipe_forward_bytes(st)
         return {"fwd": fwd + freqs, "saved": out + freqs,
@@ -425,7 +433,9 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
       the MLP's backward (``tiled_mlp_backward`` accumulates in fp32 and casts at its end), the MLP's
       ``3 p F dim`` in ffn_norm's backward, all ``p P_block`` in the attention's (an upper
       bound: its q/k/v/o gradients come at its end); this block gathered and the next one
-      prefetched (the embedding after layer 0) ``p (P_block + P_next)``.
+      prefetched (the embedding after layer 0) ``p (P_block + P_next)``, but not where a
+      segment's last layer regenerated its inputs (``offload_stride``): that gathered and
+      released the blocks below, the prefetched one too (``offload._gathered``).
 
     Summed over the whole step, ``16 P / N`` is what the paper calls "Model"."""
     pc, p, n = param_counts(st), st.param_bytes, st.world
@@ -435,6 +445,8 @@ def model_states_bytes(st: Setup, layer: int | None = None, phase: str = "attent
     done = pc["output"] + (st.n_layers - 1 - layer) * pc["block"]
     prev = pc["output"] if layer == st.n_layers - 1 else pc["block"]
     nxt = pc["block"] if layer > 0 else pc["embedding"]
+    if _regenerates(st, layer):
+        nxt = 0
     grads = {"mlp": 3 * st.ffn_hidden * st.dim, "block": pc["block"]}.get(
         _GRADS_AFTER.get(phase), 0)
     return (static + 4 * done // n + st.reduce_bytes * prev + p * grads
@@ -445,6 +457,38 @@ def optimizer_state_bytes(st: Setup) -> int:
     """Adam's fp32 m and v of this rank's shards, ``8 P / N`` (on the host during forward and
     backward with ``offload_optimizer``: ``OptimizerStateOffloader``'s buffers)."""
     return 8 * param_counts(st)["total"] // st.world
+
+
+def host_inputs(st: Setup) -> int:
+    """Block inputs in host buffers: one per offloaded layer; with ``offload_stride = k > 1``
+    one per segment of ``k`` (its first layer's) + the ``k - 1`` scratch buffers the segments
+    share (``k - 2`` without ``refetch_input``: the regenerated input of a segment's last
+    layer is parked only to be refetched; ``offload._Segment``)."""
+    if not st.offload:
+        return 0
+    n = st.n_layers - min(st.keep_layers, st.n_layers)
+    k = st.offload_stride
+    if k == 1 or n == 0:
+        return n
+    return -(-n // k) + (k - 1 if st.refetch_input else k - 2)
+
+
+def regenerated_layers(st: Setup) -> int:
+    """Layers whose input the backward regenerates with one more forward (``offload_stride
+    = k``: all offloaded layers but each segment's first; their forwards run in the backward
+    of the segment's last layer, before its recompute, and never peak above that recompute's
+    forward phases: the same block forward, without the saved tensors)."""
+    if not st.offload or st.offload_stride == 1:
+        return 0
+    n = st.n_layers - min(st.keep_layers, st.n_layers)
+    return n - (-(-n // st.offload_stride))
+
+
+def _regenerates(st: Setup, layer: int) -> bool:
+    """Whether ``layer``'s backward regenerates its segment's inputs: the last layer of a
+    segment of ``offload_stride > 1`` offloaded layers."""
+    k = st.offload_stride
+    return k > 1 and _offloaded(st, layer) and (layer - st.keep_layers) % k == k - 1
 
 
 def _offloaded(st: Setup, layer: int) -> bool:
@@ -540,7 +584,7 @@ def breakdown(st: Setup) -> dict:
         "model_states": model_states_bytes(st, layer, phase),
         "rope_table": 4 * (st.s if st.local_rope else st.seq_len) * st.head_dim,
         "checkpointed_inputs_device": keep * e * T * st.dim,
-        "checkpointed_inputs_host": (L - keep) * e * T * st.dim,
+        "checkpointed_inputs_host": host_inputs(st) * e * T * st.dim,
         "kept_attention_host": L * kept_attention_bytes(st) * (st.keep_attention == "host"),
         "optimizer_state_host": optimizer_state_bytes(st) * st.offload_optimizer,
         "attention_transient": max(a["fwd"], a["bwd"]),
@@ -582,8 +626,9 @@ def from_job_config(job_config, world: int, model_args=None, chunk_heads: int | 
         param_bytes=e, reduce_bytes=element_bytes(tr.mixed_precision_reduce), act_bytes=e,
         offload=mem.offload_activations, keep_layers=mem.offload_keep_layers,
         offload_prefetch=mem.offload_prefetch, keep_attention=mem.keep_attention_output,
+        offload_stride=mem.offload_stride,
         offload_optimizer=mem.offload_optimizer_state, refetch_input=mem.offload_refetch_input,
-        inplace_grads=mem.offload_inplace_residual_grads,
+        inplace_grads=mem.offload_inplace_residual_grads, fused_wo=mem.fuse_output_projection,
         tiled_mlp=mem.tiled_mlp, mlp_tiles=mem.mlp_tiles,
         tiled_norm=mem.tiled_norm, norm_tiles=mem.norm_tiles, chunked_loss=mem.chunked_loss,
         loss_chunks=mem.loss_chunks, **changes,

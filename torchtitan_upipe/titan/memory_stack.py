@@ -140,7 +140,10 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
             + ("; each input freed after its recompute and refetched for the attention norm's "
                "backward (offload_refetch_input)" if mem.offload_refetch_input else "")
             + ("; residual gradients summed in place (offload_inplace_residual_grads)"
-               if mem.offload_inplace_residual_grads else ""))
+               if mem.offload_inplace_residual_grads else "")
+            + (f"; segments of {mem.offload_stride}: only each segment's first input on the "
+               f"host, the others regenerated in the backward (offload_stride)"
+               if mem.offload_stride > 1 else ""))
     keep = mem.keep_attention_output
     if keep != "none":
         where = ("on the device" if keep == "device" else
@@ -148,6 +151,10 @@ def describe(mem, local_seq: int, batch: int, dim: int, n_layers: int) -> list[s
         lines.append(f"memory.keep_attention_output={keep!r}: each layer's attention output and "
                      f"LSE kept from the forward {where}; the recompute replays them instead of "
                      f"running the attention kernel forward")
+    if mem.fuse_output_projection:
+        lines.append("memory.fuse_output_projection: UPipe's op applies wo; its backward makes "
+                     "each stage's output gradient from the block's (no full-width gradient of "
+                     "wo's input)")
     if mem.offload_optimizer_state:
         lines.append(f"memory.offload_optimizer_state: the optimizer's state in "
                      f"{'pinned' if mem.offload_pinned else 'pageable'} host memory during the "
@@ -176,4 +183,5 @@ def apply_offloaded_checkpointing(model: nn.Module, mem, offloader: HostOffloade
     apply_offloaded_ac(model, offloader, mem.offload_keep_layers, mem.offload_prefetch,
                        keep_attention_output=mem.keep_attention_output,
                        refetch_input=mem.offload_refetch_input,
-                       inplace_residual_grads=mem.offload_inplace_residual_grads)
+                       inplace_residual_grads=mem.offload_inplace_residual_grads,
+                       stride=mem.offload_stride)

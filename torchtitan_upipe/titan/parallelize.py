@@ -43,7 +43,8 @@ from .sharding import SequenceSharder
 from .styles import CPStyle, get_style
 
 # selective AC saves the whole staged UPipe attention as one op (never re-runs its stages)
-UPIPE_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.upipe.attention_forward.default}
+UPIPE_SAC_SAVE_LIST = _op_sac_save_list | {torch.ops.upipe.attention_forward.default,
+                                             torch.ops.upipe.projected_attention_forward.default}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class CPPlan:
     host_memory: HostMemory
     offloader: HostOffloader | None = None
     inline_upipe: bool = False
+    fuse_wo: bool = False
+    """``memory.fuse_output_projection``: UPipe's op applies ``wo``."""
 
     @classmethod
     def build(cls, job_config, parallel_dims: ParallelDims, *, inline_upipe: bool = False,
@@ -88,7 +91,7 @@ class CPPlan:
                      if mem.offload_activations else None)
         return cls(shape, style, groups, style.sharder(groups), cp_mesh,
                    job_config.context_parallel.kernel, device, host_memory, offloader,
-                   inline_upipe)
+                   inline_upipe, mem.fuse_output_projection)
 
 
 def parallelize_llama_cp(model: nn.Module, parallel_dims: ParallelDims, job_config,

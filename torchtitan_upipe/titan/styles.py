@@ -33,6 +33,7 @@ from .attention import (
     CPAttentionStrategy,
     UlyssesStrategy,
     UPipeStrategy,
+    check_fusable_wo,
     check_sharding_once,
 )
 from .config import ConfigError
@@ -158,7 +159,10 @@ class AllToAllStyle(CPStyle):
         cp = job_config.context_parallel
         for block in model.layers.values():
             timer = AttentionTimer() if cp.time_attention else None
-            block.attention = ContextParallelAttention(block.attention, self.strategy(plan), timer)
+            strategy = self.strategy(plan)
+            if strategy.applies_wo:
+                check_fusable_wo(block.attention)
+            block.attention = ContextParallelAttention(block.attention, strategy, timer)
         check_sharding_once(model, plan.sharder)
         if hasattr(model, "use_local_rope"):  # keep only this rank's RoPE rows (exact, less memory)
             model.use_local_rope(plan.sharder.indices(plan.shape.seq_len))
@@ -346,7 +350,8 @@ class UPipe(AllToAllStyle):
             raise ConfigError(str(e)) from None
 
     def strategy(self, plan):
-        return UPipeStrategy(plan.groups, plan.kernel, plan.shape.chunk_heads, plan.inline_upipe)
+        return UPipeStrategy(plan.groups, plan.kernel, plan.shape.chunk_heads, plan.inline_upipe,
+                             plan.fuse_wo)
 
 
 @register_style

@@ -35,6 +35,15 @@ per layer; with ``U = C`` about as many as Ulysses' autograd, which adds the Q, 
 gradients).  A float32 ``dx`` would cost ``2 * b*s*dim`` bytes more in bf16 training (10.7 GB
 at 5M tokens on 8 ranks for Llama3-8B) exactly where the step peaks.  The dK/dV of a KV chunk
 shared by ``tau > 1`` stages are summed in float32 (``O(U)`` heads).
+
+The output projection fused (``wo``, TorchTitan's ``(dim, H*D)`` weight, unsharded).  The
+forward returns ``y = out @ wo^T`` ``(B, s, dim)`` besides ``out`` (the same single GEMM as
+``nn.Linear``, so ``y`` is bit for bit TorchTitan's).  The backward then takes ``dy``, the
+gradient of ``y``, instead of the full-width ``dout = dy @ wo`` ``(B, s, H*D)``: each stage
+makes its own columns ``do_stage = dy @ wo[:, stage heads]`` ``(B, s, U, D)`` (the same dot
+products, split by columns: no extra FLOPs) and ``dwo = dy^T @ out`` is one GEMM after the
+last stage, so the ``e*b*s*H*D`` bytes of ``dout`` never exist, exactly where a layer's
+backward peaks.
 """
 
 from __future__ import annotations
@@ -159,7 +168,11 @@ def upipe_backward(
     kernel: AttentionKernel,
     causal: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    wo: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``dx, dwq, dwk, dwv, dwo``.  ``wo``: ``dout`` is the gradient of the fused projection's
+    ``y`` ``(B, s, dim)`` (see the module docstring); ``None``: of ``out`` ``(B, s, H*D)``,
+    and ``dwo`` is ``None``."""
     b, s, dim = x.shape
     h = sched.n_heads
     d = wq.shape[0] // h
@@ -169,7 +182,8 @@ def upipe_backward(
     dwq, dwk, dwv = torch.empty_like(wq), torch.empty_like(wk), torch.empty_like(wv)
     wq_v, dwq_v = _views(sched, wq, d), _views(sched, dwq, d)
     shape5 = (b, s, sched.virtual_kv_heads, sched.group_size, d)
-    out_v, dout_v = out.reshape(shape5), dout.reshape(shape5)
+    out_v = out.reshape(shape5)
+    stage_dout = _stage_dout(dout, wo, sched, d) if wo is not None else dout.reshape(shape5)
     tau = sched.stages_per_chunk
     for chunk in range(sched.n_chunks):
         k, v = _project_kv(x, wk, wv, freqs_cis, sched, chunk, d)
@@ -183,7 +197,8 @@ def upipe_backward(
             qh = seq_to_head(q, group)
             del q
             o_stage = out_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
-            do_stage = dout_v[:, :, kv_sl, q_sl].reshape(b, s, -1, d)
+            do_stage = (stage_dout(kv_sl, q_sl) if wo is not None
+                        else stage_dout[:, :, kv_sl, q_sl]).reshape(b, s, -1, d)
             oh, doh = pair_seq_to_head(o_stage, do_stage, group)
             del o_stage, do_stage
             dqh, dk_s, dv_s = kernel.backward(doh, qh, kh, vh, oh, lse[stage], causal=causal, scale=scale)
@@ -215,5 +230,21 @@ def upipe_backward(
         _kv_weights(dwk, sched, chunk, d).copy_(dk_flat.t() @ x_flat)
         _kv_weights(dwv, sched, chunk, d).copy_(dv_flat.t() @ x_flat)
         del dk, dv, dk_flat, dv_flat
-    return dx.view(b, s, dim), dwq, dwk, dwv
+    dwo = None if wo is None else dout.reshape(b * s, dim).t() @ out.reshape(b * s, h * d)
+    return dx.view(b, s, dim), dwq, dwk, dwv, dwo
+
+
+def _stage_dout(dy: torch.Tensor, wo: torch.Tensor, sched: UPipeSchedule, head_dim: int):
+    """The fused projection's per-stage gradient: ``(kv_sl, q_sl) -> dy @ wo[:, stage heads]``
+    ``(B, s, kappa', gamma', D)``, the stage's columns of ``dout = dy @ wo`` (canonical head
+    order: ``wo``'s columns are ``(H_kv', g, D)``)."""
+    b, s, dim = dy.shape
+    dy_flat = dy.reshape(b * s, dim)
+    wo_v = wo.view(dim, sched.virtual_kv_heads, sched.group_size, head_dim)
+
+    def stage(kv_sl: slice, q_sl: slice) -> torch.Tensor:
+        w = wo_v[:, kv_sl, q_sl].reshape(dim, -1)  # a copy when the stage's heads are strided
+        return (dy_flat @ w).view(b, s, kv_sl.stop - kv_sl.start, q_sl.stop - q_sl.start, head_dim)
+
+    return stage
 

@@ -23,6 +23,8 @@ one training step under full activation checkpointing::
   the backward is 2.5 forwards (FlashAttention's five matmuls to two).
   ``memory.keep_attention_output`` removes the recompute's kernel forward, and for UPipe
   also the recompute's Q/K/V projections (the op is replayed, no stage runs).
+  ``memory.offload_stride`` adds one forward (GEMMs and attention kernel) of each layer whose
+  input the backward regenerates (its all-to-alls are not counted).
 * **Ring merges** (:func:`ring_merge_bytes`): memory-bound fp32 merges, at the HBM rate.
 * **Communication**: :mod:`.comm`'s bytes per style (``keep_attention`` drops UPipe's and
   the ring's recompute traffic); all-to-alls are on the critical path, ring p2p and FSDP
@@ -109,16 +111,20 @@ def gemm_flops(st: mm.Setup) -> dict[str, float]:
     proj = (passes + (_upipe(st) and not _keeps(st))) * qkv
     mlp_total = passes * mlp + (4 * m.dim * m.ffn_hidden if st.tiled_mlp else 0)
     out = (6 + (2 if st.chunked_loss else 0)) * m.vocab * m.dim
-    return {"projections": T * m.n_layers * (proj + passes * o),
-            "mlp": T * m.n_layers * mlp_total, "output": T * out}
+    # offload_stride: one more forward of each regenerated layer (memory_model's count)
+    again = mm.regenerated_layers(st)
+    return {"projections": T * (m.n_layers * (proj + passes * o) + again * (qkv + o)),
+            "mlp": T * (m.n_layers * mlp_total + again * mlp), "output": T * out}
 
 
 def attention_flops(st: mm.Setup) -> dict[str, float]:
     """Causal attention kernel FLOPs of one rank's step: ``forward`` (the forward pass and,
     without a kept result, the recompute's) and ``backward`` (2.5 forwards)."""
     m = st.shape.model
-    one = 2 * st.tokens * st.seq_len * m.n_heads * m.head_dim * m.n_layers
-    return {"forward": one * kernel_forward_passes(st), "backward": 2.5 * one}
+    one = 2 * st.tokens * st.seq_len * m.n_heads * m.head_dim
+    again = mm.regenerated_layers(st)  # offload_stride's regenerating forwards
+    return {"forward": one * (m.n_layers * kernel_forward_passes(st) + again),
+            "backward": 2.5 * one * m.n_layers}
 
 
 def kernel_forward_passes(st: mm.Setup) -> int:
