@@ -10,8 +10,9 @@ The questions a run must answer before it touches a GPU, all from
   ``[context_parallel] upipe_chunk_heads = "auto"`` resolves to at config time;
 * :func:`leanest`: the least memory the ``[memory]`` options can give a job (offload every
   block input, no prefetch, refetched inputs, in-place residual gradients, ``wo`` fused into
-  UPipe's op, the optimizer state on the host, the tiles and the chunked loss on) and :func:`max_context`: the longest
-  ``seq_len`` that fits with given options (searched, in steps of :func:`seq_quantum`);
+  UPipe's op, the optimizer state on the host, the tiles and the chunked loss on) and
+  :func:`max_context`: the longest ``seq_len`` that fits with given options (searched, in
+  steps of :func:`seq_quantum`);
 * :func:`remedies`: the ``[memory]`` changes that make a job fit that does not.
 
 The planner (``python -m torchtitan_upipe.tools.plan``) searches the rest (styles, degrees,
@@ -483,10 +484,9 @@ def where_text(where: tuple[int | None, str]) -> str:
 
 
 __all__ = [
-    "DEFAULT_RESERVE_GIB", "GPUS", "Budget", "ChunkHeadsChoice", "Fit", "Gpu",
+    "DEFAULT_RESERVE_GIB", "GPUS", "STRIDES", "Budget", "ChunkHeadsChoice", "Fit", "Gpu",
     "budget_from_job_config", "choose_chunk_heads", "chunk_heads_choices", "fit",
-    "STRIDES", "fitting_keep", "format_options", "option_args", "get_gpu", "gib", "leanest",
-    "max_context", "memory_changes",
-    "memory_variants", "remedies", "with_free_options", "resolve_auto_chunk_heads", "seq_quantum", "where_text",
-    "with_tiles",
+    "fitting_keep", "format_options", "get_gpu", "gib", "leanest", "max_context",
+    "memory_changes", "memory_variants", "option_args", "remedies", "resolve_auto_chunk_heads",
+    "seq_quantum", "where_text", "with_free_options", "with_tiles",
 ]

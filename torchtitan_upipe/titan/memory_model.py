@@ -329,8 +329,9 @@ def attention_bytes(st: Setup) -> dict:
     """Per style: ``fwd``/``bwd`` peaks and ``saved`` (kept from the recompute to backward).
     UPipe (a job with a stage schedule) saves only out + lse (the op's ``_save``); its
     backward holds them + dout ``e T H D`` (wo's input gradient), which ``fused_wo`` never
-    makes (the op's backward takes the block's ``dh`` instead, held by ``io``).  With ``keep_attention`` UPipe's recompute
-    replays the op (``_ReplayAttention``): its ``fwd`` is the kept result; Ulysses' recompute
+    makes (the op's backward takes the block's ``dh`` instead, held by ``io``).  With
+    ``keep_attention`` UPipe's recompute replays the op (``_ReplayAttention``): its ``fwd`` is
+    the kept result; Ulysses' recompute
     still runs everything but the kernel, which returns the kept result instead of an equal
     one it would allocate (``fwd`` unchanged).  With the local RoPE table both strategies
     take a view of it; with TorchTitan's full table they gather this rank's rows ``4 s D``

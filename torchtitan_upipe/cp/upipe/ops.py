@@ -16,10 +16,11 @@ without a ring only.
 
 Saved for backward: ``x``, the three weights (four with ``wo``), ``freqs_cis``, the output
 ``out`` and the per-stage LSE.  No Q, K or V, and with ``wo`` no full-width output gradient:
-the backward takes the projected output's ``(B, S/C, dim)`` gradient.  So the backward needs nothing a forward computes but ``out`` and ``lse``: with
-a kept result (``upipe_attention(keep=...)``, :mod:`~torchtitan_upipe.cp.replay`) the
-recompute under activation checkpointing replays them (:class:`_ReplayAttention`) and runs
-no stage; the backward is the same op.
+the backward takes the projected output's ``(B, S/C, dim)`` gradient.  So the backward needs
+nothing a forward computes but ``out`` and ``lse``: with a kept result
+(``upipe_attention(keep=...)``, :mod:`~torchtitan_upipe.cp.replay`) the recompute under
+activation checkpointing replays them (:class:`_ReplayAttention`) and runs no stage; the
+backward is the same op.
 
 ``upipe_attention(..., inline=True)`` runs the same forward and backward without the
 custom-op boundary (:class:`_InlineAttention`): under ``FakeTensorMode`` a custom op runs only
