@@ -267,11 +267,11 @@ def _check_summable(block: nn.Module, layer: int) -> None:
 
 
 class _Segment:
-    """``stride`` consecutive offloaded layers from ``head``: only the head's input is kept
+    """Consecutive offloaded layers from ``head`` (``stride`` of them): only the head's input is kept
     on the host; the others' are regenerated from it in the backward (module docstring)."""
 
-    def __init__(self, head: int, stride: int, offloader: HostOffloader, park_last: bool):
-        self.head, self.stride, self.offloader, self.park_last = head, stride, offloader, park_last
+    def __init__(self, head: int, offloader: HostOffloader, park_last: bool):
+        self.head, self.offloader, self.park_last = head, offloader, park_last
         self.blocks: dict[int, tuple[nn.Module, object]] = {}  # layer -> (module, its forward)
         self.calls: dict[int, tuple[tuple, dict]] = {}  # layer -> its forward's other arguments
         self.parked: set[int] = set()  # layers whose regenerated input waits in a scratch buffer
@@ -463,7 +463,7 @@ def apply_offloaded_ac(
         segment = None
         if stride > 1 and layer_offloader is not None:
             head = layer - (layer - keep_layers) % stride
-            segment = segments.setdefault(head, _Segment(head, stride, offloader, refetch_input))
+            segment = segments.setdefault(head, _Segment(head, offloader, refetch_input))
             segment.blocks[layer] = (block, block.forward)
         slot = None
         if keep_attention_output != "none":
