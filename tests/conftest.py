@@ -5,11 +5,18 @@ So every run, CI's included (``.ci/run``), draws a seed, shuffles the files with
 prints it (in the header, and after the results, also under ``-q``); ``--shuffle-files SEED`` replays an order, ``--shuffle-files off``
 keeps pytest's.  Tests within a file keep their order, so module-scoped fixtures are built
 once.
+
+Under pytest-xdist (the README's test command runs ``-n 2``; ``--dist loadfile`` is the
+default in pyproject.toml) the controller draws the seed and hands it to every worker, so all
+of them collect the same order (xdist refuses workers whose collections differ), and each
+file runs whole on one worker, in the shuffled order of the files.
 """
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 
 def pytest_addoption(parser):
@@ -19,6 +26,9 @@ def pytest_addoption(parser):
 
 
 def _seed(config) -> str | None:
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:  # an xdist worker: the controller's seed
+        return worker["shuffle_seed"]
     value = config.getoption("--shuffle-files")
     if value == "off":
         return None
@@ -30,6 +40,12 @@ def _seed(config) -> str | None:
 
 def pytest_configure(config):
     config._shuffle_seed = _seed(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist, on the controller: each worker gets the controller's seed."""
+    node.workerinput["shuffle_seed"] = node.config._shuffle_seed
 
 
 def _order_line(config) -> str:

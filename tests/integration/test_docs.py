@@ -161,3 +161,12 @@ def test_hybrid_doc_sixteen_gpu_words(u, ring):
     c = [range(k * chunk, (k + 1) * chunk) for k in range(2 * ring)]
     assert {owner[t] for t in c[0]} == {0, 1, 2, 3} and {owner[t] for t in c[3]} == {4, 5, 6, 7}
     assert {owner[t] for t in c[1]} == {8, 9, 10, 11} and {owner[t] for t in c[2]} == {12, 13, 14, 15}
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """``.ci/run`` runs the README's test command as a new user would: its last line is one
+    of the README's bash blocks, the one that installs the test extras and runs pytest."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    assert ci in blocks, (ci, blocks)
+    assert "pytest" in ci and '".[test]"' in ci
