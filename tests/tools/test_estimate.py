@@ -21,22 +21,10 @@ import torch
 
 from torchtitan_upipe.tools.memtrack import LiveTensorTracker
 
+from tests.helpers.estimate import estimate
 from tests.helpers.paths import ROOT
 DEBUG = os.path.join(ROOT, "train_configs", "llama3_debug_upipe.toml")
 DEBUG_STACK = os.path.join(ROOT, "train_configs", "llama3_debug_upipe_memory.toml")
-
-
-def _estimate(tmp_path, ngpu: int, *args: str, real: bool = False, check: bool = True,
-              target: str = "cpu"):
-    out = tmp_path / f"est_{'real' if real else 'fake'}_{target}.json"
-    cmd = [sys.executable, "-m", "torchtitan_upipe.tools.estimate", "--ngpu", str(ngpu),
-           "--target", target, "--out", str(out), *args] + (["--real"] if real else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    if not check:
-        return proc
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
 
 
 KEYS = ("init_bytes", "train_peak_bytes", "optim_peak_bytes", "host_bytes", "peak_bytes")
@@ -71,8 +59,8 @@ CASES = {
 )
 def test_fake_estimate_equals_real_tensor_measurement(tmp_path, case):
     ngpu, *args = CASES[case]
-    fake = _estimate(tmp_path, ngpu, "--job.config_file", *args)
-    real = _estimate(tmp_path, ngpu, "--job.config_file", *args, real=True)
+    fake = estimate(tmp_path, ngpu, "--job.config_file", *args)
+    real = estimate(tmp_path, ngpu, "--job.config_file", *args, real=True)
     assert fake["fake"] and not real["fake"]
     for key in KEYS:
         assert fake[key] == real[key], key
@@ -88,7 +76,7 @@ def test_estimate_host_bytes_match_the_memory_model(tmp_path):
     from torchtitan_upipe.titan import memory_model as mm
     from torchtitan_upipe.titan.llama3 import FLAVORS
 
-    est = _estimate(tmp_path, 4, "--job.config_file", DEBUG_STACK,
+    est = estimate(tmp_path, 4, "--job.config_file", DEBUG_STACK,
                     "--parallelism.context_parallel_degree", "4", "--training.seq_len", "2048")
     a = FLAVORS["debugmodel"]
     b, s, c = 2, 2048, 4
@@ -99,7 +87,7 @@ def test_estimate_host_bytes_match_the_memory_model(tmp_path):
     # all of it page-locked on CUDA (memory.offload_pinned, the default), or none of it
     assert est["host_pinned_bytes"] == est["host_bytes"] and est["host_pinned_gib"] > 0
     (tmp_path / "pageable").mkdir()
-    pageable = _estimate(tmp_path / "pageable", 4, "--job.config_file", DEBUG_STACK,
+    pageable = estimate(tmp_path / "pageable", 4, "--job.config_file", DEBUG_STACK,
                          "--parallelism.context_parallel_degree", "4", "--training.seq_len", "2048",
                          "--memory.no-offload-pinned")
     assert pageable["host_bytes"] == est["host_bytes"] and pageable["host_pinned_bytes"] == 0
@@ -114,9 +102,9 @@ def test_optimizer_state_on_the_host_leaves_the_forward_and_backward(tmp_path):
 
     args = ("--job.config_file", DEBUG_STACK, "--parallelism.context_parallel_degree", "4",
             "--training.seq_len", "2048")
-    base = _estimate(tmp_path, 4, *args)
+    base = estimate(tmp_path, 4, *args)
     (tmp_path / "opt").mkdir()
-    est = _estimate(tmp_path / "opt", 4, *args, "--memory.offload_optimizer_state")
+    est = estimate(tmp_path / "opt", 4, *args, "--memory.offload_optimizer_state")
     state = rank0_adam_bytes("debugmodel", 4)
     assert est["host_optimizer_bytes"] == state
     assert est["host_bytes"] == base["host_bytes"] + state
@@ -132,9 +120,9 @@ def test_offloaded_inputs_leave_the_device_count(tmp_path):
     backward holds the peak; counted as device memory, the host buffers would reverse it.)"""
     args = ("--job.config_file", DEBUG_STACK, "--parallelism.context_parallel_degree", "4",
             "--training.seq_len", "2048")
-    offloaded = _estimate(tmp_path, 4, *args)
+    offloaded = estimate(tmp_path, 4, *args)
     (tmp_path / "kept").mkdir()
-    kept = _estimate(tmp_path / "kept", 4, *args, "--memory.offload_keep_layers", "6")
+    kept = estimate(tmp_path / "kept", 4, *args, "--memory.offload_keep_layers", "6")
     x = 2 * (2048 // 4) * 256 * 4  # one block input, fp32
     assert offloaded["host_bytes"] == 5 * x and kept["host_bytes"] == 0
     assert kept["peak_bytes"] > offloaded["peak_bytes"]
@@ -167,7 +155,7 @@ def test_ranks_of_a_ring_differ_and_all_to_all_ranks_do_not(tmp_path):
     def peak(*args):
         d = tmp_path / "_".join(a.strip("-").replace(".", "_") for a in args)
         d.mkdir()
-        est = _estimate(d, 4, "--job.config_file", DEBUG_STACK,
+        est = estimate(d, 4, "--job.config_file", DEBUG_STACK,
                         "--parallelism.context_parallel_degree", "4",
                         "--training.seq_len", "1024", *args)
         return est["rank"], est["peak_bytes"]
@@ -180,7 +168,7 @@ def test_ranks_of_a_ring_differ_and_all_to_all_ranks_do_not(tmp_path):
 
 
 def test_a_rank_outside_the_job_is_refused_in_one_line(tmp_path):
-    proc = _estimate(tmp_path, 2, "--rank", "2", "--job.config_file", DEBUG, check=False)
+    proc = estimate(tmp_path, 2, "--rank", "2", "--job.config_file", DEBUG, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "python -m torchtitan_upipe.tools.estimate: error: --rank 2 is not a rank of the 2-rank "
@@ -217,7 +205,7 @@ def test_the_summary_reads_like_a_tool_and_json_on_request(tmp_path):
 
 
 def test_ring_style_is_refused_with_the_alternative(tmp_path):
-    proc = _estimate(tmp_path, 2, "--job.config_file", DEBUG, "--context_parallel.style", "ring",
+    proc = estimate(tmp_path, 2, "--job.config_file", DEBUG, "--context_parallel.style", "ring",
                      check=False)
     assert proc.returncode != 0
     assert "style = 'usp' with ulysses_degree = 1" in proc.stderr
@@ -233,8 +221,8 @@ def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
     from torchtitan_upipe.titan.llama3 import FLAVORS
 
     args = ("--job.config_file", DEBUG, "--context_parallel.upipe_chunk_heads", "4")
-    cpu = _estimate(tmp_path, 2, *args)
-    cuda = _estimate(tmp_path, 2, *args, target="cuda")
+    cpu = estimate(tmp_path, 2, *args)
+    cuda = estimate(tmp_path, 2, *args, target="cuda")
     a = FLAVORS["debugmodel"]  # 16 heads of 16 dims, no GQA; fp32 in this config
     st = mm.from_model_args(a, seq_len=512, batch=2, cp=2, world=2, style="upipe",
                             chunk_heads=4, param_bytes=4, act_bytes=4)
@@ -245,41 +233,6 @@ def test_cuda_target_adds_the_fa2_workspace_at_the_attention_backward(tmp_path):
         assert cuda[key] == cpu[key], key
 
 
-# ----------------------------------------------- the analytic model against the estimator
-LLAMA8B = os.path.join(ROOT, "train_configs", "llama3_8b_8xh100_upipe.toml")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("style,heads,seq,ring_rank", [
-    ("upipe", 8, 1 << 17, None),     # peaks in layer 0's MLP backward (gathered embedding)
-    ("upipe", 8, 1 << 20, None),     # peaks in an offloaded layer's attention backward
-    ("upipe", 16, 1 << 20, None),    # tau = 2 and GQA inside a stage (FA2 expands dK/dV)
-    ("ulysses", 0, 1 << 20, None),
-    # a zigzag ring over the 8 (usp, u = 1) at its worst rank: a ring step's kernel call must
-    # not overlap the previous step's block gradients (the model counts one set)
-    ("usp", 0, 1 << 20, 7),
-])
-def test_analytic_model_agrees_with_the_estimator_on_llama3_8b(tmp_path, style, heads, seq,
-                                                                ring_rank):
-    """Two derivations of one rank's peak: formulas read off the code (titan/memory_model.py) and
-    the code itself run on fake tensors.  Llama3-8B on 8 ranks with the memory stack, four
-    layers (so one offloaded layer prefetches another), CUDA workspaces on both sides."""
-    from torchtitan_upipe.titan import memory_model as mm
-    from torchtitan_upipe.titan.llama3 import FLAVORS
-
-    ring = () if ring_rank is None else ("--context_parallel.ulysses_degree", "1",
-                                         "--rank", str(ring_rank))
-    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B,
-                    "--context_parallel.style", style,
-                    "--context_parallel.upipe_chunk_heads", str(heads), *ring,
-                    "--training.seq_len", str(seq), "--benchmark.n_layers", "4", target="cuda")
-    st = mm.stack(mm.from_model_args(FLAVORS["8B"], seq_len=seq, cp=8, world=8, style=style,
-                                     chunk_heads=heads, ulysses=0 if ring_rank is None else 1))
-    model = mm.breakdown(mm.replace(st, n_layers=4))["peak_device"]
-    assert est["n_layers"] == 4 and est["host_bytes"] == 3 * seq // 8 * 4096 * 2
-    assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])
-
-
 @pytest.mark.slow
 def test_packed_documents_are_estimated_as_one_document_per_row(tmp_path):
     """Fake tokens have no values, so the estimate of a block_causal flavor is the causal one
@@ -288,129 +241,11 @@ def test_packed_documents_are_estimated_as_one_document_per_row(tmp_path):
     flex = ("--model.flavor", "debugmodel_flex_attn")
     for sub in ("causal", "flex"):
         (tmp_path / sub).mkdir()
-    causal = _estimate(tmp_path / "causal", 2, "--job.config_file", DEBUG_STACK)
-    fake = _estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex)
-    real = _estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex, real=True)
+    causal = estimate(tmp_path / "causal", 2, "--job.config_file", DEBUG_STACK)
+    fake = estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex)
+    real = estimate(tmp_path / "flex", 2, "--job.config_file", DEBUG_STACK, *flex, real=True)
     for key in KEYS:
         assert fake[key] == causal[key], key
     # plus the documents' offsets on the host (int64 each; 24 bytes more were measured)
     assert max(real["train_peak_bytes"]) <= max(fake["train_peak_bytes"]) + 1024
     assert real["host_bytes"] == fake["host_bytes"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("style,heads,keep", [("upipe", 8, "host"), ("ulysses", 0, "device")])
-def test_analytic_model_agrees_with_the_estimator_on_kept_attention_results(tmp_path, style,
-                                                                            heads, keep):
-    """memory.keep_attention_output on Llama3-8B, 8 ranks, 1M tokens, 4 layers: the model's
-    peak within 1% of the estimator's and its host bytes exact (block inputs of layers 1-3
-    and, with "host", every layer's output and LSE)."""
-    from torchtitan_upipe.titan import memory_model as mm
-    from torchtitan_upipe.titan.llama3 import FLAVORS
-
-    seq = 1 << 20
-    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B, "--context_parallel.style", style,
-                    "--context_parallel.upipe_chunk_heads", str(heads), "--training.seq_len",
-                    str(seq), "--benchmark.n_layers", "4", "--memory.keep_attention_output", keep,
-                    target="cuda")
-    st = mm.stack(mm.from_model_args(FLAVORS["8B"], seq_len=seq, cp=8, world=8, style=style,
-                                     chunk_heads=heads))
-    b = mm.breakdown(mm.replace(st, n_layers=4, keep_attention=keep))
-    kept = (seq // 8) * 32 * (128 * 2 + 4)
-    assert est["host_attention_bytes"] == (4 * kept if keep == "host" else 0)
-    assert est["host_bytes"] == b["host"] == 3 * seq // 8 * 4096 * 2 + est["host_attention_bytes"]
-    assert abs(b["peak_device"] / est["peak_bytes"] - 1) < 0.01, (b["peak_device"], est["peak_bytes"])
-
-
-@pytest.mark.slow
-def test_analytic_model_agrees_with_the_estimator_where_the_recompute_forward_binds(tmp_path):
-    """The 32B flavor on 16 ranks, usp 8 x 2 at ring rank 8, 1M tokens, 4 layers: the peak is
-    in a layer's recomputed attention forward, where dh does not exist yet (the model once
-    counted it there: +2.3%)."""
-    from torchtitan_upipe.titan import memory_model as mm
-
-    est = _estimate(tmp_path, 16, "--job.config_file",
-                    os.path.join(ROOT, "train_configs", "llama3_32b_16xh100_usp.toml"),
-                    "--rank", "8", "--training.seq_len", str(1 << 20),
-                    "--benchmark.n_layers", "4", target="cuda")
-    st = mm.replace(mm.stack(mm.from_flavor("32B", seq_len=1 << 20, cp=16, world=16,
-                                            style="usp", ulysses=8)), n_layers=4)
-    assert mm.peak_location(st) == (3, "attention_fwd")
-    model = mm.breakdown(st)["peak_device"]
-    assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fused_wo,stride", [(False, 1), (True, 1), (True, 2)],
-                         ids=["five", "fused_wo", "fused_wo_stride_2"])
-def test_analytic_model_agrees_with_the_estimator_on_the_leanest_options(tmp_path, fused_wo,
-                                                                         stride):
-    """Every block input offloaded, no prefetch, the optimizer state on the host, the
-    inputs refetched for the attention norm and the residual gradients summed in place
-    (Llama3-8B, 8 ranks, 1M, 4 layers), then wo fused into the op, then segments of 2
-    layers: the model's peak within 1% of the estimator's, its host bytes exact (segments:
-    2 of the 4 inputs and 1 scratch buffer)."""
-    from torchtitan_upipe.titan import memory_model as mm
-
-    seq = 1 << 20
-    more = ((["--memory.fuse_output_projection"] if fused_wo else [])
-            + ["--memory.offload_stride", str(stride)])
-    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B, "--training.seq_len", str(seq),
-                    "--benchmark.n_layers", "4", "--memory.offload_keep_layers", "0",
-                    "--memory.no-offload-prefetch", "--memory.offload_optimizer_state",
-                    "--memory.offload_refetch_input", "--memory.offload_inplace_residual_grads",
-                    *more, target="cuda")
-    st = mm.replace(mm.stack(mm.from_flavor("8B", seq_len=seq, cp=8, world=8, style="upipe")),
-                    n_layers=4, keep_layers=0, offload_prefetch=False, offload_optimizer=True,
-                    refetch_input=True, inplace_grads=True, fused_wo=fused_wo,
-                    offload_stride=stride)
-    b = mm.breakdown(st)
-    inputs = 4 if stride == 1 else 3
-    assert est["host_bytes"] == b["host"] == (inputs * seq // 8 * 4096 * 2
-                                              + est["host_optimizer_bytes"])
-    assert abs(b["peak_device"] / est["peak_bytes"] - 1) < 0.01, (b["peak_device"], est["peak_bytes"])
-
-
-@pytest.mark.slow
-def test_analytic_model_agrees_with_the_estimator_on_upipe_times_ring_2(tmp_path):
-    """UPipe 8 x ring 2 on 16 ranks with the leanest options (Llama3-8B, 4M, 4 layers, rank 8,
-    ring rank 1): its causal ring's second step takes half a block (all queries, half the
-    keys), which the model counts (it once counted a whole one: +1.35%); within 1%."""
-    from torchtitan_upipe.titan import memory_model as mm
-
-    seq = 4 << 20
-    est = _estimate(tmp_path, 16, "--job.config_file",
-                    os.path.join(ROOT, "train_configs", "llama3_8b_16xh100_upipe.toml"),
-                    "--rank", "8", "--training.seq_len", str(seq), "--benchmark.n_layers", "4",
-                    "--memory.offload_keep_layers", "0", "--memory.no-offload-prefetch",
-                    "--memory.offload_optimizer_state", "--memory.offload_refetch_input",
-                    "--memory.offload_inplace_residual_grads", target="cuda")
-    st = mm.replace(mm.stack(mm.from_flavor("8B", seq_len=seq, cp=16, world=16, style="upipe",
-                                            ulysses=8, chunk_heads=8)),
-                    n_layers=4, keep_layers=0, offload_prefetch=False, offload_optimizer=True,
-                    refetch_input=True, inplace_grads=True)
-    assert mm.peak_location(st) == (3, "attention_bwd")
-    b = mm.breakdown(st)
-    assert est["host_bytes"] == b["host"]
-    assert abs(b["peak_device"] / est["peak_bytes"] - 1) < 0.01, (b["peak_device"], est["peak_bytes"])
-
-
-@pytest.mark.slow
-def test_analytic_model_agrees_with_the_estimator_where_the_block_output_binds(tmp_path):
-    """UPipe x ring 8 (u = 1, U = 2) with refetched inputs, rank 7, 1M, 4 layers: with the
-    input gone from the backward, the peak is the recompute's last residual add, where the
-    block's output is made next to the MLP's (the model once had no such phase: -7.5%)."""
-    from torchtitan_upipe.titan import memory_model as mm
-
-    seq = 1 << 20
-    est = _estimate(tmp_path, 8, "--job.config_file", LLAMA8B, "--rank", "7",
-                    "--context_parallel.ulysses_degree", "1",
-                    "--context_parallel.upipe_chunk_heads", "2", "--training.seq_len", str(seq),
-                    "--benchmark.n_layers", "4", "--memory.no-offload-prefetch",
-                    "--memory.offload_refetch_input", target="cuda")
-    st = mm.replace(mm.stack(mm.from_flavor("8B", seq_len=seq, cp=8, world=8, style="upipe",
-                                            ulysses=1, chunk_heads=2)),
-                    n_layers=4, offload_prefetch=False, refetch_input=True)
-    assert mm.peak_location(st) == (3, "block_out")
-    model = mm.breakdown(st)["peak_device"]
-    assert abs(model / est["peak_bytes"] - 1) < 0.01, (model, est["peak_bytes"])
