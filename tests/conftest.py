@@ -6,10 +6,10 @@ prints it (in the header, and after the results, also under ``-q``); ``--shuffle
 keeps pytest's.  Tests within a file keep their order, so module-scoped fixtures are built
 once.
 
-Under pytest-xdist (the README's test command runs ``-n 2``; ``--dist loadfile`` is the
-default in pyproject.toml) the controller draws the seed and hands it to every worker, so all
-of them collect the same order (xdist refuses workers whose collections differ), and each
-file runs whole on one worker, in the shuffled order of the files.
+Under pytest-xdist (the README's test command runs ``-n 2 --dist loadfile``) the controller
+draws the seed and hands it to every worker, so all of them collect the same order (xdist
+refuses workers whose collections differ), and each file runs whole on one worker, in the
+shuffled order of the files.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ reproducibly with a seed, in pytest's order with ``off``."""
 import os
 import re
 import subprocess
+import shlex
 import sys
-import tomllib
 
 from tests.helpers.paths import ROOT
 
@@ -40,22 +40,22 @@ def test_files_are_shuffled_reproducibly_and_tests_keep_their_order_within_a_fil
 
 
 def test_xdist_workers_share_the_seed_and_each_file_stays_on_one_worker(tmp_path):
-    """``-n 2`` (the README's test command) with pyproject's ``--dist loadfile``: every worker
+    """The README's test command (``.ci/run``'s last line) runs xdist workers: every worker
     collects the controller's order, drawn or given (xdist stops the run when workers'
     collections differ), and a file's tests run on one worker."""
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        addopts = tomllib.load(f)["tool"]["pytest"]["ini_options"]["addopts"].split()
-    dist = addopts[addopts.index("--dist"):][:2]
-    assert dist == ["--dist", "loadfile"], addopts
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        command = shlex.split(f.read().strip().splitlines()[-1].split("python -m pytest", 1)[1])
+    assert command[:1] == ["-q"] and "-n" in command and "loadfile" in command, command
+    xdist = command[1:]
     for args in ((), ("--shuffle-files", "7")):
         _order(tmp_path)  # writes the files
         proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
-                               "-n", "2", *dist, str(tmp_path), *args], capture_output=True,
+                               *xdist, str(tmp_path), *args], capture_output=True,
                               text=True, cwd=tmp_path, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "12 passed" in proc.stdout and "test files shuffled with seed" in proc.stdout
         ran = re.findall(r"\[(gw\d)\].*PASSED test_(\w)\.py::test_(one|two)", proc.stdout)
-        assert len(ran) == 12, proc.stdout
+        assert len(ran) == 12 and len({w for w, _, _ in ran}) == 2, proc.stdout
         workers = {}
         for worker, name, test in ran:
             workers.setdefault(name, set()).add(worker)
