@@ -3,8 +3,8 @@ reproducibly with a seed, in pytest's order with ``off``."""
 
 import os
 import re
-import subprocess
 import shlex
+import subprocess
 import sys
 
 from tests.helpers.paths import ROOT
