@@ -10,11 +10,16 @@ import sys
 from tests.helpers.paths import ROOT
 
 
-def _order(tmp_path, *args):
+def _write_suite(tmp_path):
+    """Six files of two tests each, under the project's conftest."""
     for name in "abcdef":
         (tmp_path / f"test_{name}.py").write_text(
             f"def test_one():\n    print('RAN {name}1')\n\ndef test_two():\n    print('RAN {name}2')\n")
     (tmp_path / "conftest.py").write_text(open(os.path.join(ROOT, "tests", "conftest.py")).read())
+
+
+def _order(tmp_path, *args):
+    _write_suite(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                            str(tmp_path), *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
@@ -47,8 +52,8 @@ def test_xdist_workers_share_the_seed_and_each_file_stays_on_one_worker(tmp_path
         command = shlex.split(f.read().strip().splitlines()[-1].split("python -m pytest", 1)[1])
     assert command[:1] == ["-q"] and "-n" in command and "loadfile" in command, command
     xdist = command[1:]
+    _write_suite(tmp_path)
     for args in ((), ("--shuffle-files", "7")):
-        _order(tmp_path)  # writes the files
         proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
                                *xdist, str(tmp_path), *args], capture_output=True,
                               text=True, cwd=tmp_path, timeout=120)

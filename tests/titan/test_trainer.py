@@ -12,8 +12,9 @@ import functools
 import pytest
 import torch
 
-from tests.helpers.parity import (COMMON, PLAIN_TORCHTITAN, STEPS, assert_parity, reference_losses,  # noqa: F401
-                                  seed_checkpoint, train_losses, ulysses_losses, workdir)
+from tests.helpers.parity import (  # noqa: F401  (fixtures: pytest finds them in the module)
+    COMMON, PLAIN_TORCHTITAN, STEPS, assert_parity, reference_losses, seed_checkpoint,
+    train_losses, ulysses_losses, workdir)
 from tests.helpers.trainer import check, run_train, tensorboard_losses, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_no_cp_style_matches_plain_torchtitan(workdir, seed_checkpoint, referenc
                     reason="TorchTitan's ring attention (style='ring') needs 2 CUDA devices")
 def test_torchtitan_ring_matches_single_device(workdir, seed_checkpoint, reference_losses):
     ring = train_losses(workdir, seed_checkpoint, "ring", 2, "llama3_debug_ulysses.toml",
-                   "--context_parallel.style=ring")
+                        "--context_parallel.style=ring")
     assert_parity(ring, reference_losses)
 
 
@@ -72,9 +73,9 @@ def test_hybrids_match_ulysses_and_single_device(workdir, seed_checkpoint, refer
     """usp 2x2 (all-to-all 2 x ring 2, zigzag) vs ulysses 4x1 vs none, and UPipe x ring 2x2."""
     ulysses = train_losses(workdir, seed_checkpoint, "ulysses4", 4, "llama3_debug_ulysses.toml", *CP4)
     usp = train_losses(workdir, seed_checkpoint, "usp2x2", 4, "llama3_debug_ulysses.toml", *CP4,
-                  "--context_parallel.style=usp", "--context_parallel.ulysses_degree=2")
+                       "--context_parallel.style=usp", "--context_parallel.ulysses_degree=2")
     upipe_ring = train_losses(workdir, seed_checkpoint, "upipe2x2", 4, "llama3_debug_upipe.toml", *CP4,
-                         "--context_parallel.ulysses_degree=2")
+                              "--context_parallel.ulysses_degree=2")
     assert_parity(ulysses, reference_losses)
     assert_parity(usp, ulysses)
     assert_parity(upipe_ring, reference_losses)
@@ -100,7 +101,7 @@ def test_upipe_checkpoint_loads_into_plain_torchtitan(workdir, seed_checkpoint, 
 def test_upipe_under_torch_compile(workdir, seed_checkpoint, reference_losses):
     """Per-block fullgraph compile (inductor) around the opaque UPipe custom op."""
     compiled = train_losses(workdir, seed_checkpoint, "upipe_compiled", 2, "llama3_debug_upipe.toml",
-                       "--compile.enable", "--context_parallel.no-time-attention")
+                            "--compile.enable", "--context_parallel.no-time-attention")
     assert_parity(compiled, reference_losses)
 
 
@@ -164,7 +165,7 @@ def test_padding_an_uneven_length_matches_the_unpadded_single_device_run(workdir
         ("upipe_c4_pad", 4, "llama3_debug_upipe.toml", ("--parallelism.context_parallel_degree=4",)),
     ]:
         assert_parity(train_losses(workdir, seed_checkpoint, name, nproc, config, *odd, *pad, *extra),
-                       reference)
+                      reference)
     tokens = tensorboard_scalars(str(workdir / "upipe_pad"), "n_tokens_seen")
     assert tokens[STEPS] == STEPS * 2 * 509  # padding is not counted
 
